@@ -1,0 +1,133 @@
+"""Offline throughput of tandem's engine vs transformers `generate`, measured in the same run.
+
+    python -m benchmarks.engine_throughput --model smollm2 --dtype bfloat16 --repeats 3
+    python -m benchmarks.engine_throughput --model llama155m --dtype float32
+
+32 prompts x 128 random tokens in, 64 out, greedy, ignore_eos, both cores. Prints medians and
+spread (min-max) of output tokens/s, plus decode-step time at batch 1/8/32 and prefill time at
+128/512/2048 tokens for the engine.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from engine import LLM, SamplingParams
+from engine.sequence import Sequence
+
+LLAMA_155M = dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16,
+                  num_key_value_heads=4, vocab_size=32000, max_position_embeddings=4096)
+
+
+def model_dir(name: str, workdir: Path) -> Path:
+    if name == "llama155m":
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        torch.manual_seed(0)
+        path = workdir / "llama155m"
+        LlamaForCausalLM(LlamaConfig(**LLAMA_155M)).save_pretrained(path)
+        return path
+    from engine.prepare import prepare_model, resolve_model
+
+    return prepare_model(name) if name == "smollm2" else resolve_model(name)
+
+
+def random_prompts(vocab: int, count: int, length: int, seed: int = 0) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(10, vocab, (count, length), generator=gen).tolist()
+
+
+def time_engine(llm: LLM, prompts, max_tokens: int) -> float:
+    params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+    start = time.perf_counter()
+    outs = llm.generate(prompts, params)
+    elapsed = time.perf_counter() - start
+    assert all(len(o.token_ids) == max_tokens for o in outs)
+    return elapsed
+
+
+def time_hf(hf_model, prompts, max_tokens: int) -> float:
+    ids = torch.tensor(prompts)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        out = hf_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens,
+                                do_sample=False, eos_token_id=None, pad_token_id=0)
+    elapsed = time.perf_counter() - start
+    assert out.shape[1] == ids.shape[1] + max_tokens
+    return elapsed
+
+
+def decode_step_ms(llm: LLM, batch: int, context: int, repeats: int = 5) -> float:
+    """Median time of one decode step for `batch` requests with `context` tokens each."""
+    engine = llm.engine
+    prompts = random_prompts(engine.model_config.vocab_size, batch, context, seed=1)
+    params = SamplingParams(max_tokens=repeats + 2, temperature=0, ignore_eos=True)
+    for p in prompts:
+        engine.add_request(p, params)
+    engine.step()  # the prefill
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        engine.step()
+        times.append(time.perf_counter() - start)
+    while engine.has_unfinished():
+        engine.step()
+    return 1000 * statistics.median(times)
+
+
+def prefill_ms(llm: LLM, tokens: int, repeats: int = 3) -> float:
+    vocab = llm.engine.model_config.vocab_size
+    times = []
+    for r in range(repeats):
+        prompt = random_prompts(vocab, 1, tokens, seed=r)
+        start = time.perf_counter()
+        llm.generate(prompt, SamplingParams(max_tokens=1, temperature=0))
+        times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times)
+
+
+def spread(values: list[float]) -> str:
+    return f"{statistics.median(values):.1f} ({min(values):.1f}-{max(values):.1f})"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--prompts", type=int, default=32)
+    ap.add_argument("--input-len", type=int, default=128)
+    ap.add_argument("--output-len", type=int, default=64)
+    ap.add_argument("--skip-hf", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = model_dir(args.model, Path(tmp))
+        llm = LLM(path, dtype=args.dtype, kv_cache_bytes=1 << 30)
+        prompts = random_prompts(llm.engine.model_config.vocab_size, args.prompts, args.input_len)
+        out_tokens = args.prompts * args.output_len
+        time_engine(llm, prompts[:4], 4)  # warm-up
+        ours = [out_tokens / time_engine(llm, prompts, args.output_len) for _ in range(args.repeats)]
+        result = {"model": args.model, "dtype": args.dtype, "tandem_tok_s": spread(ours)}
+        if not args.skip_hf:
+            from transformers import AutoModelForCausalLM
+
+            hf = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, args.dtype)).eval()
+            time_hf(hf, prompts[:4], 4)
+            theirs = [out_tokens / time_hf(hf, prompts, args.output_len) for _ in range(args.repeats)]
+            result["transformers_tok_s"] = spread(theirs)
+            result["ratio"] = round(statistics.median(ours) / statistics.median(theirs), 2)
+            del hf
+        result["decode_step_ms"] = {b: round(decode_step_ms(llm, b, args.input_len), 1) for b in (1, 8, 32)}
+        result["prefill_ms"] = {n: round(prefill_ms(llm, n), 1) for n in (128, 512, 2048)}
+        print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()

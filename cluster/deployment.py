@@ -1,0 +1,54 @@
+"""Turn a validated ClusterSpec into what the launcher starts (pure: no Ray)."""
+from __future__ import annotations
+
+import os
+
+from cluster.launcher_config import InstanceGroup, LaunchConfig
+from cluster.spec_types import ClusterSpec, InstanceSpec, SpecError
+from engine.engine import EngineConfig
+from engine.scheduler import SchedulerConfig
+
+
+def host_memory_bytes() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def _group(section: str, inst: InstanceSpec, dtype: str) -> InstanceGroup:
+    if (inst.tp or 1) > 1 or (inst.pp or 1) > 1:
+        raise SpecError(f"{section}.tp", "tensor/pipeline-parallel instances are not implemented "
+                        "yet: use tp: 1 and pp: 1")
+    kv_bytes = EngineConfig().kv_cache_bytes
+    if inst.memory_fraction is not None:
+        kv_bytes = int(inst.memory_fraction * host_memory_bytes())
+    engine = EngineConfig(
+        dtype=dtype, device=inst.device, block_size=inst.block_size, num_blocks=inst.num_blocks,
+        kv_cache_bytes=kv_bytes,
+        scheduler=SchedulerConfig(max_num_seqs=inst.max_num_seqs,
+                                  max_num_batched_tokens=inst.max_batch_tokens),
+    )
+    return InstanceGroup(replicas=inst.replicas or 1, engine=engine, num_cpus=inst.num_cpus,
+                         num_threads=max(1, int(inst.num_cpus)))
+
+
+def model_directory(spec: ClusterSpec):
+    """The local HF directory the spec's model refers to (a prepared name or a path)."""
+    from engine.prepare import resolve_model
+
+    try:
+        return resolve_model(spec.model.path or spec.model.name)
+    except FileNotFoundError as exc:
+        raise SpecError("model", str(exc)) from exc
+
+
+def launch_config(spec: ClusterSpec, model_dir: str) -> LaunchConfig:
+    if spec.needs_planning:
+        raise SpecError("placement", "auto placement must be planned first (`tandem plan SPEC`)")
+    dtype = spec.model.dtype
+    backend = "ray" if spec.transfer.backend == "auto" else spec.transfer.backend
+    common = dict(name=spec.name, model_dir=model_dir, transfer_backend=backend,
+                  transfer_timeout_s=spec.transfer.timeout_s,
+                  prefill_policy=spec.router.prefill_policy, decode_policy=spec.router.decode_policy)
+    if spec.mode == "colocated":
+        return LaunchConfig(mode="colocated", decode=_group("instances", spec.instances, dtype), **common)
+    return LaunchConfig(mode="disaggregated", prefill=_group("prefill", spec.prefill, dtype),
+                        decode=_group("decode", spec.decode, dtype), **common)

@@ -1,0 +1,72 @@
+"""Dispatch policies (pure): which prefill instance gets a prompt, which decode instance a request.
+
+Loads are the router's own estimates between reports: prefill = tokens queued and not yet
+prefilled; decode = free blocks last reported minus blocks of requests sent but not yet admitted.
+"""
+from __future__ import annotations
+
+import itertools
+
+from engine.block_manager import blocks_needed
+
+PREFILL_POLICIES = ("least_tokens", "round_robin")
+DECODE_POLICIES = ("most_free_blocks", "round_robin")
+
+
+class Dispatcher:
+    def __init__(self, prefill_policy: str = "least_tokens", decode_policy: str = "most_free_blocks") -> None:
+        if prefill_policy not in PREFILL_POLICIES:
+            raise ValueError(f"prefill policy {prefill_policy!r} not in {PREFILL_POLICIES}")
+        if decode_policy not in DECODE_POLICIES:
+            raise ValueError(f"decode policy {decode_policy!r} not in {DECODE_POLICIES}")
+        self.prefill_policy, self.decode_policy = prefill_policy, decode_policy
+        self.block_size = 16
+        self.queued: dict[str, dict[str, int]] = {}  # prefill id -> request id -> tokens
+        self.free: dict[str, int] = {}  # decode id -> free blocks last reported
+        self.reserved: dict[str, dict[str, int]] = {}  # decode id -> request id -> blocks
+        self._rr_prefill = self._rr_decode = None
+
+    def add_prefill(self, instance_id: str) -> None:
+        self.queued.setdefault(instance_id, {})
+
+    def set_free_blocks(self, instance_id: str, free: int, block_size: int | None = None) -> None:
+        if block_size:
+            self.block_size = block_size
+        self.free[instance_id] = free
+        self.reserved.setdefault(instance_id, {})
+
+    def pick_prefill(self, request_id: str, num_tokens: int) -> str:
+        if not self.queued:
+            raise RuntimeError("no prefill instances registered")
+        if self.prefill_policy == "round_robin":
+            self._rr_prefill = self._rr_prefill or itertools.cycle(sorted(self.queued))
+            target = next(self._rr_prefill)
+        else:
+            target = min(self.queued, key=lambda i: (sum(self.queued[i].values()), i))
+        self.queued[target][request_id] = num_tokens
+        return target
+
+    def pick_decode(self, request_id: str, num_tokens: int) -> str:
+        if not self.free:
+            raise RuntimeError("no decode instances registered")
+        if self.decode_policy == "round_robin":
+            self._rr_decode = self._rr_decode or itertools.cycle(sorted(self.free))
+            target = next(self._rr_decode)
+        else:
+            target = max(self.free, key=lambda i: (self.free_estimate(i), i))
+        self.reserved[target][request_id] = blocks_needed(num_tokens, self.block_size)
+        return target
+
+    def free_estimate(self, instance_id: str) -> int:
+        return self.free[instance_id] - sum(self.reserved[instance_id].values())
+
+    def prefill_done(self, instance_id: str, request_id: str) -> None:
+        self.queued.get(instance_id, {}).pop(request_id, None)
+
+    def admitted(self, instance_id: str, request_id: str) -> None:
+        self.reserved.get(instance_id, {}).pop(request_id, None)
+
+    def forget(self, rec) -> None:
+        """Drop every estimate that counts this request."""
+        for table in (*self.queued.values(), *self.reserved.values()):
+            table.pop(rec.request_id, None)

@@ -1,0 +1,142 @@
+"""Launcher: a LaunchConfig -> placement groups -> instance actors -> a registered router.
+
+Every instance gets its own placement group (one bundle per instance today; tp*pp bundles once
+parallel instances exist), so Ray reserves its CPUs/GPUs before any model loads, and a cluster
+that is too small fails fast with a message saying what could not be reserved.
+"""
+from __future__ import annotations
+
+import msgspec
+import ray
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from cluster.client import Client
+from cluster.launcher_config import InstanceGroup, LaunchConfig
+from cluster.router import Router
+from decode.actor import DecodeActor
+from engine.engine import EngineConfig
+from prefill.actor import PrefillActor
+
+NAMESPACE = "tandem"
+
+
+class LaunchError(RuntimeError):
+    """The cluster could not be started; nothing it started is left running."""
+
+
+class Cluster:
+    """A running deployment: its router, instances and placement groups."""
+
+    def __init__(self, config: LaunchConfig, router, actors: dict, groups: list) -> None:
+        self.config, self.router, self.actors, self.groups = config, router, actors, groups
+
+    @classmethod
+    def launch(cls, config: LaunchConfig, *, detach: bool = False, timeout_s: float = 300.0) -> "Cluster":
+        lifetime = "detached" if detach else None
+        router = Router.options(name=f"{config.name}-router", namespace=NAMESPACE,
+                                lifetime=lifetime).remote(
+            config.model_dir, config.mode, config.prefill_policy, config.decode_policy,
+            config.decode.engine.max_model_len)
+        actors: dict[str, ray.actor.ActorHandle] = {}
+        groups: list = []
+        cluster = cls(config, router, actors, groups)
+        try:
+            prefill, decode = cluster._start_pools(lifetime, timeout_s)
+            block_size = config.decode.engine.block_size
+            ray.get(router.register.remote(prefill, decode, block_size), timeout=timeout_s)
+        except Exception as exc:
+            cluster.shutdown()
+            raise LaunchError(f"cluster {config.name!r} failed to start: {_reason(exc)}") from exc
+        return cluster
+
+    def _start_pools(self, lifetime, timeout_s: float) -> tuple[dict, dict]:
+        config = self.config
+        prefill: dict = {}
+        if config.mode == "disaggregated":
+            if config.prefill is None:
+                raise ValueError("disaggregated mode needs a prefill group")
+            engine = msgspec.structs.replace(
+                config.prefill.engine,
+                scheduler=msgspec.structs.replace(config.prefill.engine.scheduler, enable_decode=False))
+            for i in range(config.prefill.replicas):
+                name = f"{config.name}-prefill-{i}"
+                prefill[name] = self._start(PrefillActor, name, config.prefill, lifetime, timeout_s,
+                                            engine, config.transfer_backend)
+        decode = {}
+        for i in range(config.decode.replicas):
+            name = f"{config.name}-decode-{i}"
+            decode[name] = self._start(DecodeActor, name, config.decode, lifetime, timeout_s,
+                                       config.decode.engine, (config.transfer_backend,),
+                                       transfer_timeout_s=config.transfer_timeout_s)
+        return prefill, decode
+
+    def _start(self, actor_cls, name: str, group: InstanceGroup, lifetime, timeout_s: float,
+               engine: EngineConfig, transport, **kwargs):
+        pg = placement_group([{"CPU": group.num_cpus}], strategy="PACK", name=name, lifetime=lifetime)
+        self.groups.append(pg)
+        if not pg.wait(timeout_seconds=int(max(1, timeout_s))):
+            raise LaunchError(f"could not reserve {group.num_cpus} CPU for {name}: "
+                              f"the Ray cluster has {ray.available_resources().get('CPU', 0)} CPU free")
+        handle = actor_cls.options(
+            name=name, namespace=NAMESPACE, lifetime=lifetime, num_cpus=group.num_cpus,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(pg),
+        ).remote(name, self.config.model_dir, engine, self.router, transport,
+                 num_threads=group.num_threads, **kwargs)
+        self.actors[name] = handle
+        return handle
+
+    @classmethod
+    def from_spec(cls, spec, *, detach: bool = False, timeout_s: float = 300.0) -> "Cluster":
+        """Launch a validated ClusterSpec (see cluster/spec.py)."""
+        from cluster.deployment import launch_config, model_directory
+
+        return cls.launch(launch_config(spec, str(model_directory(spec))), detach=detach,
+                          timeout_s=timeout_s)
+
+    def client(self, timeout_s: float = 600.0) -> Client:
+        return Client(self.router, timeout_s)
+
+    def stats(self) -> dict:
+        return ray.get(self.router.stats.remote(), timeout=60)
+
+    def shutdown(self) -> None:
+        for handle in [*self.actors.values(), self.router]:
+            ray.kill(handle, no_restart=True)
+        for pg in self.groups:
+            remove_placement_group(pg)
+        self.actors.clear()
+        self.groups.clear()
+
+
+def shutdown_by_name(name: str) -> list[str]:
+    """Stop a (detached) cluster started elsewhere; returns the actors it stopped."""
+    client = connect(name)
+    names = list(client.stats()["instances"])
+    stopped = []
+    for actor_name in [*names, f"{name}-router"]:
+        try:
+            ray.kill(ray.get_actor(actor_name, namespace=NAMESPACE), no_restart=True)
+            stopped.append(actor_name)
+        except ValueError:
+            pass
+    for actor_name in names:
+        try:
+            remove_placement_group(ray.util.get_placement_group(actor_name))
+        except ValueError:
+            pass
+    return stopped
+
+
+def connect(name: str, timeout_s: float = 600.0) -> Client:
+    """A client for a cluster started elsewhere (e.g. `tandem serve --detach`)."""
+    try:
+        router = ray.get_actor(f"{name}-router", namespace=NAMESPACE)
+    except ValueError as exc:
+        raise LookupError(f"no tandem cluster named {name!r} in namespace {NAMESPACE!r}") from exc
+    return Client(router, timeout_s)
+
+
+def _reason(exc: BaseException) -> str:
+    cause = getattr(exc, "cause", None)
+    return str(cause if isinstance(cause, BaseException) else exc)

@@ -1,0 +1,110 @@
+"""The router's record of one request: where it is, what the client has not read yet, its lifetime.
+
+Pure bookkeeping (no Ray): token deltas are accepted in order, buffered until the client's next
+read (one coalesced chunk per read), and timestamped so TTFT/TPOT come out at the end.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+
+import msgspec
+
+from engine.outputs import Completion, TokenDelta
+from engine.params import SamplingParams
+
+
+class StreamChunk(msgspec.Struct, frozen=True):
+    """Everything a request produced since the client's previous read."""
+
+    request_id: str
+    token_ids: list[int]
+    text: str
+    finish_reason: str | None = None
+    error: str | None = None
+    metrics: dict[str, float] | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass(eq=False)
+class RequestRecord:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    arrival: float = field(default_factory=time.time)
+    stage: str = "prefill"  # prefill -> transfer -> decode -> done
+    prefill_instance: str | None = None
+    decode_instance: str | None = None
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    logprobs: list[float] = field(default_factory=list)
+    token_times: list[float] = field(default_factory=list)
+    events: dict[str, float] = field(default_factory=dict)
+    finish_reason: str | None = None
+    error: str | None = None
+    early: dict[int, TokenDelta] = field(default_factory=dict)  # arrived ahead of a gap
+    unread_from: int = 0  # index of the first token the client has not read
+    unread_text_from: int = 0
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+    def add_delta(self, delta: TokenDelta, now: float) -> None:
+        """Apply deltas in token order: instances' messages may arrive out of order."""
+        if self.done or delta.index < len(self.token_ids):
+            return  # tokens racing an abort (the abort won), or a duplicate
+        self.early[delta.index] = delta
+        while len(self.token_ids) in self.early and not self.done:
+            self._apply(self.early.pop(len(self.token_ids)), now)
+
+    def _apply(self, delta: TokenDelta, now: float) -> None:
+        self.token_ids.extend(delta.token_ids)
+        self.token_times.extend([now] * len(delta.token_ids))
+        self.text += delta.text
+        if delta.logprobs:
+            self.logprobs.extend(delta.logprobs)
+        if delta.finish_reason is not None:
+            self.finish(delta.finish_reason, delta.error, now)
+        self.changed.set()
+
+    def finish(self, reason: str, error: str | None = None, now: float | None = None) -> None:
+        if self.done:
+            return
+        self.finish_reason, self.error, self.stage = reason, error, "done"
+        self.events["finish"] = now or time.time()
+        self.changed.set()
+
+    def take_chunk(self) -> StreamChunk:
+        """What the client has not read yet; marks it read."""
+        tokens = self.token_ids[self.unread_from:]
+        text = self.text[self.unread_text_from:]
+        self.unread_from, self.unread_text_from = len(self.token_ids), len(self.text)
+        self.changed.clear()
+        return StreamChunk(self.request_id, tokens, text, self.finish_reason, self.error,
+                           self.metrics() if self.done else None)
+
+    def metrics(self) -> dict[str, float]:
+        m = {k: v - self.arrival for k, v in self.events.items()}
+        if self.token_times:
+            m["ttft"] = self.token_times[0] - self.arrival
+            if len(self.token_times) > 1:
+                m["tpot"] = (self.token_times[-1] - self.token_times[0]) / (len(self.token_times) - 1)
+        if "transfer_start" in self.events and "transfer_end" in self.events:
+            m["transfer_time"] = self.events["transfer_end"] - self.events["transfer_start"]
+        m["num_prompt_tokens"] = float(len(self.prompt_ids))
+        m["num_output_tokens"] = float(len(self.token_ids))
+        return m
+
+    def completion(self) -> Completion:
+        return Completion(
+            request_id=self.request_id, token_ids=list(self.token_ids), text=self.text,
+            finish_reason=self.finish_reason,
+            logprobs=list(self.logprobs) if self.params.logprobs else None,
+            prompt_token_ids=list(self.prompt_ids), metrics=self.metrics(), error=self.error,
+        )

@@ -1,0 +1,221 @@
+"""Router: an async Ray actor that validates requests, dispatches them, and fans out token streams.
+
+Lifecycle (disaggregated): submit -> prefill instance (least queued tokens) -> on_prefilled: first
+token streamed, decode instance chosen (most free blocks) and told to admit the KV -> each decode
+step report carries every running request's new tokens -> the prefill side is acked once the
+decode side has pulled the KV. In colocated mode requests go straight to an engine instance.
+
+Messages for a request the router no longer tracks (aborted, finished, failed) are answered by
+freeing that request on the sender, so a race with an abort never leaks blocks.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from pathlib import Path
+
+import ray
+
+from cluster.dispatch import Dispatcher
+from cluster.requests import RequestRecord, StreamChunk
+from decode.instance import StepReport
+from engine.config import load_config
+from engine.engine import context_limit
+from engine.outputs import Completion
+from engine.params import SamplingParams
+from engine.tokenizer import Tokenizer
+from engine.validation import validate_request
+from prefill.instance import PrefillResult
+
+log = logging.getLogger(__name__)
+
+
+@ray.remote(num_cpus=0, max_restarts=0)
+class Router:
+    def __init__(self, model_dir: str, mode: str = "disaggregated", prefill_policy: str = "least_tokens",
+                 decode_policy: str = "most_free_blocks", max_model_len: int | None = None) -> None:
+        model_config = load_config(Path(model_dir))
+        self.tokenizer = Tokenizer.from_model_dir(Path(model_dir))
+        self.vocab_size = model_config.vocab_size
+        self.max_model_len = context_limit(model_config, max_model_len)
+        self.mode = mode
+        self.dispatch = Dispatcher(prefill_policy, decode_policy)
+        self.prefill: dict[str, ray.actor.ActorHandle] = {}
+        self.decode: dict[str, ray.actor.ActorHandle] = {}
+        self.capacity_tokens = 0
+        self.records: dict[str, RequestRecord] = {}
+        self._ids = itertools.count()
+
+    async def register(self, prefill: dict, decode: dict, block_size: int) -> None:
+        """Attach the instance pools; learns each decode instance's cache size."""
+        self.prefill, self.decode = dict(prefill), dict(decode)
+        stats = await asyncio.gather(*(h.stats.remote() for h in (*prefill.values(), *decode.values())))
+        self.capacity_tokens = min(s["num_blocks"] for s in stats) * block_size
+        for iid, s in zip(decode, stats[len(prefill):]):
+            self.dispatch.set_free_blocks(iid, s["free_blocks"], block_size)
+        for iid in prefill:
+            self.dispatch.add_prefill(iid)
+
+    # -- client side ----------------------------------------------------------------------------
+
+    async def submit(self, prompt, params: SamplingParams | None = None, request_id: str | None = None) -> str:
+        """Validate and dispatch; raises ValueError for a bad request (nothing else is affected)."""
+        params = params or SamplingParams()
+        ids = self._tokenize(prompt)
+        validate_request(ids, params, vocab_size=self.vocab_size, max_model_len=self.max_model_len,
+                         capacity_tokens=self.capacity_tokens, has_tokenizer=self.tokenizer is not None)
+        rid = request_id or f"req-{next(self._ids)}"
+        if rid in self.records:
+            raise ValueError(f"request id {rid!r} is already in use")
+        rec = self.records[rid] = RequestRecord(rid, ids, params)
+        try:
+            if self.mode == "colocated":
+                rec.decode_instance = self.dispatch.pick_decode(rid, len(ids) + 1)
+                rec.stage = "decode"
+                await self.decode[rec.decode_instance].submit.remote(rid, ids, params)
+            else:
+                rec.prefill_instance = self.dispatch.pick_prefill(rid, len(ids))
+                await self.prefill[rec.prefill_instance].submit.remote(rid, ids, params)
+        except Exception as exc:
+            self.records.pop(rid, None)
+            self.dispatch.forget(rec)
+            raise _unwrap(exc) from None
+        return rid
+
+    def _tokenize(self, prompt) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("this model has no tokenizer.json: pass token ids")
+            return self.tokenizer.encode(prompt)
+        if not isinstance(prompt, (list, tuple)):
+            raise TypeError(f"prompt must be a string or a list of token ids, got {type(prompt).__name__}")
+        return [int(t) for t in prompt]
+
+    async def poll(self, request_id: str, timeout_s: float = 30.0) -> StreamChunk:
+        """New tokens since the last poll (waits up to timeout_s for some)."""
+        rec = self._record(request_id)
+        if not rec.changed.is_set():
+            try:
+                await asyncio.wait_for(rec.changed.wait(), timeout_s)
+            except asyncio.TimeoutError:
+                pass
+        chunk = rec.take_chunk()
+        if chunk.finished:
+            self.records.pop(request_id, None)
+        return chunk
+
+    async def result(self, request_id: str, timeout_s: float = 600.0) -> Completion:
+        rec = self._record(request_id)
+        deadline = time.monotonic() + timeout_s
+        while not rec.done:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                await self.abort(request_id)
+                rec.finish("error", f"request timed out after {timeout_s}s")
+                break
+            rec.changed.clear()
+            try:
+                await asyncio.wait_for(rec.changed.wait(), remaining)
+            except asyncio.TimeoutError:
+                pass
+        self.records.pop(request_id, None)
+        return rec.completion()
+
+    async def generate(self, prompt, params: SamplingParams | None = None, timeout_s: float = 600.0) -> Completion:
+        return await self.result(await self.submit(prompt, params), timeout_s)
+
+    async def abort(self, request_id: str) -> bool:
+        rec = self.records.get(request_id)
+        if rec is None or rec.done:
+            return False
+        rec.finish("abort")
+        self._free_everywhere(rec)
+        return True
+
+    def _record(self, request_id: str) -> RequestRecord:
+        rec = self.records.get(request_id)
+        if rec is None:
+            raise KeyError(f"unknown request id {request_id!r} (never submitted, or already read)")
+        return rec
+
+    def _free_everywhere(self, rec: RequestRecord) -> None:
+        self.dispatch.forget(rec)
+        if rec.prefill_instance:
+            self.prefill[rec.prefill_instance].abort.remote(rec.request_id)
+        if rec.decode_instance:
+            self.decode[rec.decode_instance].abort.remote(rec.request_id)
+
+    # -- instance side --------------------------------------------------------------------------
+
+    async def on_prefilled(self, instance_id: str, results: list[PrefillResult]) -> None:
+        now = time.time()
+        for r in results:
+            rid = r.delta.request_id
+            rec = self.records.get(rid)
+            self.dispatch.prefill_done(instance_id, rid)
+            if rec is None or rec.done:
+                if r.handle is not None:
+                    self.prefill[instance_id].ack.remote([rid])
+                continue
+            rec.events.update(prefill_start=r.prefill_start, prefill_end=r.prefill_end)
+            rec.add_delta(r.delta, now)
+            if r.state is not None and not rec.done:
+                self._hand_over(rec, r)
+
+    def _hand_over(self, rec: RequestRecord, r: PrefillResult) -> None:
+        target = self.dispatch.pick_decode(rec.request_id, r.handle.num_tokens + 1)
+        rec.decode_instance, rec.stage = target, "transfer"
+        rec.events["transfer_start"] = time.time()
+        asyncio.ensure_future(self._admit(rec, target, r))
+
+    async def _admit(self, rec: RequestRecord, target: str, r: PrefillResult) -> None:
+        try:
+            await self.decode[target].admit.remote(r.state, r.handle)
+        except Exception as exc:  # a dead or refusing decode instance: fail this request only
+            rec.finish("error", f"decode instance {target} refused the request: {_unwrap(exc)}")
+            self._free_everywhere(rec)
+
+    async def on_decode_step(self, instance_id: str, report: StepReport) -> None:
+        now = time.time()
+        acks: dict[str, list[str]] = {}
+        for rid in report.admitted:
+            rec = self.records.get(rid)
+            self.dispatch.admitted(instance_id, rid)
+            if rec is not None and rec.prefill_instance:
+                rec.events["transfer_end"] = now
+                rec.stage = "decode" if not rec.done else rec.stage
+                acks.setdefault(rec.prefill_instance, []).append(rid)
+        for rid, error in report.failed:
+            rec = self.records.get(rid)
+            self.dispatch.admitted(instance_id, rid)
+            if rec is not None:
+                rec.finish("error", error, now)
+                if rec.prefill_instance:
+                    acks.setdefault(rec.prefill_instance, []).append(rid)
+        for delta in report.deltas:
+            rec = self.records.get(delta.request_id)
+            if rec is None or rec.done:
+                if not delta.finished:  # stale: the request was aborted or failed meanwhile
+                    self.decode[instance_id].abort.remote(delta.request_id)
+                continue
+            rec.add_delta(delta, now)
+        self.dispatch.set_free_blocks(instance_id, report.free_blocks)
+        for prefill_id, rids in acks.items():
+            self.prefill[prefill_id].ack.remote(rids)
+
+    async def stats(self) -> dict:
+        names = [*self.prefill, *self.decode]
+        handles = [*self.prefill.values(), *self.decode.values()]
+        results = await asyncio.gather(*(h.stats.remote() for h in handles), return_exceptions=True)
+        return {
+            "requests": len(self.records),
+            "instances": {n: (r if isinstance(r, dict) else {"error": str(r)}) for n, r in zip(names, results)},
+        }
+
+
+def _unwrap(exc: BaseException) -> BaseException:
+    """Ray wraps remote exceptions; surface the original ValueError/TypeError to the client."""
+    cause = getattr(exc, "cause", None)
+    return cause if isinstance(cause, BaseException) else exc

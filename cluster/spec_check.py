@@ -1,0 +1,192 @@
+"""Semantic checks on a typed cluster spec: ranges, exclusive options, section layout per mode,
+backend/device compatibility, and (when the model's config.json is at hand) tp/pp divisibility.
+
+Each check raises ``SpecError`` naming the first offending field; checks run in document order so
+the error a user sees first is the one nearest the top of the file.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+from cluster.spec_types import ClusterSpec, InstanceSpec, ModelCheck, ModelRef, SpecError
+
+# RFC 1123 label: the name becomes part of Ray actor, placement group and job names.
+_DNS_LABEL = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
+
+
+def check_spec(spec: ClusterSpec) -> None:
+    """All checks that need nothing but the spec itself."""
+    _check_name(spec.name)
+    _check_model_ref(spec.model)
+    _check_layout(spec)
+    for where, section in spec.sections.items():
+        check_instance(section, where)
+    _check_block_sizes(spec)
+    _at_least(spec.transfer.timeout_s, 0, "transfer.timeout_s", strict=True)
+    _at_least(spec.router.request_timeout_s, 0, "router.request_timeout_s", strict=True)
+    if spec.slo is not None:
+        _at_least(spec.slo.ttft_ms, 0, "slo.ttft_ms", strict=True)
+        _at_least(spec.slo.tpot_ms, 0, "slo.tpot_ms", strict=True)
+        _fraction(spec.slo.attainment, "slo.attainment")
+    _check_backend(spec)
+
+
+def check_instance(section: InstanceSpec, where: str) -> None:
+    """Ranges of one pool's fields."""
+    for field in ("replicas", "tp", "pp"):
+        value = getattr(section, field)
+        if value is not None:
+            _at_least(value, 1, f"{where}.{field}")
+    _at_least(section.block_size, 1, f"{where}.block_size")
+    if section.block_size & (section.block_size - 1):
+        raise SpecError(f"{where}.block_size", f"must be a power of 2, got {section.block_size}")
+    if section.num_blocks is not None and section.memory_fraction is not None:
+        raise SpecError(f"{where}.memory_fraction",
+                        "give either num_blocks or memory_fraction, not both")
+    if section.num_blocks is not None:
+        _at_least(section.num_blocks, 1, f"{where}.num_blocks")
+    if section.memory_fraction is not None:
+        _fraction(section.memory_fraction, f"{where}.memory_fraction")
+    _at_least(section.max_batch_tokens, 1, f"{where}.max_batch_tokens")
+    _at_least(section.max_num_seqs, 1, f"{where}.max_num_seqs")
+    _at_least(section.num_cpus, 0, f"{where}.num_cpus")
+
+
+def _at_least(value: float, low: float, where: str, *, strict: bool = False) -> None:
+    ok = value > low if strict else value >= low
+    if not ok or math.isnan(value):
+        op = ">" if strict else ">="
+        raise SpecError(where, f"must be {op} {low}, got {value}")
+
+
+def _fraction(value: float, where: str) -> None:
+    if not 0 < value <= 1:
+        raise SpecError(where, f"must be in (0, 1], got {value}")
+
+
+def _check_name(name: str) -> None:
+    if not _DNS_LABEL.fullmatch(name):
+        raise SpecError("name", f"{name!r} is not DNS-like (lowercase letters, digits and '-', "
+                                "starting and ending with a letter or digit, at most 63 characters)")
+
+
+def _check_model_ref(model: ModelRef) -> None:
+    if model.path is not None and model.name is not None:
+        raise SpecError("model", "give either path or name, not both")
+    if model.path is None and model.name is None:
+        raise SpecError("model", "give either path (a Hugging Face directory) or name "
+                                 "(a prepared model such as smollm2)")
+    for field in ("path", "name"):
+        if getattr(model, field) == "":
+            raise SpecError(f"model.{field}", "must not be empty")
+
+
+def _check_layout(spec: ClusterSpec) -> None:
+    """Which instance sections each mode takes. Under auto placement a missing section has
+    already been filled with defaults (the planner sizes it), so only explicit specs reach the
+    'required' errors."""
+    if spec.mode == "colocated":
+        required, forbidden = ("instances",), ("prefill", "decode")
+    else:
+        required, forbidden = ("prefill", "decode"), ("instances",)
+    for field in forbidden:
+        if getattr(spec, field) is not None:
+            raise SpecError(field, f"not allowed in {spec.mode} mode (use "
+                                   f"{' and '.join(required)})")
+    for field in required:
+        if getattr(spec, field) is None:
+            raise SpecError(field, f"required in {spec.mode} mode")
+    if spec.placement == "auto" and spec.slo is None:
+        raise SpecError("slo", "required when placement is auto (the planner sizes the cluster "
+                               "to meet it)")
+
+
+def _check_block_sizes(spec: ClusterSpec) -> None:
+    # The transfer layer could re-block KV between pools, but does not yet: refuse until it does.
+    if spec.prefill is None or spec.decode is None:
+        return
+    if spec.decode.block_size != spec.prefill.block_size:
+        raise SpecError("decode.block_size", f"must equal prefill.block_size "
+                                             f"({spec.prefill.block_size}) for now")
+
+
+def _check_backend(spec: ClusterSpec) -> None:
+    if spec.transfer.backend != "nccl":
+        return
+    for where, section in spec.sections.items():
+        if section.device != "cuda":
+            raise SpecError("transfer.backend",
+                            f"nccl needs device cuda ({where}.device is {section.device})")
+
+
+# --- model-aware checks ----------------------------------------------------------------------
+
+def check_model(spec: ClusterSpec) -> ModelCheck:
+    """tp/pp against the model's shape, when its config.json can be found on this machine.
+
+    A model absent here is not an error: specs are often written on one machine and deployed on
+    another. The returned ModelCheck records whether the checks ran.
+    """
+    config_path, skipped = _find_config(spec.model)
+    if config_path is None:
+        return ModelCheck(config_path=None, skipped_reason=skipped)
+    config = _read_config(config_path, "model.path" if spec.model.path else "model.name")
+    for where, section in spec.sections.items():
+        _check_divisibility(section, where, config)
+    return ModelCheck(config_path=str(config_path), skipped_reason=None)
+
+
+def _find_config(model: ModelRef) -> tuple[Path | None, str | None]:
+    """(config.json path, None), or (None, why the checks are skipped)."""
+    if model.path is not None:
+        directory = Path(model.path)
+        if not directory.exists():
+            return None, f"model.path {directory} does not exist on this machine"
+        if not directory.is_dir():
+            raise SpecError("model.path", f"{directory} is not a directory")
+        if not (directory / "config.json").is_file():
+            raise SpecError("model.path", f"{directory} has no config.json")
+        return directory / "config.json", None
+    try:
+        # Lazy: engine.prepare is only needed when a spec names a prepared model.
+        from engine.prepare import resolve_model
+
+        directory = resolve_model(model.name or "")
+    except (ImportError, FileNotFoundError) as exc:
+        return None, f"model.name {model.name!r} not available here: {exc}"
+    if not (Path(directory) / "config.json").is_file():
+        return None, f"prepared model {directory} has no config.json"
+    return Path(directory) / "config.json", None
+
+
+def _read_config(path: Path, where: str) -> dict[str, Any]:
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise SpecError(where, f"cannot read {path}: {exc}") from None
+    if not isinstance(config, dict):
+        raise SpecError(where, f"{path} is not a JSON object")
+    return config
+
+
+def _positive_int(config: dict[str, Any], key: str) -> int | None:
+    value = config.get(key)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def _check_divisibility(section: InstanceSpec, where: str, config: dict[str, Any]) -> None:
+    """Each tp worker takes whole KV heads (checked first: with GQA it implies the query heads),
+    each pp stage whole layers. Values the planner has yet to choose are skipped."""
+    heads = _positive_int(config, "num_attention_heads")
+    kv_heads = _positive_int(config, "num_key_value_heads")
+    layers = _positive_int(config, "num_hidden_layers")
+    if section.tp is not None:
+        for key, count in (("num_key_value_heads", kv_heads), ("num_attention_heads", heads)):
+            if count is not None and count % section.tp:
+                raise SpecError(f"{where}.tp", f"{section.tp} does not divide {key}={count}")
+    if section.pp is not None and layers is not None and layers % section.pp:
+        raise SpecError(f"{where}.pp", f"{section.pp} does not divide num_hidden_layers={layers}")

@@ -1,0 +1,144 @@
+"""The cluster spec's typed form: frozen structs, one per YAML section, and ``SpecError``.
+
+Only shapes and defaults live here; what makes a spec valid beyond its types is in
+``cluster.spec_check`` and the YAML/dict entry points are in ``cluster.spec``.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+
+Mode = Literal["disaggregated", "colocated"]
+Placement = Literal["explicit", "auto"]
+Dtype = Literal["auto", "float32", "bfloat16"]
+Device = Literal["cpu", "cuda"]
+Backend = Literal["auto", "shm", "ray", "nccl"]
+PrefillPolicy = Literal["least_tokens", "round_robin"]
+DecodePolicy = Literal["most_free_blocks", "round_robin"]
+
+
+class SpecError(ValueError):
+    """An invalid cluster spec. The message starts with the dotted path of the offending field
+    (``decode.tp: ...``); a YAML syntax error has no field and starts with ``file:line:column``."""
+
+    def __init__(self, field: str, reason: str, location: str | None = None) -> None:
+        self.field = field
+        self.reason = reason
+        self.location = location
+        if not field:
+            message = f"{location}: {reason}" if location else reason
+        else:
+            message = f"{field}: {reason}" + (f" (at {location})" if location else "")
+        super().__init__(message)
+
+    def __reduce__(self):  # type: ignore[override]
+        # Errors cross Ray actor boundaries; the default pickling would call __init__(message).
+        return (type(self), (self.field, self.reason, self.location))
+
+
+class ModelRef(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Which model to serve: a local Hugging Face directory (``path``) or a prepared model name
+    (``name``, e.g. ``smollm2``; see ``tandem models``). Exactly one of the two is set. A relative
+    path is stored resolved against the spec file's directory."""
+
+    path: str | None = None
+    name: str | None = None
+    dtype: Dtype = "auto"
+
+    @property
+    def source(self) -> str:
+        """What to hand to ``engine.prepare.resolve_model``: the path if given, else the name."""
+        return self.path if self.path is not None else self.name or ""
+
+
+class InstanceSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """One pool of identical engine instances (the prefill pool, the decode pool, or the colocated
+    pool). ``replicas``/``tp``/``pp`` are None only under ``placement: auto`` until the planner
+    chooses them; under explicit placement an omitted value means 1. KV capacity comes from
+    ``num_blocks`` or ``memory_fraction`` (at most one; neither lets the engine size it)."""
+
+    replicas: int | None = None
+    tp: int | None = None
+    pp: int | None = None
+    block_size: int = 16
+    num_blocks: int | None = None
+    memory_fraction: float | None = None
+    max_batch_tokens: int = 8192
+    max_num_seqs: int = 128
+    device: Device = "cpu"
+    num_cpus: float = 1.0  # per actor (Ray resource), not per instance
+
+    @property
+    def is_planned(self) -> bool:
+        """True when replicas, tp and pp are all known."""
+        return None not in (self.replicas, self.tp, self.pp)
+
+
+class TransferSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """How KV caches move between instances (prefill -> decode, and decode -> decode migration).
+    ``auto`` picks nccl between GPUs and the Ray object store otherwise."""
+
+    backend: Backend = "auto"
+    timeout_s: float = 30.0
+
+
+class RouterSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Dispatch policies of the router and the longest a request may live end to end."""
+
+    prefill_policy: PrefillPolicy = "least_tokens"
+    decode_policy: DecodePolicy = "most_free_blocks"
+    request_timeout_s: float = 600.0
+
+
+class SloSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Latency targets; a request attains when it meets both. Same fields as ``placement``'s Slo."""
+
+    ttft_ms: float
+    tpot_ms: float
+    attainment: float = 0.9
+
+
+class ModelCheck(msgspec.Struct, frozen=True):
+    """Outcome of the model-aware checks (tp/pp divisibility against config.json). Not part of the
+    YAML: ``parse_spec`` fills it. ``config_path`` is the file checked; when the checks could not
+    run (model not present on this machine) ``skipped_reason`` says why."""
+
+    config_path: str | None = None
+    skipped_reason: str | None = "spec not built by parse_spec"
+
+    @property
+    def checked(self) -> bool:
+        return self.config_path is not None
+
+
+class ClusterSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """A whole deployment. In ``disaggregated`` mode ``prefill`` and ``decode`` are set and
+    ``instances`` is None; in ``colocated`` mode only ``instances`` is set."""
+
+    name: str
+    mode: Mode = "disaggregated"
+    placement: Placement = "explicit"
+    model: ModelRef
+    prefill: InstanceSpec | None = None
+    decode: InstanceSpec | None = None
+    instances: InstanceSpec | None = None
+    transfer: TransferSpec = TransferSpec()
+    router: RouterSpec = RouterSpec()
+    slo: SloSpec | None = None
+    model_check: ModelCheck = ModelCheck()
+
+    @property
+    def sections(self) -> dict[str, InstanceSpec]:
+        """The instance pools in use, by section name (prefill, decode) or (instances)."""
+        names = ("instances",) if self.mode == "colocated" else ("prefill", "decode")
+        return {n: s for n in names if (s := getattr(self, n)) is not None}
+
+    @property
+    def needs_planning(self) -> bool:
+        """True while some pool's replicas/tp/pp are left for the placement planner."""
+        return any(not s.is_planned for s in self.sections.values())
+
+
+# Fields a YAML document may not set: parse_spec computes them.
+INTERNAL_FIELDS = frozenset({"model_check"})

@@ -1,0 +1,47 @@
+"""Ray actor wrapping a DecodeInstance; one report to the router per step."""
+from __future__ import annotations
+
+import ray
+
+from cluster.actor_common import build_engine, on_loop
+from decode.instance import DecodeInstance, StepReport
+from engine.engine import EngineConfig
+from engine.loop import StepLoop
+from engine.params import SamplingParams
+from transfer.messages import KVHandle, RequestState
+from transfer.registry import make_transport
+
+
+@ray.remote(max_restarts=0)
+class DecodeActor:
+    def __init__(self, instance_id: str, model_dir: str, config: EngineConfig, router,
+                 transports: tuple[str, ...] = ("ray",), num_threads: int = 1,
+                 transfer_timeout_s: float = 30.0) -> None:
+        self.instance_id = instance_id
+        self.router = router
+        engine = build_engine(model_dir, config, num_threads)
+        by_name = {}
+        for name in transports:
+            transport = make_transport(name)
+            by_name[transport.name] = transport
+        self.instance = DecodeInstance(engine, by_name, transfer_timeout_s)
+        self.loop = StepLoop(self.instance, self._publish)
+
+    def _publish(self, report: StepReport) -> None:
+        if report.deltas or report.admitted or report.failed:
+            self.router.on_decode_step.remote(self.instance_id, report)
+
+    async def admit(self, state: RequestState, handle: KVHandle) -> None:
+        await on_loop(self.loop.call(lambda: self.instance.admit(state, handle)))
+
+    async def submit(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
+        await on_loop(self.loop.call(lambda: self.instance.submit(request_id, prompt_ids, params)))
+
+    async def abort(self, request_id: str) -> None:
+        await on_loop(self.loop.call(lambda: self.instance.abort(request_id)))
+
+    async def stats(self) -> dict:
+        return await on_loop(self.loop.call(self.instance.stats))
+
+    async def shutdown(self) -> None:
+        self.loop.stop()

@@ -1,0 +1,99 @@
+"""`tandem serve SPEC [--detach]`, `tandem status NAME`, `tandem shutdown NAME`."""
+from __future__ import annotations
+
+import argparse
+import json
+import threading
+
+from deploy.cli import CommandError
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    serve = subparsers.add_parser("serve", help="start the cluster a YAML spec describes")
+    serve.add_argument("spec", help="cluster spec (YAML), e.g. deploy/specs/smollm2-cpu.yaml")
+    serve.add_argument("--detach", action="store_true",
+                       help="leave the cluster running (detached actors) and return")
+    serve.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS or a local one)")
+    serve.set_defaults(func=_serve)
+
+    status = subparsers.add_parser("status", help="instances and KV usage of a running cluster")
+    status.add_argument("name")
+    status.add_argument("--address")
+    status.add_argument("--json", action="store_true")
+    status.set_defaults(func=_status)
+
+    stop = subparsers.add_parser("shutdown", help="stop a detached cluster")
+    stop.add_argument("name")
+    stop.add_argument("--address")
+    stop.set_defaults(func=_shutdown)
+
+
+def load_spec_or_fail(path: str):
+    from cluster.spec import load_spec
+    from cluster.spec_types import SpecError
+
+    try:
+        return load_spec(path)
+    except SpecError as exc:
+        raise CommandError(str(exc)) from exc
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from cluster.launcher import Cluster, LaunchError
+    from cluster.spec_types import SpecError
+    from deploy.ray_session import connect_ray
+
+    spec = load_spec_or_fail(args.spec)  # fails before any actor starts
+    connect_ray(args.address, local_ok=not args.detach)
+    try:
+        cluster = Cluster.from_spec(spec, detach=args.detach)
+    except (LaunchError, SpecError) as exc:
+        raise CommandError(str(exc)) from exc
+    print(f"cluster {spec.name!r} is up: {', '.join(cluster.actors)}")
+    if args.detach:
+        print(f"connect with cluster.connect({spec.name!r}); stop with `tandem shutdown {spec.name}`")
+        return 0
+    print("serving; Ctrl-C stops it")
+    try:
+        threading.Event().wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        cluster.shutdown()
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    from cluster.launcher import connect
+    from deploy.ray_session import connect_ray
+
+    connect_ray(args.address, local_ok=False)
+    try:
+        stats = connect(args.name).stats()
+    except LookupError as exc:
+        raise CommandError(str(exc)) from exc
+    if args.json:
+        print(json.dumps(stats, indent=1))
+        return 0
+    print(f"{args.name}: {stats['requests']} requests in flight")
+    print(f"{'instance':32} {'free/total blocks':>18} {'waiting':>8} {'running':>8}")
+    for name, s in stats["instances"].items():
+        if "error" in s:
+            print(f"{name:32} ERROR {s['error']}")
+            continue
+        blocks = f"{s['free_blocks']}/{s['num_blocks']}"
+        print(f"{name:32} {blocks:>18} {s['waiting']:>8} {s['running']:>8}")
+    return 0
+
+
+def _shutdown(args: argparse.Namespace) -> int:
+    from cluster.launcher import shutdown_by_name
+    from deploy.ray_session import connect_ray
+
+    connect_ray(args.address, local_ok=False)
+    try:
+        stopped = shutdown_by_name(args.name)
+    except LookupError as exc:
+        raise CommandError(str(exc)) from exc
+    print(f"stopped {len(stopped)} actors of {args.name!r}")
+    return 0

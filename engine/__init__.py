@@ -1,0 +1,23 @@
+"""tandem's in-process model runtime: models, paged KV cache, scheduler, sampler, step loop.
+
+No Ray and no network here; the prefill/decode instances and the colocated baseline build on it.
+The public names load lazily so that light submodules (``engine.prepare``, ``engine.params``) can
+be imported without pulling in torch.
+"""
+from __future__ import annotations
+
+import importlib
+
+_PUBLIC = {
+    "LLM": "engine.llm",
+    "SamplingParams": "engine.params",
+    "Completion": "engine.outputs",
+    "TokenDelta": "engine.outputs",
+}
+__all__ = list(_PUBLIC)
+
+
+def __getattr__(name: str):
+    if name in _PUBLIC:
+        return getattr(importlib.import_module(_PUBLIC[name]), name)
+    raise AttributeError(f"module 'engine' has no attribute {name!r}")

@@ -1,0 +1,70 @@
+"""Paged attention over the block-addressed KV cache.
+
+The cache of one layer is ``[2, num_blocks, block_size, num_kv_heads, head_dim]`` (K then V).
+A token's *slot* is ``block_id * block_size + offset``; the scheduler's block tables become slot
+indices once per step (``AttentionMetadata``) and every layer reuses them.
+
+Prefill attends over the step's own fresh K/V (a sequence's whole prompt is prefilled in one step),
+so it never reads the cache. Decode gathers each sequence's context through its slots.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.nn import functional as F
+
+
+@dataclass(frozen=True)
+class AttentionMetadata:
+    """Per-step indexing shared by all layers. Tensors live on the model's device."""
+
+    is_prefill: bool
+    slot_mapping: torch.Tensor  # [T] where each new token's K/V is written
+    seq_lens: tuple[int, ...]  # prefill: new tokens per sequence (packed in order)
+    context_slots: torch.Tensor | None = None  # decode: [B, Lmax] slots of each context
+    context_mask: torch.Tensor | None = None  # decode: [B, 1, 1, Lmax] True where valid
+
+
+def write_kv(kv_layer: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
+    """Store new tokens' K/V ([T, Hkv, D]) at their slots."""
+    k_flat = kv_layer[0].view(-1, *k.shape[1:])
+    v_flat = kv_layer[1].view(-1, *v.shape[1:])
+    k_flat.index_copy_(0, slots, k)
+    v_flat.index_copy_(0, slots, v)
+
+
+def prefill_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: tuple[int, ...], scale: float
+) -> torch.Tensor:
+    """Causal attention per packed sequence. q: [T, H, D], k/v: [T, Hkv, D] -> [T, H, D]."""
+    outputs = []
+    start = 0
+    for length in seq_lens:
+        end = start + length
+        qs, ks, vs = (t[start:end].transpose(0, 1) for t in (q, k, v))
+        out = F.scaled_dot_product_attention(
+            qs.unsqueeze(0), ks.unsqueeze(0), vs.unsqueeze(0),
+            is_causal=True, scale=scale, enable_gqa=True,
+        )
+        outputs.append(out[0].transpose(0, 1))
+        start = end
+    return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=0)
+
+
+def decode_attention(
+    q: torch.Tensor, kv_layer: torch.Tensor, meta: AttentionMetadata, scale: float
+) -> torch.Tensor:
+    """One query token per sequence. q: [B, H, D] -> [B, H, D]."""
+    assert meta.context_slots is not None and meta.context_mask is not None
+    num_kv_heads, head_dim = kv_layer.shape[-2:]
+    slots = meta.context_slots.reshape(-1)
+    batch, length = meta.context_slots.shape
+    keys = kv_layer[0].view(-1, num_kv_heads, head_dim).index_select(0, slots)
+    values = kv_layer[1].view(-1, num_kv_heads, head_dim).index_select(0, slots)
+    keys = keys.view(batch, length, num_kv_heads, head_dim).transpose(1, 2)
+    values = values.view(batch, length, num_kv_heads, head_dim).transpose(1, 2)
+    out = F.scaled_dot_product_attention(
+        q.unsqueeze(2), keys, values, attn_mask=meta.context_mask, scale=scale, enable_gqa=True
+    )
+    return out.squeeze(2)

@@ -1,0 +1,161 @@
+"""The in-process step loop: requests in, token deltas out. No Ray, no network.
+
+    plan = scheduler.schedule()          # which requests run, prefill or decode
+    logits = runner.run(plan)            # one model step over the paged KV cache
+    tokens = sample(logits, plan.seqs)   # each request with its own RNG
+    deltas = [append(seq, tok) ...]      # detokenize, check stop conditions, free finished
+
+Every exit path (finish, abort, error) frees the request's blocks.
+"""
+from __future__ import annotations
+
+import itertools
+import random
+from pathlib import Path
+
+import msgspec
+import torch
+
+from engine.block_manager import BlockManager
+from engine.config import ModelConfig, load_config
+from engine.outputs import TokenDelta
+from engine.params import SamplingParams
+from engine.runner import ModelRunner, build_model, kv_cache_shape, resolve_dtype
+from engine.sampler import sample
+from engine.scheduler import Scheduler, SchedulerConfig, StepPlan
+from engine.sequence import Sequence, make_generator
+from engine.stopping import append_text, finish_reason
+from engine.tokenizer import DetokenizerState, Tokenizer, detokenize_step
+from engine.validation import validate_request
+
+DEFAULT_KV_CACHE_BYTES = 1 << 30
+
+
+class EngineConfig(msgspec.Struct, frozen=True, kw_only=True):
+    dtype: str = "auto"
+    device: str = "cpu"
+    block_size: int = 16
+    num_blocks: int | None = None  # None: as many as fit in kv_cache_bytes
+    kv_cache_bytes: int = DEFAULT_KV_CACHE_BYTES
+    max_model_len: int | None = None  # None: the model's max_position_embeddings
+    scheduler: SchedulerConfig = SchedulerConfig()
+
+
+def context_limit(model: ModelConfig, requested: int | None) -> int:
+    """Longest sequence the engine serves: the request, the model's positions, its window."""
+    limits = [requested, model.max_position_embeddings, model.sliding_window]
+    return min(x for x in limits if x)
+
+
+class Engine:
+    """A model, its paged KV cache, a scheduler and the step loop."""
+
+    def __init__(self, model_dir: Path, config: EngineConfig = EngineConfig()) -> None:
+        model_dir = Path(model_dir)
+        if not model_dir.is_dir():
+            raise FileNotFoundError(f"model directory {model_dir} does not exist")
+        self.config = config
+        self.model_config: ModelConfig = load_config(model_dir)
+        self.tokenizer = Tokenizer.from_model_dir(model_dir)
+        self.dtype = resolve_dtype(config.dtype, self.model_config, config.device)
+        num_blocks = config.num_blocks or self._blocks_for_budget()
+        self.blocks = BlockManager(num_blocks, config.block_size)
+        self.max_model_len = context_limit(self.model_config, config.max_model_len)
+        model = build_model(self.model_config, model_dir, self.dtype, config.device, self.max_model_len)
+        kv_cache = torch.zeros(kv_cache_shape(self.model_config, num_blocks, config.block_size),
+                               dtype=self.dtype, device=config.device)
+        self.runner = ModelRunner(model, kv_cache, self.blocks)
+        self.scheduler = Scheduler(config.scheduler, self.blocks)
+        self._ids = itertools.count()
+        self._seeds = random.Random()
+
+    def _blocks_for_budget(self) -> int:
+        c = self.model_config
+        per_block = 2 * c.num_layers * self.config.block_size * c.kv_size * self.dtype.itemsize
+        return max(1, self.config.kv_cache_bytes // per_block)
+
+    # -- requests -------------------------------------------------------------------------------
+
+    def tokenize(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("this model directory has no tokenizer.json: pass token ids")
+            return self.tokenizer.encode(prompt)
+        return [int(t) for t in prompt]
+
+    def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        """Raise ValueError naming the problem if the request can never run here."""
+        validate_request(
+            prompt_ids, params, vocab_size=self.model_config.vocab_size,
+            max_model_len=self.max_model_len,
+            capacity_tokens=self.blocks.num_blocks * self.blocks.block_size,
+            has_tokenizer=self.tokenizer is not None,
+        )
+
+    def new_sequence(self, prompt: str | list[int], params: SamplingParams,
+                     request_id: str | None = None) -> Sequence:
+        """Tokenize and validate a request without scheduling it."""
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"params must be SamplingParams, got {type(params).__name__}")
+        ids = self.tokenize(prompt)
+        self.validate(ids, params)
+        rid = request_id if request_id is not None else f"req-{next(self._ids)}"
+        generator = make_generator(params, self._seeds.getrandbits(63))
+        return Sequence(rid, ids, len(ids), params, generator, DetokenizerState.after_prompt(len(ids)))
+
+    def add_request(self, prompt: str | list[int], params: SamplingParams,
+                    request_id: str | None = None) -> str:
+        seq = self.new_sequence(prompt, params, request_id)
+        if self.scheduler.find(seq.request_id) is not None:
+            raise ValueError(f"request id {seq.request_id!r} is already in use")
+        self.scheduler.add(seq)
+        return seq.request_id
+
+    def abort(self, request_id: str) -> TokenDelta | None:
+        """Stop a request wherever it is and free its blocks; None if it is unknown/finished."""
+        seq = self.scheduler.find(request_id)
+        if seq is None:
+            return None
+        seq.finish_reason = "abort"
+        self.scheduler.finish(seq)
+        return TokenDelta(request_id, [], "", seq.num_output_tokens, finish_reason="abort")
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    def stats(self) -> dict[str, int]:
+        return {"num_blocks": self.blocks.num_blocks, "free_blocks": self.blocks.num_free,
+                "waiting": len(self.scheduler.waiting), "running": len(self.scheduler.running)}
+
+    # -- the step loop --------------------------------------------------------------------------
+
+    def step(self) -> list[TokenDelta]:
+        return self.run_step()[1]
+
+    def run_step(self) -> tuple[StepPlan | None, list[TokenDelta]]:
+        """One scheduled model step; returns the plan too, for callers that act on its requests."""
+        plan = self.scheduler.schedule()
+        if plan is None:
+            return None, []
+        logits = self.runner.run(plan)
+        tokens, logprobs = sample(logits, list(plan.seqs))
+        return plan, [
+            self.append_token(seq, tok, None if logprobs is None else logprobs[i])
+            for i, (seq, tok) in enumerate(zip(plan.seqs, tokens))
+        ]
+
+    def append_token(self, seq: Sequence, token: int, logprob: float | None) -> TokenDelta:
+        """Record a sampled token; finish (and free) the request if a stop condition holds."""
+        seq.token_ids.append(token)
+        if seq.params.logprobs and logprob is not None:
+            seq.logprobs.append(logprob)
+        text = detokenize_step(self.tokenizer, seq.token_ids, seq.detok) if self.tokenizer else ""
+        reason = finish_reason(seq, token, self.model_config.eos_token_ids, self.max_model_len)
+        text, stopped = append_text(seq, text)
+        reason = "stop" if stopped else reason
+        if reason is not None:
+            seq.finish_reason = reason
+            self.scheduler.finish(seq)
+        return TokenDelta(seq.request_id, [token], text, seq.num_output_tokens - 1,
+                          [logprob] if seq.params.logprobs and logprob is not None else None,
+                          finish_reason=reason)

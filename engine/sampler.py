@@ -1,0 +1,56 @@
+"""Token sampling: greedy, temperature, top-k, top-p, each request with its own RNG.
+
+Each sampled row draws from its request's generator only, so a seeded request produces the same
+tokens alone or inside any batch. Filtering sets excluded logits to -inf before the softmax, so
+``multinomial`` can never pick an excluded token.
+"""
+from __future__ import annotations
+
+import torch
+
+from engine.sequence import Sequence
+
+
+def sample(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[float] | None]:
+    """logits: fp32 ``[B, vocab]``. Returns the chosen token per row and, if any request asked,
+    the model's log-probability of each chosen token."""
+    logits = logits.cpu()
+    tokens = logits.argmax(dim=-1)
+    random_rows = [i for i, s in enumerate(seqs) if not s.params.greedy]
+    if random_rows:
+        tokens[random_rows] = _sample_rows(logits[random_rows], [seqs[i] for i in random_rows])
+    chosen = tokens.tolist()
+    if not any(s.params.logprobs for s in seqs):
+        return chosen, None
+    logprobs = torch.log_softmax(logits, dim=-1).gather(1, tokens[:, None]).squeeze(1)
+    return chosen, logprobs.tolist()
+
+
+def _sample_rows(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    temperature = torch.tensor([s.params.temperature for s in seqs], dtype=logits.dtype)
+    logits = logits / temperature[:, None]
+    needs_filter = any(s.params.top_k > 0 or s.params.top_p < 1 for s in seqs)
+    if needs_filter:
+        logits, order = logits.sort(dim=-1, descending=True)
+        logits = _filter_sorted(logits, seqs)
+    probs = torch.softmax(logits, dim=-1)
+    picks = torch.stack([
+        torch.multinomial(probs[i], 1, generator=seq.generator)[0] for i, seq in enumerate(seqs)
+    ])
+    if needs_filter:
+        picks = order.gather(1, picks[:, None]).squeeze(1)
+    return picks
+
+
+def _filter_sorted(sorted_logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    """Mask descending-sorted logits outside each row's top-k and top-p nucleus."""
+    vocab = sorted_logits.shape[-1]
+    top_k = torch.tensor([s.params.top_k or vocab for s in seqs])
+    rank = torch.arange(vocab)[None, :]
+    sorted_logits = sorted_logits.masked_fill(rank >= top_k[:, None], float("-inf"))
+    # top_p == 1 must keep the whole tail even where the cumulative sum rounds up to 1.
+    top_p = torch.tensor([s.params.top_p if s.params.top_p < 1 else 2.0 for s in seqs])
+    probs = torch.softmax(sorted_logits, dim=-1)
+    # Drop a token once the mass strictly before it already reaches top_p (the top one always stays).
+    mass_before = probs.cumsum(dim=-1) - probs
+    return sorted_logits.masked_fill(mass_before >= top_p[:, None], float("-inf"))

@@ -1,0 +1,41 @@
+"""Ray actor wrapping a PrefillInstance; model steps run on a worker thread (never the event loop)."""
+from __future__ import annotations
+
+import ray
+
+from cluster.actor_common import build_engine, on_loop
+from engine.engine import EngineConfig
+from engine.loop import StepLoop
+from engine.params import SamplingParams
+from prefill.instance import PrefillInstance
+from transfer.registry import make_transport
+
+
+@ray.remote(max_restarts=0)
+class PrefillActor:
+    def __init__(self, instance_id: str, model_dir: str, config: EngineConfig, router,
+                 transport: str = "ray", num_threads: int = 1, hold_timeout_s: float = 60.0) -> None:
+        self.instance_id = instance_id
+        self.router = router
+        engine = build_engine(model_dir, config, num_threads)
+        self.instance = PrefillInstance(engine, make_transport(transport), hold_timeout_s)
+        self.loop = StepLoop(self.instance, self._publish, housekeeping=self.instance.reclaim_expired)
+
+    def _publish(self, results) -> None:
+        if results:  # one message per step, all of the step's requests
+            self.router.on_prefilled.remote(self.instance_id, results)
+
+    async def submit(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
+        await on_loop(self.loop.call(lambda: self.instance.submit(request_id, prompt_ids, params)))
+
+    async def ack(self, request_ids: list[str]) -> None:
+        await on_loop(self.loop.call(lambda: [self.instance.ack(r) for r in request_ids]))
+
+    async def abort(self, request_id: str) -> None:
+        await on_loop(self.loop.call(lambda: self.instance.abort(request_id)))
+
+    async def stats(self) -> dict:
+        return await on_loop(self.loop.call(self.instance.stats))
+
+    async def shutdown(self) -> None:
+        self.loop.stop()
