@@ -134,6 +134,12 @@ class Router:
         self._free_everywhere(rec)
         return True
 
+    async def describe(self, request_id: str) -> dict:
+        """Where a request is (stage and instances): for status tools and tests."""
+        rec = self._record(request_id)
+        return {"stage": rec.stage, "prefill_instance": rec.prefill_instance,
+                "decode_instance": rec.decode_instance, "num_tokens": len(rec.token_ids)}
+
     def _record(self, request_id: str) -> RequestRecord:
         rec = self.records.get(request_id)
         if rec is None:

@@ -43,5 +43,9 @@ class DecodeActor:
     async def stats(self) -> dict:
         return await on_loop(self.loop.call(self.instance.stats))
 
+    async def pause(self, paused: bool = True) -> None:
+        """Stop (or resume) taking model steps at the next step boundary; calls keep working."""
+        await on_loop(self.loop.call(lambda: setattr(self.loop, "paused", paused)))
+
     async def shutdown(self) -> None:
         self.loop.stop()

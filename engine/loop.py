@@ -28,6 +28,7 @@ class StepLoop:
         self.idle_tick_s = idle_tick_s
         self.housekeeping = housekeeping
         self.error: BaseException | None = None
+        self.paused = False  # commands still run while paused; model steps do not
         self._inbox: queue.SimpleQueue[tuple[Callable[[], Any], Future]] = queue.SimpleQueue()
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._run, name="step-loop", daemon=True)
@@ -49,10 +50,11 @@ class StepLoop:
 
     def _run(self) -> None:
         while not self._stopped.is_set():
-            self._drain(block=not self.instance.has_work())
+            can_step = not self.paused and self.instance.has_work()
+            self._drain(block=not can_step)
             if self._stopped.is_set():
                 break
-            if self.instance.has_work():
+            if not self.paused and self.instance.has_work():
                 self._step()
             if self.housekeeping is not None:
                 self.housekeeping()

@@ -1,0 +1,219 @@
+"""The disaggregated cluster on a local Ray cluster, compared with the in-process engine."""
+from __future__ import annotations
+
+import asyncio
+import random
+
+import pytest
+
+from engine import LLM, SamplingParams
+from engine.engine import EngineConfig
+from engine.scheduler import SchedulerConfig
+from tests.integration.conftest import assert_all_blocks_free, wait_until
+
+NUM_REQUESTS = 32
+
+
+def _engine(num_blocks: int, **scheduler) -> EngineConfig:
+    return EngineConfig(dtype="float32", num_blocks=num_blocks, block_size=16,
+                        scheduler=SchedulerConfig(**scheduler))
+
+
+def _launch(name, model_dir, *, mode="disaggregated", prefill=2, decode=2, prefill_blocks=64,
+            decode_blocks=64, **scheduler):
+    from cluster.launcher import Cluster
+    from cluster.launcher_config import InstanceGroup, LaunchConfig
+
+    # Half a CPU each: every cluster of this module fits the 4-CPU test cluster at once.
+    group = lambda n, blocks: InstanceGroup(n, _engine(blocks, **scheduler), num_cpus=0.5)
+    config = LaunchConfig(
+        name=name, model_dir=str(model_dir), mode=mode,
+        prefill=group(prefill, prefill_blocks) if mode == "disaggregated" else None,
+        decode=group(decode, decode_blocks))
+    return Cluster.launch(config, timeout_s=120)
+
+
+@pytest.fixture(scope="module")
+def disagg(ray_cluster, tiny_llama_dir):
+    cluster = _launch("disagg", tiny_llama_dir)
+    yield cluster
+    cluster.shutdown()
+
+
+@pytest.fixture(scope="module")
+def colocated(ray_cluster, tiny_llama_dir):
+    cluster = _launch("coloc", tiny_llama_dir, mode="colocated", decode=2, decode_blocks=64)
+    yield cluster
+    cluster.shutdown()
+
+
+@pytest.fixture(scope="module")
+def workload():
+    rng = random.Random(3)
+    prompts = [[rng.randrange(3, 256) for _ in range(rng.randint(1, 70))] for _ in range(NUM_REQUESTS)]
+    params = [SamplingParams(max_tokens=rng.randint(4, 24), temperature=0, ignore_eos=True)
+              if i % 2 else
+              SamplingParams(max_tokens=rng.randint(4, 24), temperature=0.9, top_k=40, seed=i, ignore_eos=True)
+              for i in range(NUM_REQUESTS)]
+    return prompts, params
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_llama_dir, workload):
+    prompts, params = workload
+    return LLM(tiny_llama_dir, dtype="float32", num_blocks=256).generate(prompts, params)
+
+
+async def _stream_all(client, prompts, params):
+    async def one(prompt, p):
+        tokens, chunks = [], 0
+        async for chunk in client.astream(prompt, p):
+            tokens.extend(chunk.token_ids)
+            chunks += 1
+            last = chunk
+        return tokens, last, chunks
+    return await asyncio.gather(*(one(pr, p) for pr, p in zip(prompts, params)))
+
+
+@pytest.mark.parametrize("which", ["disagg", "colocated"])
+def test_concurrent_streams_match_in_process_engine(request, which, workload, reference):
+    cluster = request.getfixturevalue(which)
+    prompts, params = workload
+    results = asyncio.run(_stream_all(cluster.client(timeout_s=120), prompts, params))
+    for (tokens, last, _), ref in zip(results, reference):
+        assert tokens == ref.token_ids
+        assert last.finish_reason == "length" and last.metrics["ttft"] > 0
+    assert_all_blocks_free(cluster)
+
+
+def test_generate_batch_and_metrics(disagg, workload, reference):
+    prompts, params = workload
+    outs = disagg.client().generate_batch(prompts[:8], params[:8])
+    assert [o.token_ids for o in outs] == [r.token_ids for r in reference[:8]]
+    m = outs[0].metrics
+    assert m["prefill_end"] >= m["prefill_start"] >= 0
+    assert m["transfer_end"] >= m["transfer_start"] and m["transfer_time"] >= 0
+    assert m["num_output_tokens"] == len(outs[0].token_ids)
+    assert_all_blocks_free(disagg)
+
+
+def test_text_prompt_and_stop_string(disagg, tiny_llama_dir):
+    # The tiny model's byte tokenizer: text in, text out, compared with the in-process engine.
+    params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
+    ref = LLM(tiny_llama_dir, dtype="float32").generate(["hello"], params)[0]
+    out = disagg.client().generate("hello", params)
+    assert out.token_ids == ref.token_ids and out.text == ref.text
+
+
+def test_bad_request_fails_alone(disagg, workload, reference):
+    prompts, params = workload
+    client = disagg.client()
+    good = [client.submit(p, sp) for p, sp in zip(prompts[:4], params[:4])]
+    with pytest.raises(ValueError, match="context length"):
+        client.submit([5] * 600, SamplingParams(max_tokens=8))
+    with pytest.raises(ValueError, match="vocabulary"):
+        client.submit([999999], SamplingParams(max_tokens=8))
+    with pytest.raises(ValueError, match="empty"):
+        client.submit([], SamplingParams(max_tokens=8))
+    outs = [client.result(rid) for rid in good]
+    assert [o.token_ids for o in outs] == [r.token_ids for r in reference[:4]]
+    assert_all_blocks_free(disagg)
+
+
+def test_abort_while_decoding_frees_everything(disagg):
+    client = disagg.client()
+    params = SamplingParams(max_tokens=400, temperature=0, ignore_eos=True)
+    rids = [client.submit([7] * 50, params) for _ in range(4)]
+    router = client.router
+    import ray
+
+    wait_until(lambda: ray.get(router.describe.remote(rids[0]))["num_tokens"] > 3, 60)
+    for rid in rids:
+        assert client.abort(rid)
+    outs = [client.result(rid) for rid in rids]
+    assert all(o.finish_reason == "abort" and len(o.token_ids) < 400 for o in outs)
+    assert_all_blocks_free(disagg)
+
+
+def test_abort_right_after_submit_frees_everything(disagg):
+    client = disagg.client()
+    params = SamplingParams(max_tokens=50, temperature=0, ignore_eos=True)
+    rids = [client.submit([9] * 60, params) for _ in range(12)]
+    for rid in rids:  # most are queued or being prefilled; some may have moved on
+        client.abort(rid)
+    assert all(client.result(rid).finish_reason == "abort" for rid in rids)
+    assert_all_blocks_free(disagg)
+
+
+def test_stream_consumer_that_stops_early_aborts(disagg):
+    client = disagg.client()
+    stream = client.stream([11] * 20, SamplingParams(max_tokens=300, temperature=0, ignore_eos=True))
+    next(stream)
+    stream.close()  # GeneratorExit inside stream() aborts the request
+    assert_all_blocks_free(disagg)
+
+
+def _pause(cluster, role: str, paused: bool) -> None:
+    import ray
+
+    handles = [h for n, h in cluster.actors.items() if f"-{role}-" in n]
+    ray.get([h.pause.remote(paused) for h in handles], timeout=30)
+
+
+def _instance_stats(cluster, role: str) -> list[dict]:
+    return [s for n, s in cluster.stats()["instances"].items() if f"-{role}-" in n]
+
+
+def test_abort_while_queued_for_prefill(disagg):
+    import ray
+
+    client = disagg.client()
+    _pause(disagg, "prefill", True)
+    try:
+        rid = client.submit([5] * 30, SamplingParams(max_tokens=8, temperature=0))
+        wait_until(lambda: sum(s["waiting"] for s in _instance_stats(disagg, "prefill")) == 1)
+        assert ray.get(client.router.describe.remote(rid))["stage"] == "prefill"
+        assert client.abort(rid)
+        wait_until(lambda: sum(s["waiting"] for s in _instance_stats(disagg, "prefill")) == 0)
+    finally:
+        _pause(disagg, "prefill", False)
+    assert client.result(rid).finish_reason == "abort"
+    assert_all_blocks_free(disagg)
+
+
+def test_abort_during_kv_transfer(disagg):
+    import ray
+
+    client = disagg.client()
+    _pause(disagg, "decode", True)  # admissions wait: the request sits between the two pools
+    try:
+        rid = client.submit([6] * 40, SamplingParams(max_tokens=8, temperature=0))
+        wait_until(lambda: ray.get(client.router.describe.remote(rid))["stage"] == "transfer")
+        wait_until(lambda: sum(s["pending_admissions"] for s in _instance_stats(disagg, "decode")) == 1)
+        assert sum(s["held"] for s in _instance_stats(disagg, "prefill")) == 1
+        assert client.abort(rid)
+        wait_until(lambda: sum(s["held"] for s in _instance_stats(disagg, "prefill")) == 0)
+        wait_until(lambda: sum(s["pending_admissions"] for s in _instance_stats(disagg, "decode")) == 0)
+    finally:
+        _pause(disagg, "decode", False)
+    out = client.result(rid)
+    assert out.finish_reason == "abort" and len(out.token_ids) == 1  # the first token was streamed
+    assert_all_blocks_free(disagg)
+
+
+def test_decode_backpressure_reaches_prefill_not_oom(disagg, reference, workload):
+    prompts, params = workload
+    client = disagg.client(timeout_s=120)
+    _pause(disagg, "decode", True)
+    try:
+        rids = [client.submit([8] * 60, SamplingParams(max_tokens=4, temperature=0)) for _ in range(40)]
+        # 60-token requests take 4 blocks: a 64-block prefill instance can hold 16 un-pulled
+        # exports; the rest must wait in its queue instead of over-committing memory.
+        wait_until(lambda: [(s["held"], s["waiting"]) for s in _instance_stats(disagg, "prefill")]
+                   == [(16, 4), (16, 4)])
+    finally:
+        _pause(disagg, "decode", False)
+    outs = [client.result(rid) for rid in rids]
+    assert all(o.finish_reason == "length" and len(o.token_ids) == 4 for o in outs)
+    assert len({tuple(o.token_ids) for o in outs}) == 1  # same prompt, greedy: same tokens
+    assert_all_blocks_free(disagg)

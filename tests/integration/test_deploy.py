@@ -1,0 +1,53 @@
+"""CLI deployment paths: a bad spec fails before any actor starts; serve --detach / status / shutdown."""
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+
+from deploy.cli import main
+from engine import SamplingParams
+
+
+def _spec(tmp_path, model_dir, name="clitest", decode_tp=1):
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(textwrap.dedent(f"""\
+        name: {name}
+        model: {{path: {model_dir}, dtype: float32}}
+        prefill: {{replicas: 1, num_blocks: 32, num_cpus: 0.5}}
+        decode: {{replicas: 1, num_blocks: 32, num_cpus: 0.5, tp: {decode_tp}}}
+        """))
+    return path
+
+
+def _named_actors(ray):
+    return ray.util.list_named_actors(all_namespaces=True)
+
+
+def test_bad_spec_fails_before_any_actor(ray_cluster, tiny_llama_dir, tmp_path, capsys):
+    before = _named_actors(ray_cluster)
+    assert main(["serve", str(_spec(tmp_path, tiny_llama_dir, decode_tp=3))]) == 2
+    err = capsys.readouterr().err
+    assert "decode.tp" in err and "does not divide" in err
+    bad = tmp_path / "typo.yaml"
+    bad.write_text("name: x\nmodel: {name: smollm2}\nprefil: {replicas: 1}\n")
+    assert main(["serve", str(bad)]) == 2
+    assert "prefil" in capsys.readouterr().err
+    assert _named_actors(ray_cluster) == before
+
+
+def test_serve_detached_status_connect_shutdown(ray_cluster, tiny_llama_dir, tmp_path, capsys):
+    import cluster
+
+    assert main(["serve", str(_spec(tmp_path, tiny_llama_dir)), "--detach"]) == 0
+    client = cluster.connect("clitest")
+    out = client.generate([4, 5, 6], SamplingParams(max_tokens=5, temperature=0))
+    assert len(out.token_ids) == 5 and out.finish_reason == "length"
+    capsys.readouterr()
+    assert main(["status", "clitest"]) == 0
+    status = capsys.readouterr().out
+    assert "clitest-prefill-0" in status and "32/32" in status
+    assert main(["shutdown", "clitest"]) == 0
+    with pytest.raises(LookupError):
+        cluster.connect("clitest")
+    assert main(["status", "clitest"]) == 2
