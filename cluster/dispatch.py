@@ -37,7 +37,7 @@ class Dispatcher:
 
     def pick_prefill(self, request_id: str, num_tokens: int) -> str:
         if not self.queued:
-            raise RuntimeError("no prefill instances registered")
+            raise RuntimeError("no live prefill instance to serve the request")
         if self.prefill_policy == "round_robin":
             self._rr_prefill = self._rr_prefill or itertools.cycle(sorted(self.queued))
             target = next(self._rr_prefill)
@@ -48,7 +48,7 @@ class Dispatcher:
 
     def pick_decode(self, request_id: str, num_tokens: int) -> str:
         if not self.free:
-            raise RuntimeError("no decode instances registered")
+            raise RuntimeError("no live decode instance to serve the request")
         if self.decode_policy == "round_robin":
             self._rr_decode = self._rr_decode or itertools.cycle(sorted(self.free))
             target = next(self._rr_decode)
@@ -65,6 +65,12 @@ class Dispatcher:
 
     def admitted(self, instance_id: str, request_id: str) -> None:
         self.reserved.get(instance_id, {}).pop(request_id, None)
+
+    def remove_instance(self, instance_id: str) -> None:
+        self.queued.pop(instance_id, None)
+        self.free.pop(instance_id, None)
+        self.reserved.pop(instance_id, None)
+        self._rr_prefill = self._rr_decode = None
 
     def forget(self, rec) -> None:
         """Drop every estimate that counts this request."""

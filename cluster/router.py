@@ -57,6 +57,33 @@ class Router:
             self.dispatch.set_free_blocks(iid, s["free_blocks"], block_size)
         for iid in prefill:
             self.dispatch.add_prefill(iid)
+        self._watcher = asyncio.ensure_future(self._watch_health())
+
+    async def _watch_health(self, interval_s: float = 1.0, timeout_s: float = 10.0) -> None:
+        """Ping every instance; a dead one fails its requests (clear error) and leaves the pools."""
+        while True:
+            await asyncio.sleep(interval_s)
+            pools = [("prefill", iid, h) for iid, h in self.prefill.items()]
+            pools += [("decode", iid, h) for iid, h in self.decode.items()]
+            results = await asyncio.gather(
+                *(asyncio.wait_for(h.stats.remote(), timeout_s) for _, _, h in pools),
+                return_exceptions=True)
+            for (role, iid, _), result in zip(pools, results):
+                if isinstance(result, (ray.exceptions.RayActorError, asyncio.TimeoutError)):
+                    self._drop_instance(role, iid, result)
+
+    def _drop_instance(self, role: str, iid: str, cause: BaseException) -> None:
+        log.error("%s instance %s is gone: %s", role, iid, cause)
+        (self.prefill if role == "prefill" else self.decode).pop(iid, None)
+        self.dispatch.remove_instance(iid)
+        reason = f"{role} instance {iid} died or stopped answering ({type(cause).__name__})"
+        for rec in list(self.records.values()):
+            on_it = rec.prefill_instance == iid if role == "prefill" else rec.decode_instance == iid
+            # A dead prefill instance loses the requests it had not finished prefilling; one in
+            # transfer lives or dies by the decode side's fetch (the exported KV may outlive it).
+            if on_it and not rec.done and (role == "decode" or rec.stage == "prefill"):
+                rec.finish("error", reason)
+                self._free_everywhere(rec)
 
     # -- client side ----------------------------------------------------------------------------
 
@@ -71,18 +98,30 @@ class Router:
             raise ValueError(f"request id {rid!r} is already in use")
         rec = self.records[rid] = RequestRecord(rid, ids, params)
         try:
-            if self.mode == "colocated":
-                rec.decode_instance = self.dispatch.pick_decode(rid, len(ids) + 1)
-                rec.stage = "decode"
-                await self.decode[rec.decode_instance].submit.remote(rid, ids, params)
-            else:
-                rec.prefill_instance = self.dispatch.pick_prefill(rid, len(ids))
-                await self.prefill[rec.prefill_instance].submit.remote(rid, ids, params)
+            await self._dispatch_new(rec)
         except Exception as exc:
             self.records.pop(rid, None)
             self.dispatch.forget(rec)
             raise _unwrap(exc) from None
         return rid
+
+    async def _dispatch_new(self, rec: RequestRecord) -> None:
+        """Send a new request to an instance; an instance found dead is dropped and another tried."""
+        role = "decode" if self.mode == "colocated" else "prefill"
+        pool = self.decode if role == "decode" else self.prefill
+        while True:
+            if role == "decode":
+                iid = rec.decode_instance = self.dispatch.pick_decode(rec.request_id, len(rec.prompt_ids) + 1)
+                rec.stage = "decode"
+            else:
+                iid = rec.prefill_instance = self.dispatch.pick_prefill(rec.request_id, len(rec.prompt_ids))
+            try:
+                await pool[iid].submit.remote(rec.request_id, rec.prompt_ids, rec.params)
+                return
+            except ray.exceptions.RayActorError as exc:
+                self.dispatch.forget(rec)
+                rec.prefill_instance = rec.decode_instance = None  # not one of the dead's requests
+                self._drop_instance(role, iid, exc)  # then pick among the survivors
 
     def _tokenize(self, prompt) -> list[int]:
         if isinstance(prompt, str):
@@ -148,9 +187,9 @@ class Router:
 
     def _free_everywhere(self, rec: RequestRecord) -> None:
         self.dispatch.forget(rec)
-        if rec.prefill_instance:
+        if rec.prefill_instance in self.prefill:
             self.prefill[rec.prefill_instance].abort.remote(rec.request_id)
-        if rec.decode_instance:
+        if rec.decode_instance in self.decode:
             self.decode[rec.decode_instance].abort.remote(rec.request_id)
 
     # -- instance side --------------------------------------------------------------------------
@@ -162,7 +201,7 @@ class Router:
             rec = self.records.get(rid)
             self.dispatch.prefill_done(instance_id, rid)
             if rec is None or rec.done:
-                if r.handle is not None:
+                if r.handle is not None and instance_id in self.prefill:
                     self.prefill[instance_id].ack.remote([rid])
                 continue
             rec.events.update(prefill_start=r.prefill_start, prefill_end=r.prefill_end)
@@ -203,18 +242,21 @@ class Router:
         for delta in report.deltas:
             rec = self.records.get(delta.request_id)
             if rec is None or rec.done:
-                if not delta.finished:  # stale: the request was aborted or failed meanwhile
+                if not delta.finished and instance_id in self.decode:  # stale: aborted or failed meanwhile
                     self.decode[instance_id].abort.remote(delta.request_id)
                 continue
             rec.add_delta(delta, now)
-        self.dispatch.set_free_blocks(instance_id, report.free_blocks)
+        if instance_id in self.decode:
+            self.dispatch.set_free_blocks(instance_id, report.free_blocks)
         for prefill_id, rids in acks.items():
-            self.prefill[prefill_id].ack.remote(rids)
+            if prefill_id in self.prefill:
+                self.prefill[prefill_id].ack.remote(rids)
 
     async def stats(self) -> dict:
         names = [*self.prefill, *self.decode]
         handles = [*self.prefill.values(), *self.decode.values()]
-        results = await asyncio.gather(*(h.stats.remote() for h in handles), return_exceptions=True)
+        results = await asyncio.gather(*(asyncio.wait_for(h.stats.remote(), 10) for h in handles),
+                                       return_exceptions=True)
         return {
             "requests": len(self.records),
             "instances": {n: (r if isinstance(r, dict) else {"error": str(r)}) for n, r in zip(names, results)},
