@@ -42,6 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     except CommandError as exc:
         print(f"tandem {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `tandem plan ... | head`: the reader left, nothing is wrong
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":

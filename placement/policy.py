@@ -1,0 +1,25 @@
+"""Engine knobs the simulator must share with the real instances to predict them."""
+from __future__ import annotations
+
+from typing import Annotated
+
+import msgspec
+
+Pos = Annotated[int, msgspec.Meta(ge=1)]
+
+
+class Policy(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Batching and memory policy of prefill, decode and colocated instances.
+
+    Prefill forms FCFS batches of whole prompts under ``prefill_token_budget`` tokens (a prompt longer
+    than the budget runs alone). Decode batches continuously up to ``decode_max_batch`` sequences;
+    its admission waits while fewer than the request's blocks plus a ``watermark`` share of all
+    blocks are free, so a fresh admission cannot immediately force a preemption.
+    """
+
+    prefill_token_budget: Pos = 4096
+    prefill_max_batch: Pos = 64
+    decode_max_batch: Pos = 256
+    block_size: Pos = 16
+    memory_utilization: Annotated[float, msgspec.Meta(gt=0, le=1)] = 0.9
+    watermark: Annotated[float, msgspec.Meta(ge=0, lt=1)] = 0.01

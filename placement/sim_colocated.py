@@ -1,0 +1,138 @@
+"""Discrete-event simulator of colocated instances: the baseline disaggregation must beat.
+
+Each instance runs vLLM-style continuous batching where one step carries every running decode
+sequence plus whole waiting prompts (FCFS, under the prefill token budget and the KV blocks left),
+so a long prefill stalls all decodes sharing the step: the interference disaggregation removes.
+A sequence preempted for memory is recomputed: it re-enters the prompt queue at the front with its
+prompt plus the tokens produced so far. The router sends each request to the instance with the
+fewest queued prompt tokens (ties: most free blocks).
+"""
+from __future__ import annotations
+
+import heapq
+from collections import deque
+from typing import Sequence
+
+from .memory import blocks_for
+from .policy import Policy
+from .sim_core import DecodeBatch, InstanceModel, SimResult, SimulationError, Slo, summarize
+from .workload import BaseTrace
+
+
+class _Instance:
+    __slots__ = ("idx", "model", "batch", "waiting", "queued_tokens", "ready", "busy", "running",
+                 "watermark")
+
+    def __init__(self, idx: int, model: InstanceModel, policy: Policy) -> None:
+        self.idx = idx
+        self.model = model
+        self.batch = DecodeBatch(model.kv_blocks, policy.block_size)
+        self.waiting: deque[tuple[int, int, int]] = deque()  # (rid, prompt tokens, remaining)
+        self.queued_tokens = 0
+        self.ready: list[tuple[int, int, int]] = []  # prefilled, joins the next step
+        self.running: list[tuple[int, int, int]] = []  # prompts in the current step
+        self.busy = False
+        self.watermark = int(policy.watermark * model.kv_blocks)
+
+
+class ColocatedSim:
+    """One simulation run of colocated instances; construct, then ``run()`` once."""
+
+    def __init__(self, instances: Sequence[InstanceModel], policy: Policy, trace: BaseTrace,
+                 rate: float) -> None:
+        self.policy = policy
+        self.instances = [_Instance(i, m, policy) for i, m in enumerate(instances)]
+        self.rate = rate
+        self.arrival = trace.arrivals(rate)
+        self.inputs, self.outputs = trace.inputs, trace.outputs
+        self.first = [-1.0] * trace.count
+        self.finish = [-1.0] * trace.count
+        self.events: list[tuple[float, int, int]] = []  # (time, seq, instance)
+        self.seq = 0
+        self.preemptions = 0
+
+    def run(self, slo: Slo, window: tuple[int, int] | None = None) -> SimResult:
+        events, arrival = self.events, self.arrival
+        i, n = 0, len(arrival)
+        while i < n or events:
+            if events and (i >= n or events[0][0] <= arrival[i]):
+                time, _, idx = heapq.heappop(events)
+                self._step_end(time, self.instances[idx])
+            else:
+                self._arrive(arrival[i], i)
+                i += 1
+        if any(f < 0 for f in self.finish):
+            raise SimulationError("some requests never finished: an instance has too little KV memory")
+        return summarize(self.rate, arrival, self.first, self.finish, self.outputs, slo, window,
+                         self.preemptions)
+
+    def _arrive(self, now: float, rid: int) -> None:
+        inst = min(self.instances, key=lambda x: (x.queued_tokens, -x.batch.free_blocks))
+        inst.waiting.append((rid, self.inputs[rid], self.outputs[rid]))
+        inst.queued_tokens += self.inputs[rid]
+        if not inst.busy:
+            self._step_start(now, inst)
+
+    def _take_prompts(self, inst: _Instance) -> tuple[int, int]:
+        """Move FCFS prompts that fit the token budget, batch cap and free blocks into the step."""
+        tokens = sum_sq = 0
+        bs, batch = self.policy.block_size, inst.batch
+        room = self.policy.decode_max_batch - batch.size - len(inst.ready)
+        while inst.waiting and len(inst.running) < room:
+            rid, length, remaining = inst.waiting[0]
+            if inst.running and tokens + length > self.policy.prefill_token_budget:
+                break
+            need = blocks_for(length + 1, bs)
+            if need + inst.watermark > batch.free_blocks:
+                if need + inst.watermark > batch.total_blocks:
+                    raise SimulationError(f"a {length}-token context exceeds an instance's KV")
+                break
+            inst.waiting.popleft()
+            inst.queued_tokens -= length
+            batch.free_blocks -= need
+            inst.running.append((rid, length, remaining))
+            tokens += length
+            sum_sq += length * length
+        return tokens, sum_sq
+
+    def _step_start(self, now: float, inst: _Instance) -> None:
+        batch = inst.batch
+        for rid, ctx, remaining in batch.grow():
+            self.preemptions += 1
+            inst.waiting.appendleft((rid, ctx, remaining))  # recompute prompt + produced tokens
+            inst.queued_tokens += ctx
+        for rid, ctx, remaining in inst.ready:
+            batch.join(rid, ctx, remaining)
+        inst.ready = []
+        tokens, sum_sq = self._take_prompts(inst)
+        if batch.size == 0 and not inst.running:
+            inst.busy = False
+            return
+        inst.busy = True
+        seconds = inst.model.step.mixed(len(inst.running), tokens, sum_sq, batch.size, batch.sum_ctx)
+        self.seq += 1
+        heapq.heappush(self.events, (now + seconds, self.seq, inst.idx))
+
+    def _step_end(self, now: float, inst: _Instance) -> None:
+        for rid in inst.batch.advance():
+            self.finish[rid] = now
+        bs = self.policy.block_size
+        for rid, ctx, remaining in inst.running:
+            if self.first[rid] < 0:
+                self.first[rid] = now
+            remaining -= 1  # a prefill (or a recompute) samples one token
+            if remaining <= 0:
+                self.finish[rid] = now
+                inst.batch.free_blocks += blocks_for(ctx + 1, bs)
+            else:
+                inst.ready.append((rid, ctx, remaining))
+        inst.running = []
+        self._step_start(now, inst)
+
+
+def simulate_colocated(instances: Sequence[InstanceModel], policy: Policy, trace: BaseTrace,
+                       rate: float, slo: Slo, window: tuple[int, int] | None = None) -> SimResult:
+    """Simulate ``trace`` at ``rate`` req/s over colocated instances, measuring ``window``."""
+    if not instances:
+        raise ValueError("need at least one instance")
+    return ColocatedSim(instances, policy, trace, rate).run(slo, window)

@@ -1,0 +1,112 @@
+"""Calibration: least-squares fits of measured step times, the profile file, and its use."""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+
+from placement.calibrate import (CalibratedLatency, ProfileSample, fit_profile, least_squares,
+                                 load_profile, save_profile)
+from placement.candidates import Shape
+from placement.evaluate import Evaluator
+from placement.latency import AnalyticLatency
+from placement.problem import problem_from_dict
+
+
+def _samples(tp: int, pp: int, noise: float = 0.0, seed: int = 0) -> list[ProfileSample]:
+    """Step times from known coefficients: prefill 5 ms + 20 us/token + 2 ns/token^2,
+    decode 8 ms + 50 us/sequence + 1.5 us/context token."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(12):
+        lengths = tuple(rng.randint(16, 1024) for _ in range(rng.randint(1, 6)))
+        t = 0.005 + 20e-6 * sum(lengths) + 2e-9 * sum(x * x for x in lengths)
+        out.append(ProfileSample("prefill", tp, pp, lengths, t * (1 + rng.gauss(0, noise))))
+        ctx = tuple(rng.randint(16, 2048) for _ in range(rng.randint(1, 64)))
+        t = 0.008 + 50e-6 * len(ctx) + 1.5e-6 * sum(ctx)
+        out.append(ProfileSample("decode", tp, pp, ctx, t * (1 + rng.gauss(0, noise))))
+    return out
+
+
+def test_fit_recovers_known_coefficients() -> None:
+    profile = fit_profile(_samples(1, 1) + _samples(2, 1, seed=1), model="opt-13b")
+    assert [(e.tp, e.pp) for e in profile.entries] == [(1, 1), (2, 1)]
+    entry = profile.entry(2, 1)
+    assert entry is not None and entry.prefill is not None and entry.decode is not None
+    assert entry.prefill.coef == pytest.approx((0.005, 20e-6, 2e-9), rel=1e-6)
+    assert entry.decode.coef == pytest.approx((0.008, 50e-6, 1.5e-6), rel=1e-6)
+    assert entry.prefill.rms < 1e-12 and entry.decode.samples == 12
+    assert profile.entry(4, 1) is None
+
+
+def test_fit_with_noise_stays_close() -> None:
+    entry = fit_profile(_samples(1, 1, noise=0.01)).entries[0]
+    assert entry.decode is not None
+    assert entry.decode.at(32, 32 * 1000) == pytest.approx(0.008 + 50e-6 * 32 + 1.5e-6 * 32000, rel=0.03)
+
+
+def test_least_squares_matches_exact_solution_on_a_line() -> None:
+    rows = [(1.0, float(x)) for x in range(10)]
+    assert least_squares(rows, [3 + 2 * x for x in range(10)]) == pytest.approx([3, 2])
+    assert least_squares([(1.0, 1.0), (1.0, 1.0)], [1.0, 2.0]) is None  # singular
+
+
+def test_fit_errors_explain_what_is_missing() -> None:
+    with pytest.raises(ValueError, match="at least 3 samples"):
+        fit_profile(_samples(1, 1)[:4])
+    same = [ProfileSample("decode", 1, 1, (100,), 0.01)] * 5
+    with pytest.raises(ValueError, match="do not vary enough"):
+        fit_profile(same)
+    with pytest.raises(ValueError, match="seconds > 0"):
+        fit_profile([ProfileSample("decode", 1, 1, (100,), 0.0)])
+    with pytest.raises(ValueError, match="no samples"):
+        fit_profile([])
+
+
+def test_profile_file_round_trip(tmp_path: Path) -> None:
+    profile = fit_profile(_samples(1, 1), model="opt-13b", hardware="A100-80GB", dtype="fp16")
+    path = tmp_path / "profile.json"
+    save_profile(profile, path)
+    assert load_profile(path) == profile
+    (tmp_path / "bad.json").write_text('{"entries": 3}')
+    with pytest.raises(ValueError, match="not a calibration profile"):
+        load_profile(tmp_path / "bad.json")
+    with pytest.raises(ValueError, match="cannot read"):
+        load_profile(tmp_path / "missing.json")
+
+
+def test_calibrated_latency_uses_fit_and_falls_back() -> None:
+    only_decode = [s for s in _samples(1, 2) if s.phase == "decode"]
+    entry = fit_profile(only_decode).entries[0]
+    spec = _spec()
+    fallback = AnalyticLatency(spec.model, spec.hardware, spec.dtype, 1, 2)
+    lat = CalibratedLatency(entry, fallback)
+    assert lat.decode(10, 5000) == pytest.approx(0.008 + 50e-6 * 10 + 1.5e-6 * 5000)
+    assert lat.prefill(2, 600, 180000) == fallback.prefill(2, 600, 180000)
+
+
+def _spec(calibration: str | None = None):  # type: ignore[no-untyped-def]
+    data = {"model": "opt-13b", "hardware": "A100-80GB", "cluster": {"nodes": 1, "devices_per_node": 2},
+            "slo": {"ttft_ms": 500, "tpot_ms": 100},
+            "workload": {"input_len": 256, "output_len": 32}}
+    if calibration:
+        data["calibration"] = calibration
+    return problem_from_dict(data)
+
+
+def test_planner_reads_the_calibration_file(tmp_path: Path) -> None:
+    # A profile saying tp=1 prefill is 10x slower than the analytic model must lower its goodput.
+    analytic = _spec()
+    slow = AnalyticLatency(analytic.model, analytic.hardware, analytic.dtype, 1, 1)
+    samples = []
+    for n in range(1, 7):
+        lengths = tuple([128 * n] * n)
+        t = 10 * slow.prefill(len(lengths), sum(lengths), sum(x * x for x in lengths))[0]
+        samples.append(ProfileSample("prefill", 1, 1, lengths, t))
+    save_profile(fit_profile(samples), tmp_path / "p.json")
+    calibrated = _spec(str(tmp_path / "p.json"))
+    assert calibrated.calibration is not None
+    fast = Evaluator(analytic).phase_goodput("prefill", Shape(1, 1), False).rate
+    slowed = Evaluator(calibrated).phase_goodput("prefill", Shape(1, 1), False).rate
+    assert 0 < slowed < fast / 5
