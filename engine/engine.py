@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import random
 from pathlib import Path
+from typing import Callable
 
 import msgspec
 import torch
@@ -50,7 +51,10 @@ def context_limit(model: ModelConfig, requested: int | None) -> int:
 class Engine:
     """A model, its paged KV cache, a scheduler and the step loop."""
 
-    def __init__(self, model_dir: Path, config: EngineConfig = EngineConfig()) -> None:
+    def __init__(self, model_dir: Path, config: EngineConfig = EngineConfig(),
+                 kv_allocator: Callable[[tuple[int, ...], torch.dtype], torch.Tensor] | None = None) -> None:
+        """``kv_allocator(shape, dtype)`` returns the zero-filled KV cache, e.g. in shared memory
+        a same-node transport maps from other processes; default: ``torch.zeros`` on the device."""
         model_dir = Path(model_dir)
         if not model_dir.is_dir():
             raise FileNotFoundError(f"model directory {model_dir} does not exist")
@@ -62,8 +66,11 @@ class Engine:
         self.blocks = BlockManager(num_blocks, config.block_size)
         self.max_model_len = context_limit(self.model_config, config.max_model_len)
         model = build_model(self.model_config, model_dir, self.dtype, config.device, self.max_model_len)
-        kv_cache = torch.zeros(kv_cache_shape(self.model_config, num_blocks, config.block_size),
-                               dtype=self.dtype, device=config.device)
+        shape = kv_cache_shape(self.model_config, num_blocks, config.block_size)
+        if kv_allocator is None:
+            kv_cache = torch.zeros(shape, dtype=self.dtype, device=config.device)
+        else:
+            kv_cache = kv_allocator(tuple(shape), self.dtype)
         self.runner = ModelRunner(model, kv_cache, self.blocks)
         self.scheduler = Scheduler(config.scheduler, self.blocks)
         self._ids = itertools.count()
@@ -137,6 +144,8 @@ class Engine:
         plan = self.scheduler.schedule()
         if plan is None:
             return None, []
+        if not plan.seqs:  # every request was preempted (blocks held elsewhere): nothing to run
+            return plan, []
         logits = self.runner.run(plan)
         tokens, logprobs = sample(logits, list(plan.seqs))
         return plan, [
@@ -151,7 +160,7 @@ class Engine:
             seq.logprobs.append(logprob)
         text = detokenize_step(self.tokenizer, seq.token_ids, seq.detok) if self.tokenizer else ""
         reason = finish_reason(seq, token, self.model_config.eos_token_ids, self.max_model_len)
-        text, stopped = append_text(seq, text)
+        text, stopped = append_text(seq, text, final=reason is not None)
         reason = "stop" if stopped else reason
         if reason is not None:
             seq.finish_reason = reason

@@ -14,23 +14,24 @@ def finish_reason(seq: Sequence, token: int, eos_ids: tuple[int, ...], max_model
     return None
 
 
-def append_text(seq: Sequence, new_text: str) -> tuple[str, bool]:
+def append_text(seq: Sequence, new_text: str, final: bool = False) -> tuple[str, bool]:
     """Append detokenized text; cut it before the first stop string, if one completed.
 
-    Returns the text actually added and whether a stop string ended the request. Only the tail that
-    could contain a new match is searched, so the cost per token stays constant.
+    Returns the text to emit now and whether a stop string ended the request. With stop strings,
+    the last ``len(longest) - 1`` characters are held back until the request finishes (`final`, or
+    a stop string completes): they may still turn out to begin a stop string, and a client that
+    concatenates deltas must never see part of one. What was emitted before is therefore always
+    ``seq.text[:len(seq.text) - hold]``, so no extra state is needed (and it survives migration).
+    Only the tail that could contain a new match is searched, so the cost per token stays constant.
     """
-    if not new_text:
-        return "", False
-    before = len(seq.text)
+    hold = max(len(s) for s in seq.params.stop) - 1 if seq.params.stop else 0
+    emitted = max(0, len(seq.text) - hold)
     seq.text += new_text
-    if not seq.params.stop:
-        return new_text, False
-    longest = max(len(s) for s in seq.params.stop)
-    search_from = max(0, before - longest + 1)
-    hits = [i for i in (seq.text.find(s, search_from) for s in seq.params.stop) if i >= 0]
-    if not hits:
-        return new_text, False
-    cut = min(hits)
-    seq.text = seq.text[:cut]
-    return seq.text[before:], True
+    stopped = False
+    if new_text and seq.params.stop:
+        hits = [i for i in (seq.text.find(s, emitted) for s in seq.params.stop) if i >= 0]
+        if hits:
+            seq.text = seq.text[:min(hits)]
+            stopped = True
+    end = len(seq.text) if final or stopped else max(emitted, len(seq.text) - hold)
+    return seq.text[emitted:end], stopped
