@@ -13,6 +13,7 @@ COMMAND_MODULES = (
     "deploy.cmd_models",
     "deploy.cmd_placement",
     "deploy.cmd_serve",
+    "deploy.cmd_profile",
     "deploy.cmd_demo",
 )
 

@@ -1,0 +1,84 @@
+"""`tandem profile SPEC`: time the real engine over a grid of batch shapes, fit the planner's latency
+forms (placement/calibrate.py) and write the calibration file `tandem plan` reads."""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+PREFILL_GRID = ((1, 32), (1, 128), (1, 512), (1, 1024), (4, 64), (4, 256), (8, 128), (16, 64), (2, 768))
+DECODE_GRID = ((1, 64), (1, 512), (4, 128), (8, 256), (16, 128), (32, 64), (32, 384), (64, 128))
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("profile", help="time the engine and write a calibrated latency profile")
+    p.add_argument("spec", help="cluster spec (its model, dtype and decode instance settings are used)")
+    p.add_argument("--out", required=True, help="calibration JSON to write")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (match the instances)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.set_defaults(func=_profile)
+
+
+def _profile(args: argparse.Namespace) -> int:
+    import torch
+
+    from cluster.deployment import model_directory
+    from deploy.cmd_serve import load_spec_or_fail
+    from engine.engine import Engine, EngineConfig
+    from placement.calibrate import fit_profile, save_profile
+
+    spec = load_spec_or_fail(args.spec)
+    torch.set_num_threads(args.threads)
+    engine = Engine(model_directory(spec), EngineConfig(dtype=spec.model.dtype, num_blocks=8192))
+    samples = [*prefill_samples(engine, args.repeats), *decode_samples(engine, args.repeats)]
+    profile = fit_profile(samples, model=spec.model.name or spec.model.path or "",
+                          hardware=f"cpu x{args.threads} threads", dtype=str(engine.dtype))
+    save_profile(profile, Path(args.out))
+    entry = profile.entries[0]
+    print(f"wrote {args.out}: {len(samples)} samples; prefill rms {1000 * entry.prefill.rms:.1f} ms, "
+          f"decode rms {1000 * entry.decode.rms:.1f} ms")
+    return 0
+
+
+def _timed(engine, lengths: list[int], decode: bool, repeats: int) -> tuple[list[int], float]:
+    """Median seconds of one prefill (or one decode step) over `lengths` requests (as run)."""
+    from engine.params import SamplingParams
+
+    vocab = engine.model_config.vocab_size
+    lengths = [min(n, engine.max_model_len - 8) for n in lengths]  # small models: short contexts
+    times = []
+    for r in range(repeats):
+        params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+        ids = [engine.add_request([(7 * i + 13 * r + j) % (vocab - 10) + 5 for j in range(n)], params)
+               for i, n in enumerate(lengths)]
+        while decode and engine.scheduler.waiting:
+            engine.step()  # the prefill, in as many steps as the token budget needs
+        start = time.perf_counter()
+        engine.step()
+        times.append(time.perf_counter() - start)
+        for rid in ids:
+            engine.abort(rid)
+    return lengths, statistics.median(times)
+
+
+def prefill_samples(engine, repeats: int):
+    from placement.calibrate import ProfileSample
+
+    out = []
+    for batch, length in PREFILL_GRID:
+        lengths, seconds = _timed(engine, [length] * batch, False, repeats)
+        out.append(ProfileSample("prefill", 1, 1, tuple(lengths), seconds))
+    return out
+
+
+def decode_samples(engine, repeats: int):
+    from placement.calibrate import ProfileSample
+
+    out = []
+    for batch, context in DECODE_GRID:
+        lengths, seconds = _timed(engine, [context] * batch, True, repeats)
+        # The decode step runs with one more token of context than each prompt.
+        out.append(ProfileSample("decode", 1, 1, tuple(n + 1 for n in lengths), seconds))
+    return out
+
