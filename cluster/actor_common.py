@@ -1,21 +1,50 @@
-"""Pieces every instance actor shares: thread limits, the engine, awaiting the step loop."""
+"""Pieces every instance actor shares: thread limits, the engine, awaiting the step loop, and the
+source side of transports that ask the source for something (auto across nodes, nccl)."""
 from __future__ import annotations
 
 import asyncio
 import os
 from concurrent.futures import Future
 from pathlib import Path
+from typing import Any, Sequence
 
 from engine.engine import Engine, EngineConfig
+from transfer.base import Transport
 
 
-def build_engine(model_dir: str, config: EngineConfig, num_threads: int) -> Engine:
+def build_engine(model_dir: str, config: EngineConfig, num_threads: int,
+                 transports: Sequence[Transport] = ()) -> Engine:
+    """The instance's engine, its KV cache allocated by the first transport that allocates caches
+    (shared memory for shm/auto) when the cache lives on the CPU."""
     # Several actors share the host's cores: spinning OpenMP threads would starve each other.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     import torch
 
     torch.set_num_threads(max(1, num_threads))
-    return Engine(Path(model_dir), config)
+    allocators = [t.allocate for t in transports if hasattr(t, "allocate")]
+    allocator = allocators[0] if allocators and config.device == "cpu" else None
+    try:
+        return Engine(Path(model_dir), config, kv_allocator=allocator)
+    except BaseException:
+        close_transports(transports)  # e.g. unlink a shared-memory pool nobody will use
+        raise
+
+
+async def serve_transfer(transports: dict[str, Transport], name: str, op: str, args: tuple) -> Any:
+    """Run a peer's request ``serve_<op>(*args)`` on this instance's ``name`` transport, off the
+    event loop (it may pack KV or wait on NCCL)."""
+    method = getattr(transports.get(name), f"serve_{op}", None)
+    if method is None:
+        raise ValueError(f"this instance has no {name!r} transport serving {op!r}")
+    return await asyncio.to_thread(method, *args)
+
+
+def close_transports(transports: Sequence[Transport]) -> None:
+    """Release what transports hold outside the process (shm pools, NCCL communicators)."""
+    for transport in transports:
+        close = getattr(transport, "close", None)
+        if close is not None:
+            close()
 
 
 async def on_loop(future: Future, timeout_s: float = 60.0):

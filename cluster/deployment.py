@@ -44,7 +44,9 @@ def launch_config(spec: ClusterSpec, model_dir: str) -> LaunchConfig:
     if spec.needs_planning:
         raise SpecError("placement", "auto placement must be planned first (`tandem plan SPEC`)")
     dtype = spec.model.dtype
-    backend = "ray" if spec.transfer.backend == "auto" else spec.transfer.backend
+    backend = spec.transfer.backend
+    if backend == "nccl":
+        _check_nccl_here()
     common = dict(name=spec.name, model_dir=model_dir, transfer_backend=backend,
                   transfer_timeout_s=spec.transfer.timeout_s,
                   prefill_policy=spec.router.prefill_policy, decode_policy=spec.router.decode_policy)
@@ -52,3 +54,12 @@ def launch_config(spec: ClusterSpec, model_dir: str) -> LaunchConfig:
         return LaunchConfig(mode="colocated", decode=_group("instances", spec.instances, dtype), **common)
     return LaunchConfig(mode="disaggregated", prefill=_group("prefill", spec.prefill, dtype),
                         decode=_group("decode", spec.decode, dtype), **common)
+
+
+def _check_nccl_here() -> None:
+    # parse_spec cannot know where a spec will run; launching it is the first point that does.
+    from transfer.nccl_runtime import UNAVAILABLE, unavailable_reason
+
+    reason = unavailable_reason()
+    if reason is not None:
+        raise SpecError("transfer.backend", f"{UNAVAILABLE}: {reason}")

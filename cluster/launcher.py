@@ -100,7 +100,12 @@ class Cluster:
     def stats(self) -> dict:
         return ray.get(self.router.stats.remote(), timeout=60)
 
-    def shutdown(self) -> None:
+    def shutdown(self, grace_s: float = 10.0) -> None:
+        # Ask instances to stop first: killed processes cannot release what lives outside them
+        # (shared-memory KV pools, NCCL communicators). Then kill everything, stuck or not.
+        stopping = [handle.shutdown.remote() for handle in self.actors.values()]
+        if stopping:
+            ray.wait(stopping, num_returns=len(stopping), timeout=grace_s)
         for handle in [*self.actors.values(), self.router]:
             ray.kill(handle, no_restart=True)
         for pg in self.groups:
@@ -113,6 +118,7 @@ def shutdown_by_name(name: str) -> list[str]:
     """Stop a (detached) cluster started elsewhere; returns the actors it stopped."""
     client = connect(name)
     names = list(client.stats()["instances"])
+    _stop_gracefully(names)
     stopped = []
     for actor_name in [*names, f"{name}-router"]:
         try:
@@ -126,6 +132,18 @@ def shutdown_by_name(name: str) -> list[str]:
         except ValueError:
             pass
     return stopped
+
+
+def _stop_gracefully(actor_names: list[str], grace_s: float = 10.0) -> None:
+    """Let named instances release shared memory before they are killed (best effort)."""
+    stopping = []
+    for actor_name in actor_names:
+        try:
+            stopping.append(ray.get_actor(actor_name, namespace=NAMESPACE).shutdown.remote())
+        except ValueError:  # already gone
+            pass
+    if stopping:
+        ray.wait(stopping, num_returns=len(stopping), timeout=grace_s)
 
 
 def connect(name: str, timeout_s: float = 600.0) -> Client:

@@ -115,12 +115,14 @@ def _check_block_sizes(spec: ClusterSpec) -> None:
 
 
 def _check_backend(spec: ClusterSpec) -> None:
-    if spec.transfer.backend != "nccl":
+    # nccl moves device memory, shm maps host memory: each needs its device on both sides.
+    needs = {"nccl": "cuda", "shm": "cpu"}.get(spec.transfer.backend)
+    if needs is None:
         return
     for where, section in spec.sections.items():
-        if section.device != "cuda":
-            raise SpecError("transfer.backend",
-                            f"nccl needs device cuda ({where}.device is {section.device})")
+        if section.device != needs:
+            raise SpecError("transfer.backend", f"{spec.transfer.backend} needs device {needs} "
+                                                f"({where}.device is {section.device})")
 
 
 # --- model-aware checks ----------------------------------------------------------------------

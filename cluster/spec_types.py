@@ -77,7 +77,8 @@ class InstanceSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 class TransferSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """How KV caches move between instances (prefill -> decode, and decode -> decode migration).
-    ``auto`` picks nccl between GPUs and the Ray object store otherwise."""
+    ``auto``: shared memory between CPU instances on one node, the Ray object store across nodes
+    and for GPU caches (choose ``nccl`` explicitly for GPU-to-GPU transfers)."""
 
     backend: Backend = "auto"
     timeout_s: float = 30.0

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import ray
 
-from cluster.actor_common import build_engine, on_loop
+from cluster.actor_common import build_engine, close_transports, on_loop, serve_transfer
 from decode.instance import DecodeInstance, StepReport
 from engine.engine import EngineConfig
 from engine.loop import StepLoop
@@ -19,12 +19,13 @@ class DecodeActor:
                  transfer_timeout_s: float = 30.0) -> None:
         self.instance_id = instance_id
         self.router = router
-        engine = build_engine(model_dir, config, num_threads)
-        by_name = {}
+        # Transports first: one of them may allocate the KV cache (shared memory for shm/auto).
+        self.transports = {}
         for name in transports:
             transport = make_transport(name)
-            by_name[transport.name] = transport
-        self.instance = DecodeInstance(engine, by_name, transfer_timeout_s)
+            self.transports[transport.name] = transport
+        engine = build_engine(model_dir, config, num_threads, list(self.transports.values()))
+        self.instance = DecodeInstance(engine, self.transports, transfer_timeout_s)
         self.loop = StepLoop(self.instance, self._publish)
 
     def _publish(self, report: StepReport) -> None:
@@ -47,5 +48,10 @@ class DecodeActor:
         """Stop (or resume) taking model steps at the next step boundary; calls keep working."""
         await on_loop(self.loop.call(lambda: setattr(self.loop, "paused", paused)))
 
+    async def kv_source(self, transport: str, op: str, *args):
+        """A destination's request to this instance's transport as a source (live migration)."""
+        return await serve_transfer(self.transports, transport, op, args)
+
     async def shutdown(self) -> None:
         self.loop.stop()
+        close_transports(list(self.transports.values()))

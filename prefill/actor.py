@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import ray
 
-from cluster.actor_common import build_engine, on_loop
+from cluster.actor_common import build_engine, close_transports, on_loop, serve_transfer
 from engine.engine import EngineConfig
 from engine.loop import StepLoop
 from engine.params import SamplingParams
@@ -17,8 +17,9 @@ class PrefillActor:
                  transport: str = "ray", num_threads: int = 1, hold_timeout_s: float = 60.0) -> None:
         self.instance_id = instance_id
         self.router = router
-        engine = build_engine(model_dir, config, num_threads)
-        self.instance = PrefillInstance(engine, make_transport(transport), hold_timeout_s)
+        self.transport = make_transport(transport)  # first: it may allocate the KV cache
+        engine = build_engine(model_dir, config, num_threads, [self.transport])
+        self.instance = PrefillInstance(engine, self.transport, hold_timeout_s)
         self.loop = StepLoop(self.instance, self._publish, housekeeping=self.instance.reclaim_expired)
 
     def _publish(self, results) -> None:
@@ -41,5 +42,10 @@ class PrefillActor:
         """Stop (or resume) taking model steps at the next step boundary; calls keep working."""
         await on_loop(self.loop.call(lambda: setattr(self.loop, "paused", paused)))
 
+    async def kv_source(self, transport: str, op: str, *args):
+        """A destination's request to this source's transport (auto: cross-node export; nccl)."""
+        return await serve_transfer({self.transport.name: self.transport}, transport, op, args)
+
     async def shutdown(self) -> None:
         self.loop.stop()
+        close_transports([self.transport])

@@ -3,7 +3,14 @@
 Protocol, source side: ``export`` the request's blocks into a ``KVHandle`` while the source keeps
 the blocks; ``release`` the handle once the destination acked (or gave up).
 Destination side: ``fetch`` copies the handle's blocks into blocks it reserved, or raises
-``TransferError`` (including on timeout) leaving the destination to free its reservation.
+``TransferError`` (including on timeout, a dead source, or an export released meanwhile) leaving
+the destination to free its reservation. Every wait inside ``fetch`` is bounded by ``timeout_s``.
+
+Optional parts, found with ``getattr`` by the instance actors: ``allocate(shape, dtype)`` makes
+the instance's KV cache (shm, auto: in shared memory); ``serve_<op>(*args)`` runs on the source
+when a destination asks through the actor's ``kv_source(name, op, *args)`` (auto: an object-store
+export for another node; nccl: connect, send); ``close()`` releases what outlives the process
+(shared-memory files, NCCL communicators) when the instance shuts down.
 """
 from __future__ import annotations
 

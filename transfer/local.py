@@ -5,10 +5,13 @@ from __future__ import annotations
 import torch
 
 from transfer.base import TransferError, check_layout, gather_blocks, layout_of, scatter_blocks
+from transfer.blockcopy import copy_blocks, raw_numpy
 from transfer.messages import KVHandle
 
 
 class LocalTransport:
+    """Source and destination in one process: one copy, source cache to destination cache."""
+
     name = "local"
 
     def __init__(self) -> None:
@@ -25,7 +28,16 @@ class LocalTransport:
         if handle.request_id not in self._exports:
             raise TransferError(f"request {handle.request_id}: KV was released before the fetch")
         source, source_ids = self._exports[handle.request_id]
-        scatter_blocks(kv_cache, block_ids, gather_blocks(source, source_ids))
+        if len(source_ids) != len(block_ids):
+            raise TransferError(f"request {handle.request_id}: {len(source_ids)} blocks exported, "
+                                f"{len(block_ids)} reserved")
+        try:
+            if source.device.type == kv_cache.device.type == "cpu":
+                copy_blocks(raw_numpy(source), source_ids, raw_numpy(kv_cache), block_ids)
+            else:
+                scatter_blocks(kv_cache, block_ids, gather_blocks(source, source_ids))
+        except ValueError as exc:
+            raise TransferError(f"request {handle.request_id}: {exc}") from exc
 
     def release(self, handle: KVHandle) -> None:
         self._exports.pop(handle.request_id, None)

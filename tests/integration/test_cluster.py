@@ -20,7 +20,7 @@ def _engine(num_blocks: int, **scheduler) -> EngineConfig:
 
 
 def _launch(name, model_dir, *, mode="disaggregated", prefill=2, decode=2, prefill_blocks=64,
-            decode_blocks=64, **scheduler):
+            decode_blocks=64, transfer_backend="ray", **scheduler):
     from cluster.launcher import Cluster
     from cluster.launcher_config import InstanceGroup, LaunchConfig
 
@@ -29,8 +29,16 @@ def _launch(name, model_dir, *, mode="disaggregated", prefill=2, decode=2, prefi
     config = LaunchConfig(
         name=name, model_dir=str(model_dir), mode=mode,
         prefill=group(prefill, prefill_blocks) if mode == "disaggregated" else None,
-        decode=group(decode, decode_blocks))
+        decode=group(decode, decode_blocks), transfer_backend=transfer_backend)
     return Cluster.launch(config, timeout_s=120)
+
+
+def node_pools(ray) -> set[str]:
+    """Shared-memory KV pools of this Ray node's processes."""
+    from transfer.shm_pool import PREFIX, SHM_DIR, pool_tag
+
+    prefix = f"{PREFIX}-{pool_tag(ray.get_runtime_context().get_node_id())}-"
+    return {p.name for p in SHM_DIR.iterdir() if p.name.startswith(prefix)}
 
 
 @pytest.fixture(scope="module")
@@ -84,6 +92,25 @@ def test_concurrent_streams_match_in_process_engine(request, which, workload, re
         assert tokens == ref.token_ids
         assert last.finish_reason == "length" and last.metrics["ttft"] > 0
     assert_all_blocks_free(cluster)
+
+
+@pytest.mark.parametrize("backend", ["shm", "auto"])
+def test_outputs_are_identical_under_each_backend(ray_cluster, tiny_llama_dir, backend, workload,
+                                                  reference):
+    # The `disagg` cluster covers backend "ray".
+    before = node_pools(ray_cluster)
+    cluster = _launch(f"xfer-{backend}", tiny_llama_dir, prefill=1, decode=1,
+                      transfer_backend=backend)
+    try:
+        pools = node_pools(ray_cluster) - before
+        assert len(pools) == 2  # both instances' caches live in shared memory
+        prompts, params = workload
+        results = asyncio.run(_stream_all(cluster.client(timeout_s=120), prompts, params))
+        assert [tokens for tokens, _, _ in results] == [ref.token_ids for ref in reference]
+        assert_all_blocks_free(cluster)
+    finally:
+        cluster.shutdown()
+    assert not pools & node_pools(ray_cluster)  # unlinked when the instances shut down
 
 
 def test_generate_batch_and_metrics(disagg, workload, reference):

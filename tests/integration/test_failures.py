@@ -1,11 +1,14 @@
 """Dead actors: no hang, a clear error for the requests they held, nothing leaked on survivors."""
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from engine import SamplingParams
 from tests.integration.conftest import all_blocks_free, wait_until
-from tests.integration.test_cluster import _launch, _pause
+from tests.integration.test_cluster import _launch, _pause, node_pools
+from transfer.shm_pool import SHM_DIR, pool_tag, sweep_orphans
 
 
 def _survivors_free(cluster) -> bool:
@@ -16,8 +19,9 @@ def _survivors_free(cluster) -> bool:
 
 @pytest.fixture
 def fresh(ray_cluster, tiny_llama_dir, request):
-    cluster = _launch(f"fail-{request.node.name[-12:].strip('[]_')}".lower().replace("_", "-"),
-                      tiny_llama_dir)
+    """A new cluster; its transfer backend is the test's indirect parameter ("ray" if none)."""
+    name = re.sub(r"[^a-z0-9-]+", "-", request.node.name[-14:].lower()).strip("-")
+    cluster = _launch(f"fail-{name}", tiny_llama_dir, transfer_backend=getattr(request, "param", "ray"))
     yield cluster
     cluster.shutdown()
 
@@ -66,8 +70,11 @@ def test_prefill_dies_with_queued_requests(fresh):
     wait_until(lambda: _survivors_free(fresh))
 
 
+@pytest.mark.parametrize("fresh", ["ray", "auto"], indirect=True)
 def test_prefill_source_dies_during_transfer(fresh):
     import ray
+
+    pools_before = node_pools(ray)
 
     client = fresh.client(timeout_s=60)
     _pause(fresh, "decode", True)
@@ -87,3 +94,11 @@ def test_prefill_source_dies_during_transfer(fresh):
     ok = client.generate([6] * 10, SamplingParams(max_tokens=4, temperature=0))
     assert ok.finish_reason == "length"
     wait_until(lambda: _survivors_free(fresh))
+    if fresh.config.transfer_backend == "auto":  # SIGKILL left the source's pool behind
+        swept: list[str] = []
+        wait_until(lambda: swept.extend(sweep_orphans(SHM_DIR, _tag(ray))) or swept)
+        assert len(swept) == 1 and set(swept) == pools_before - node_pools(ray)  # the source's
+
+
+def _tag(ray) -> str:
+    return pool_tag(ray.get_runtime_context().get_node_id())

@@ -1,0 +1,130 @@
+"""``auto`` transport: shared memory between instances on one node, the Ray object store across nodes.
+
+The source exports through shm (bookkeeping only, no copy) and records its Ray node and its own
+actor handle in the handle. A destination on the same node fetches through shm: one copy. A
+destination on another node cannot map the pool, so it asks the source actor for an object-store
+export of that request (``kv_source("auto", "export", request_id)``, served by ``serve_export``)
+and fetches that. The object-store export is made lazily, only when asked, so same-node transfers
+never pay its two copies; it lives exactly as long as the shm export (``release`` drops both).
+
+A source whose cache is not in shared memory (a CUDA cache, or an engine built without the
+allocator) exports through the object store right away; any destination can fetch that.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import msgspec
+import ray
+import torch
+
+from transfer.base import TransferError
+from transfer.messages import KVHandle
+from transfer.ray_transport import RayObjectTransport
+from transfer.shm import ShmTransport
+
+
+class AutoRef(msgspec.Struct, frozen=True):
+    """Payload of an auto handle: exactly one of ``shm`` (lazy ray fallback) or ``ray`` is set."""
+
+    shm: KVHandle | None = None
+    ray: KVHandle | None = None
+    source: Any = None  # the source's actor handle, asked for an object-store export across nodes
+
+
+class AutoTransport:
+    """shm on the same node, the object store otherwise (see the module docstring)."""
+
+    name = "auto"
+
+    def __init__(self, node_id: str, source_actor: Any = None, shm: ShmTransport | None = None,
+                 ray_transport: RayObjectTransport | None = None) -> None:
+        self.node_id = node_id
+        self.source_actor = source_actor
+        self.shm = shm if shm is not None else ShmTransport(node_id)
+        self.ray = ray_transport if ray_transport is not None else RayObjectTransport()
+        # export/release run on the step thread, serve_export on the actor's: one lock for both.
+        self._lock = threading.Lock()
+        self._held: dict[str, tuple[torch.Tensor, list[int], int]] = {}  # shm exports, by request
+        self._remote: dict[str, KVHandle] = {}  # object-store exports made for other nodes
+        self.remote_exports = 0  # how many cross-node fallbacks this source served
+
+    def allocate(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        return self.shm.allocate(shape, dtype)
+
+    # -- source side ---------------------------------------------------------------------------
+
+    def export(self, kv_cache: torch.Tensor, request_id: str, block_ids: list[int],
+               num_tokens: int) -> KVHandle:
+        with self._lock:
+            if self.shm.owns(kv_cache):
+                inner = self.shm.export(kv_cache, request_id, block_ids, num_tokens)
+                self._held[request_id] = (kv_cache, list(block_ids), num_tokens)
+                ref = AutoRef(shm=inner, source=self.source_actor)
+            else:
+                inner = self.ray.export(kv_cache, request_id, block_ids, num_tokens)
+                ref = AutoRef(ray=inner)
+        return KVHandle(self.name, request_id, num_tokens, len(block_ids), inner.layout,
+                        payload=ref, node_id=self.node_id)
+
+    def serve_export(self, request_id: str) -> KVHandle:
+        """An object-store export of a held request, for a destination on another node."""
+        with self._lock:  # release waits: the blocks cannot be freed while they are packed
+            if request_id in self._remote:
+                return self._remote[request_id]
+            if request_id not in self._held:
+                raise TransferError(f"request {request_id}: KV was released before the fetch")
+            kv_cache, block_ids, num_tokens = self._held[request_id]
+            handle = self.ray.export(kv_cache, request_id, block_ids, num_tokens)
+            self._remote[request_id] = handle
+            self.remote_exports += 1
+            return handle
+
+    def release(self, handle: KVHandle) -> None:
+        ref: AutoRef = handle.payload
+        with self._lock:
+            if ref.shm is not None:
+                self._held.pop(handle.request_id, None)
+                self.shm.release(ref.shm)
+                remote = self._remote.pop(handle.request_id, None)
+                if remote is not None:
+                    self.ray.release(remote)
+            if ref.ray is not None:
+                self.ray.release(ref.ray)
+
+    # -- destination side ----------------------------------------------------------------------
+
+    def fetch(self, handle: KVHandle, kv_cache: torch.Tensor, block_ids: list[int],
+              timeout_s: float) -> None:
+        ref: AutoRef = handle.payload
+        if ref.ray is not None:
+            self.ray.fetch(ref.ray, kv_cache, block_ids, timeout_s)
+        elif handle.node_id == self.node_id and kv_cache.device.type == "cpu":
+            self.shm.fetch(ref.shm, kv_cache, block_ids, timeout_s)
+        else:
+            start = time.monotonic()
+            remote = self._ask_source(handle, timeout_s)
+            remaining = max(0.0, timeout_s - (time.monotonic() - start))
+            self.ray.fetch(remote, kv_cache, block_ids, remaining)
+
+    def _ask_source(self, handle: KVHandle, timeout_s: float) -> KVHandle:
+        rid, source = handle.request_id, handle.payload.source
+        if source is None:
+            raise TransferError(f"request {rid}: KV is in shared memory on node {handle.node_id}, "
+                                f"this instance is on node {self.node_id}, and no source actor "
+                                "was named to export it through the object store")
+        call = source.kv_source.remote(self.name, "export", rid)
+        try:
+            return ray.get(call, timeout=timeout_s)
+        except ray.exceptions.GetTimeoutError as exc:  # the late export is dropped on release
+            raise TransferError(f"request {rid}: the source did not export the KV for another node "
+                                f"within {timeout_s}s") from exc
+        except ray.exceptions.RayError as exc:
+            cause = getattr(exc, "cause", None) or exc  # a task error wraps the source's exception
+            raise TransferError(f"request {rid}: the source could not export the KV for another "
+                                f"node ({type(cause).__name__}: {cause})") from exc
+
+    def close(self) -> None:
+        self.shm.close()
