@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -39,6 +40,17 @@ def ray_head(tmp_path_factory):
         subprocess.run([ray, "stop", "--force"], env=env, timeout=120, capture_output=True)
 
 
+def _submit(cmd: list[str], env: dict, attempts: int = 12) -> subprocess.CompletedProcess:
+    """Submit, retrying (bounded) while the head's job agent is still starting: right after
+    `ray start` the job server answers "No available agent to submit job" for a few seconds."""
+    for _ in range(attempts):
+        done = subprocess.run(cmd, env=env, timeout=300, capture_output=True, text=True)
+        if done.returncode == 0 or "No available agent" not in done.stdout + done.stderr:
+            return done
+        time.sleep(5)
+    return done
+
+
 def test_job_submit_runs_a_spec_end_to_end(ray_head, tiny_llama_dir, tmp_path):
     spec = tmp_path / "job.yaml"
     spec.write_text(textwrap.dedent(f"""\
@@ -54,7 +66,7 @@ def test_job_submit_runs_a_spec_end_to_end(ray_head, tiny_llama_dir, tmp_path):
     cmd = [ray_head["ray"], "job", "submit", "--address", ray_head["dashboard"],
            "--working-dir", str(REPO), "--", "python", "-m", "deploy.job", str(spec),
            "--prompts", str(prompts), "--out", str(out)]
-    done = subprocess.run(cmd, env=ray_head["env"], timeout=300, capture_output=True, text=True)
+    done = _submit(cmd, ray_head["env"])
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "wrote 2 completions" in done.stdout
     rows = [json.loads(line) for line in out.read_text().splitlines()]
