@@ -164,11 +164,15 @@ def test_abort_while_decoding_frees_everything(disagg):
 
 def test_abort_right_after_submit_frees_everything(disagg):
     client = disagg.client()
-    params = SamplingParams(max_tokens=50, temperature=0, ignore_eos=True)
+    params = SamplingParams(max_tokens=400, temperature=0, ignore_eos=True)
     rids = [client.submit([9] * 60, params) for _ in range(12)]
-    for rid in rids:  # most are queued or being prefilled; some may have moved on
-        client.abort(rid)
-    assert all(client.result(rid).finish_reason == "abort" for rid in rids)
+    # Most are queued or being prefilled; on a loaded machine one may even have finished first,
+    # in which case abort() says so and its result must be complete.
+    aborted = {rid: client.abort(rid) for rid in rids}
+    assert sum(aborted.values()) >= len(rids) // 2
+    for rid in rids:
+        out = client.result(rid)
+        assert (out.finish_reason, len(out.token_ids) < 400) == (("abort", True) if aborted[rid] else ("length", False))
     assert_all_blocks_free(disagg)
 
 

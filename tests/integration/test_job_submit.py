@@ -31,8 +31,14 @@ def ray_head(tmp_path_factory):
     env.pop("RAY_ADDRESS", None)
     port, dash = _free_port(), _free_port()
     ray = str(bindir / "ray")
+    # Every port free, not Ray's defaults: another Ray on this host (a test cluster, a colleague's)
+    # holding the agent's default port 52365 leaves the head without a job agent.
+    agent_ports = [f"--dashboard-agent-listen-port={_free_port()}",
+                   f"--dashboard-agent-grpc-port={_free_port()}",
+                   f"--runtime-env-agent-port={_free_port()}", f"--metrics-export-port={_free_port()}"]
     start = [ray, "start", "--head", "--num-cpus=4", "--disable-usage-stats", f"--port={port}",
-             "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--temp-dir={temp}"]
+             "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--temp-dir={temp}",
+             *agent_ports]
     subprocess.run(start, env=env, check=True, timeout=120, capture_output=True)
     try:
         yield {"env": env, "dashboard": f"http://127.0.0.1:{dash}", "ray": ray}
