@@ -42,7 +42,9 @@ def model_directory(spec: ClusterSpec):
 
 def launch_config(spec: ClusterSpec, model_dir: str) -> LaunchConfig:
     if spec.needs_planning:
-        raise SpecError("placement", "auto placement must be planned first (`tandem plan SPEC`)")
+        # Planning needs the cluster's size, which only the launcher (with Ray) knows.
+        raise SpecError("placement", "auto placement must be planned first (Cluster.from_spec "
+                                     "plans it; `tandem plan SPEC --write-spec OUT` writes the plan)")
     dtype = spec.model.dtype
     backend = spec.transfer.backend
     if backend == "nccl":

@@ -6,6 +6,8 @@ that is too small fails fast with a message saying what could not be reserved.
 """
 from __future__ import annotations
 
+import logging
+
 import msgspec
 import ray
 from ray.util.placement_group import placement_group, remove_placement_group
@@ -20,6 +22,8 @@ from prefill.actor import PrefillActor
 
 NAMESPACE = "tandem"
 
+log = logging.getLogger(__name__)
+
 
 class LaunchError(RuntimeError):
     """The cluster could not be started; nothing it started is left running."""
@@ -30,6 +34,7 @@ class Cluster:
 
     def __init__(self, config: LaunchConfig, router, actors: dict, groups: list) -> None:
         self.config, self.router, self.actors, self.groups = config, router, actors, groups
+        self.planned = None  # the PlannedSpec when from_spec planned an auto spec
 
     @classmethod
     def launch(cls, config: LaunchConfig, *, detach: bool = False, timeout_s: float = 300.0) -> "Cluster":
@@ -88,11 +93,17 @@ class Cluster:
 
     @classmethod
     def from_spec(cls, spec, *, detach: bool = False, timeout_s: float = 300.0) -> "Cluster":
-        """Launch a validated ClusterSpec (see cluster/spec.py)."""
+        """Launch a validated ClusterSpec (see cluster/spec.py). An auto spec is planned first,
+        against this Ray cluster's size (``plan_on_ray``); no actor starts if that fails."""
         from cluster.deployment import launch_config, model_directory
 
-        return cls.launch(launch_config(spec, str(model_directory(spec))), detach=detach,
-                          timeout_s=timeout_s)
+        planned = plan_on_ray(spec) if spec.needs_planning else None
+        if planned is not None:
+            spec = planned.spec
+        cluster = cls.launch(launch_config(spec, str(model_directory(spec))), detach=detach,
+                             timeout_s=timeout_s)
+        cluster.planned = planned
+        return cluster
 
     def client(self, timeout_s: float = 600.0) -> Client:
         return Client(self.router, timeout_s)
@@ -112,6 +123,20 @@ class Cluster:
             remove_placement_group(pg)
         self.actors.clear()
         self.groups.clear()
+
+
+def plan_on_ray(spec):
+    """Plan an auto ClusterSpec for the connected Ray cluster (unless ``planning.cluster`` says
+    otherwise): a PlannedSpec whose ``spec`` is explicit. Logs the plan in one line; SpecError
+    (naming the field, or ``placement`` with the planner's reason) when nothing can serve it."""
+    from cluster.autoplace import cluster_from_nodes, needs_cluster_size, plan_spec, summary
+
+    size = None
+    if needs_cluster_size(spec):
+        size = cluster_from_nodes(spec, [n["Resources"] for n in ray.nodes() if n.get("Alive")])
+    planned = plan_spec(spec, size)
+    log.info("%s", summary(spec.name, planned.result))
+    return planned
 
 
 def shutdown_by_name(name: str) -> list[str]:

@@ -7,7 +7,9 @@ Validation runs in three passes, each with errors that start with the dotted fie
    error can list what was expected);
 2. types: ``msgspec.convert(strict=True)``, its messages translated to dotted paths;
 3. meaning: ranges, exclusive options, mode/section layout, backend/device, and tp/pp against the
-   model's config.json when it is present on this machine (``spec.model_check`` records whether).
+   model's config.json when it is present on this machine (``spec.model_check`` records whether);
+   under ``placement: auto`` with the model present, ``planning:`` is built into the placement
+   problem once (cluster/autoplace.py), so its mistakes surface here too.
 
 ``load_spec`` adds the file and line of the offending key to the message.
 """
@@ -22,15 +24,17 @@ from typing import Any, Literal, Union
 import msgspec
 import yaml
 
+from cluster.autoplace import check_planning
 from cluster.spec_check import check_model, check_spec
 from cluster.spec_types import (
-    INTERNAL_FIELDS, ClusterSpec, InstanceSpec, ModelCheck, ModelRef, RouterSpec, SloSpec,
-    SpecError, TransferSpec)
+    INTERNAL_FIELDS, ClusterSpec, InstanceSpec, ModelCheck, ModelRef, PlanningCluster, PlanningSpec,
+    RouterSpec, SloSpec, SpecError, TransferSpec)
 from cluster.spec_yaml import line_of, read_yaml
 
 __all__ = [
-    "ClusterSpec", "InstanceSpec", "ModelCheck", "ModelRef", "RouterSpec", "SloSpec", "SpecError",
-    "TransferSpec", "dump_spec", "load_spec", "parse_spec", "spec_to_dict",
+    "ClusterSpec", "InstanceSpec", "ModelCheck", "ModelRef", "PlanningCluster", "PlanningSpec",
+    "RouterSpec", "SloSpec", "SpecError", "TransferSpec", "dump_spec", "load_spec", "parse_spec",
+    "spec_to_dict",
 ]
 
 
@@ -58,7 +62,9 @@ def parse_spec(data: dict[str, Any], base_dir: Path | None = None) -> ClusterSpe
         raise _translate(exc, cleaned) from None
     spec = _resolve_defaults(spec, base_dir)
     check_spec(spec)
-    return msgspec.structs.replace(spec, model_check=check_model(spec))
+    spec = msgspec.structs.replace(spec, model_check=check_model(spec))
+    check_planning(spec)  # builds the placement problem, which needs the model's config.json
+    return spec
 
 
 def spec_to_dict(spec: ClusterSpec) -> dict[str, Any]:
@@ -159,15 +165,15 @@ def _looks_numeric(text: str) -> bool:
 # --- between passes ------------------------------------------------------------------------------
 
 def _resolve_defaults(spec: ClusterSpec, base_dir: Path | None) -> ClusterSpec:
-    """Fill the defaults that depend on other fields: an absolute model path; under explicit
-    placement, omitted replicas/tp/pp mean 1; under auto placement, a missing pool section gets all
-    defaults (the planner sizes it)."""
+    """Fill the defaults that depend on other fields: absolute model, calibration and trace paths;
+    under explicit placement, omitted replicas/tp/pp mean 1; under auto placement, a missing pool
+    section gets all defaults (the planner sizes it)."""
     changes: dict[str, Any] = {}
     if spec.model.path:
-        path = Path(spec.model.path).expanduser()
-        if not path.is_absolute():
-            path = (base_dir if base_dir is not None else Path.cwd()) / path
-        changes["model"] = msgspec.structs.replace(spec.model, path=str(path.resolve()))
+        changes["model"] = msgspec.structs.replace(spec.model,
+                                                   path=_absolute(spec.model.path, base_dir))
+    if spec.planning is not None:
+        changes["planning"] = _resolve_planning(spec.planning, base_dir)
     names = ("instances",) if spec.mode == "colocated" else ("prefill", "decode")
     for name in names:
         section = getattr(spec, name)
@@ -177,6 +183,24 @@ def _resolve_defaults(spec: ClusterSpec, base_dir: Path | None) -> ClusterSpec:
             changes[name] = msgspec.structs.replace(
                 section, **{f: 1 for f in ("replicas", "tp", "pp") if getattr(section, f) is None})
     return msgspec.structs.replace(spec, **changes) if changes else spec
+
+
+def _resolve_planning(planning: PlanningSpec, base_dir: Path | None) -> PlanningSpec:
+    """Paths inside ``planning`` are relative to the spec file, which the planner never sees."""
+    changes: dict[str, Any] = {}
+    if planning.calibration:
+        changes["calibration"] = _absolute(planning.calibration, base_dir)
+    workload = planning.workload
+    if workload is not None and isinstance(workload.get("trace"), str) and workload["trace"]:
+        changes["workload"] = {**workload, "trace": _absolute(workload["trace"], base_dir)}
+    return msgspec.structs.replace(planning, **changes) if changes else planning
+
+
+def _absolute(path_text: str, base_dir: Path | None) -> str:
+    path = Path(path_text).expanduser()
+    if not path.is_absolute():
+        path = (base_dir if base_dir is not None else Path.cwd()) / path
+    return str(path.resolve())
 
 
 def _drop_none(value: Any) -> Any:

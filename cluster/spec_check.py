@@ -23,6 +23,7 @@ def check_spec(spec: ClusterSpec) -> None:
     _check_name(spec.name)
     _check_model_ref(spec.model)
     _check_layout(spec)
+    _check_planning(spec)
     for where, section in spec.sections.items():
         check_instance(section, where)
     _check_block_sizes(spec)
@@ -103,6 +104,19 @@ def _check_layout(spec: ClusterSpec) -> None:
     if spec.placement == "auto" and spec.slo is None:
         raise SpecError("slo", "required when placement is auto (the planner sizes the cluster "
                                "to meet it)")
+
+
+def _check_planning(spec: ClusterSpec) -> None:
+    """``planning`` feeds the planner, which only runs under auto placement; its sections in the
+    placement schema are checked by cluster.autoplace, which needs the model."""
+    if spec.planning is None:
+        return
+    if spec.placement != "auto":
+        raise SpecError("planning", "only allowed when placement is auto (the planner reads it): "
+                                    "remove it, or set placement: auto")
+    if spec.planning.cluster is not None:
+        _at_least(spec.planning.cluster.nodes, 1, "planning.cluster.nodes")
+        _at_least(spec.planning.cluster.devices_per_node, 1, "planning.cluster.devices_per_node")
 
 
 def _check_block_sizes(spec: ClusterSpec) -> None:

@@ -5,7 +5,7 @@ Only shapes and defaults live here; what makes a spec valid beyond its types is 
 """
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import msgspec
 
@@ -100,6 +100,31 @@ class SloSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     attainment: float = 0.9
 
 
+class PlanningCluster(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The machines the planner may use: identical nodes of ``devices_per_node`` devices each. For
+    CPU pools a device is one instance's ``num_cpus`` slice of a node."""
+
+    nodes: int
+    devices_per_node: int
+
+
+class PlanningSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """What the placement planner needs under ``placement: auto`` that the rest of the spec does
+    not say. ``hardware``, ``workload``, ``policy`` and ``search`` use the placement spec's schema
+    (placement/problem.py) and stay plain mappings here: ``placement.problem_from_dict`` is their
+    one parser, so the two spec formats cannot drift apart. ``calibration`` (a ``tandem profile``
+    output) and a workload ``trace`` are stored resolved against the spec file's directory.
+    Omitted: hardware ``cpu`` for CPU pools; ``cluster`` from the Ray cluster at launch (this host
+    for an offline ``tandem plan``)."""
+
+    hardware: str | dict[str, Any] | None = None
+    calibration: str | None = None
+    cluster: PlanningCluster | None = None
+    workload: dict[str, Any] | None = None
+    policy: dict[str, Any] | None = None
+    search: dict[str, Any] | None = None
+
+
 class ModelCheck(msgspec.Struct, frozen=True):
     """Outcome of the model-aware checks (tp/pp divisibility against config.json). Not part of the
     YAML: ``parse_spec`` fills it. ``config_path`` is the file checked; when the checks could not
@@ -115,7 +140,8 @@ class ModelCheck(msgspec.Struct, frozen=True):
 
 class ClusterSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """A whole deployment. In ``disaggregated`` mode ``prefill`` and ``decode`` are set and
-    ``instances`` is None; in ``colocated`` mode only ``instances`` is set."""
+    ``instances`` is None; in ``colocated`` mode only ``instances`` is set. ``planning`` is only
+    allowed under ``placement: auto`` (cluster/autoplace.py turns it into a plan)."""
 
     name: str
     mode: Mode = "disaggregated"
@@ -127,6 +153,7 @@ class ClusterSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     transfer: TransferSpec = TransferSpec()
     router: RouterSpec = RouterSpec()
     slo: SloSpec | None = None
+    planning: PlanningSpec | None = None
     model_check: ModelCheck = ModelCheck()
 
     @property

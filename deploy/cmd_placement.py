@@ -1,16 +1,22 @@
 """`tandem plan SPEC` and `tandem simulate SPEC --rate R`: the placement optimizer's commands.
 
-Both read a placement spec (YAML; see placement/problem.py and placement/examples/). `plan` searches
-for the deployment with the best goodput per device and prints it with the runners-up and the
-colocated baseline. `simulate` runs the discrete-event simulator at one arrival rate, either for the
-plan the search picks or for a deployment given on the command line.
+Both read a placement spec (YAML; see placement/problem.py and placement/examples/) or a cluster spec
+with `placement: auto` (deploy/specs/auto-placement.yaml; told apart by its `name:`/`placement:`
+keys). `plan` searches for the deployment with the best goodput per device and prints it with the
+runners-up and the colocated baseline; for a cluster spec, `--write-spec OUT` writes the explicit
+spec that `tandem serve` launches. Without Ray, a cluster spec lacking `planning.cluster` is planned
+for this host (one node, its CPUs divided by the pools' num_cpus). `simulate` runs the
+discrete-event simulator at one arrival rate, either for the plan the search picks or for a
+deployment given on the command line.
 """
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import msgspec
+import yaml
 
 from deploy.cli import CommandError
 from placement.candidates import (Shape, divisibility_error, kv_blocks, pack_high_affinity,
@@ -23,13 +29,16 @@ from placement.sim_core import SimResult, SimulationError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    plan = subparsers.add_parser("plan", help="choose prefill/decode instances for a placement spec")
-    plan.add_argument("spec", help="placement spec (YAML)")
+    plan = subparsers.add_parser("plan", help="choose prefill/decode instances for a placement spec "
+                                              "or an auto cluster spec")
+    plan.add_argument("spec", help="placement spec, or cluster spec with placement: auto (YAML)")
     plan.add_argument("--json", action="store_true", help="print the search result as JSON")
+    plan.add_argument("--write-spec", metavar="OUT", type=Path,
+                      help="write the planned cluster spec (explicit placement) for `tandem serve`")
     plan.set_defaults(func=cmd_plan)
 
     sim = subparsers.add_parser("simulate", help="simulate a deployment at one arrival rate")
-    sim.add_argument("spec", help="placement spec (YAML)")
+    sim.add_argument("spec", help="placement spec, or cluster spec with placement: auto (YAML)")
     sim.add_argument("--rate", type=float, required=True, help="arrival rate, requests/s")
     sim.add_argument("--prefill", metavar="TP:PP:N", help="N prefill instances of (tp, pp)")
     sim.add_argument("--decode", metavar="TP:PP:N", help="N decode instances of (tp, pp)")
@@ -39,10 +48,53 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _load(path: str) -> Problem:
+    if is_cluster_spec(path):
+        from cluster.autoplace import planning_problem
+
+        spec = _load_cluster_spec(path)
+        return _cluster_step(planning_problem, spec, _offline_size(spec))
     try:
         return load_problem(path)
     except SpecError as exc:
         raise CommandError(f"{path}: {exc}") from None
+
+
+def is_cluster_spec(path: str) -> bool:
+    """Cluster specs have a `name:` (and often `placement:`); placement specs have neither."""
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError):
+        return False  # load_problem reports it
+    return isinstance(data, dict) and ("name" in data or "placement" in data)
+
+
+def _load_cluster_spec(path: str):  # type: ignore[no-untyped-def]
+    from cluster.spec import load_spec
+    from cluster.spec_types import SpecError as ClusterSpecError
+
+    try:
+        spec = load_spec(path)
+    except ClusterSpecError as exc:
+        raise CommandError(str(exc)) from None
+    if spec.placement == "auto" and not spec.needs_planning:
+        raise CommandError(f"{path}: nothing to plan: every pool pins replicas, tp and pp")
+    return spec
+
+
+def _offline_size(spec):  # type: ignore[no-untyped-def]
+    from cluster.autoplace import host_cluster, needs_cluster_size
+
+    return _cluster_step(host_cluster, spec) if needs_cluster_size(spec) else None
+
+
+def _cluster_step(step, *args):  # type: ignore[no-untyped-def]
+    """Run one cluster.autoplace step, its SpecError (which names the field) as a CommandError."""
+    from cluster.spec_types import SpecError as ClusterSpecError
+
+    try:
+        return step(*args)
+    except ClusterSpecError as exc:
+        raise CommandError(str(exc)) from None
 
 
 def _search(problem: Problem):  # type: ignore[no-untyped-def]
@@ -53,12 +105,38 @@ def _search(problem: Problem):  # type: ignore[no-untyped-def]
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    result = _search(_load(args.spec))
+    planned = None
+    if is_cluster_spec(args.spec):
+        from cluster.autoplace import plan_spec
+
+        spec = _load_cluster_spec(args.spec)
+        planned = _cluster_step(plan_spec, spec, _offline_size(spec))
+        result = planned.result
+    elif args.write_spec is not None:
+        raise CommandError("--write-spec: needs a cluster spec with placement: auto, not a "
+                           "placement spec")
+    else:
+        result = _search(_load(args.spec))
     if args.json:
         sys.stdout.buffer.write(msgspec.json.format(msgspec.json.encode(result), indent=2) + b"\n")
     else:
         print(format_result(result))
+    if planned is not None and args.write_spec is not None:
+        _write_spec(planned, args.spec, args.write_spec, sys.stderr if args.json else sys.stdout)
     return 0
+
+
+def _write_spec(planned, source: str, out: Path, report) -> None:  # type: ignore[no-untyped-def]
+    from cluster.autoplace import summary
+    from cluster.spec import dump_spec
+
+    line = summary(planned.spec.name, planned.result)
+    header = f"# Written by `tandem plan {source}`:\n# {line}\n"
+    try:
+        out.write_text(header + dump_spec(planned.spec))
+    except OSError as exc:
+        raise CommandError(f"--write-spec: cannot write {out}: {exc.strerror or exc}") from None
+    print(f"{line}\nwrote {out}", file=report)
 
 
 def _parse_group(text: str, flag: str) -> tuple[Shape, int]:

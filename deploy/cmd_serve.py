@@ -38,6 +38,23 @@ def load_spec_or_fail(path: str):
         raise CommandError(str(exc)) from exc
 
 
+def plan_if_auto(spec):
+    """An auto spec planned for the connected Ray cluster (plan printed in one line), or the spec
+    itself when there is nothing to plan. CommandError, before any actor starts, if it cannot be."""
+    from cluster.autoplace import summary
+    from cluster.launcher import plan_on_ray
+    from cluster.spec_types import SpecError
+
+    if not spec.needs_planning:
+        return spec
+    try:
+        planned = plan_on_ray(spec)
+    except SpecError as exc:
+        raise CommandError(str(exc)) from exc
+    print(summary(spec.name, planned.result), flush=True)
+    return planned.spec
+
+
 def _serve(args: argparse.Namespace) -> int:
     from cluster.launcher import Cluster, LaunchError
     from cluster.spec_types import SpecError
@@ -45,6 +62,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     spec = load_spec_or_fail(args.spec)  # fails before any actor starts
     connect_ray(args.address, local_ok=not args.detach)
+    spec = plan_if_auto(spec)
     try:
         cluster = Cluster.from_spec(spec, detach=args.detach)
     except (LaunchError, SpecError) as exc:

@@ -44,14 +44,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--address", help="Ray address (default: the job's cluster)")
     args = ap.parse_args(argv)
 
-    from cluster.launcher import Cluster
-    from deploy.cmd_serve import load_spec_or_fail
+    from cluster.launcher import Cluster, LaunchError
+    from cluster.spec_types import SpecError
+    from deploy.cli import CommandError
+    from deploy.cmd_serve import load_spec_or_fail, plan_if_auto
     from deploy.ray_session import connect_ray
 
-    spec = load_spec_or_fail(args.spec)
-    rows = read_prompts(args.prompts)
-    connect_ray(args.address)
-    cluster = Cluster.from_spec(spec)
+    try:
+        spec = load_spec_or_fail(args.spec)
+        rows = read_prompts(args.prompts)
+        connect_ray(args.address)
+        cluster = Cluster.from_spec(plan_if_auto(spec))
+    except (CommandError, LaunchError, SpecError) as exc:
+        raise SystemExit(f"deploy.job: error: {exc}") from None
     try:
         results = cluster.client().generate_batch([r[1] for r in rows], [r[2] for r in rows])
     finally:

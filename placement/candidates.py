@@ -2,8 +2,9 @@
 
 Pruning happens here, before any simulation: a shape is legal when tp divides both the attention
 and the KV heads, pp divides the layers, tp fits in a node (tensor parallelism needs the fast
-intra-node links), and the heaviest device holds its weights, workspace and the KV of the longest
-request the phase must hold (plus the admission watermark).
+intra-node links), tp and pp stay within ``search.max_tp``/``max_pp`` (what the serving engine can
+run), and the heaviest device holds its weights, workspace and the KV of the longest request the
+phase must hold (plus the admission watermark).
 """
 from __future__ import annotations
 
@@ -71,7 +72,7 @@ def legal_shapes(problem: Problem, phase: PhaseName, max_devices: int | None = N
     need = required_kv_blocks(problem, phase)
     shapes = []
     for tp in divisors(math.gcd(model.heads, model.kv_heads)):
-        if tp > cluster.devices_per_node:
+        if tp > min(cluster.devices_per_node, problem.search.max_tp):
             continue
         for pp in divisors(model.layers):
             if pp > problem.search.max_pp or tp * pp > limit:
@@ -86,7 +87,8 @@ def memory_explanation(problem: Problem, phase: PhaseName) -> str:
     """Why no shape fits: weights and minimum KV against the largest instance the cluster allows."""
     model, hw, cluster = problem.model, problem.hardware, problem.cluster
     gib = 1024**3
-    tps = [t for t in divisors(math.gcd(model.heads, model.kv_heads)) if t <= cluster.devices_per_node]
+    tps = [t for t in divisors(math.gcd(model.heads, model.kv_heads))
+           if t <= min(cluster.devices_per_node, problem.search.max_tp)]
     pps = [p for p in divisors(model.layers) if p <= problem.search.max_pp]
     pairs = [(t, p) for t in tps for p in pps if t * p <= cluster.devices]
     max_in, max_out = problem.workload.max_lengths(model.max_positions)

@@ -47,6 +47,7 @@ class SearchOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     seed: int = 0
     max_joint: Pos = 12  # whole-deployment goodput searches for the branch and bound
     alternatives: Annotated[int, msgspec.Meta(ge=0)] = 4  # runners-up simulated for the output
+    max_tp: Pos = 64  # 64 bounds devices_per_node, so the default adds no limit of its own
     max_pp: Pos = 8
     warmup: Annotated[float, msgspec.Meta(ge=0, lt=0.45)] = 0.1  # least share left out per end
 

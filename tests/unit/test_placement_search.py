@@ -111,6 +111,20 @@ def test_divisibility_rules() -> None:
     assert "KV heads" in (divisibility_error(gqa.model, 16, 1) or "")
 
 
+def test_max_tp_and_max_pp_bound_the_shapes_and_the_plan() -> None:
+    free = problem_from_dict(spec(model="llama-3-8b", dpn=8))
+    assert max(s.tp for s in legal_shapes(free, "decode")) == 8  # no limit by default
+    capped = problem_from_dict(spec(model="llama-3-8b", dpn=8, max_tp=2, max_pp=1))
+    assert {(s.tp, s.pp) for s in legal_shapes(capped, "decode")} == {(1, 1), (2, 1)}
+    single = problem_from_dict(spec(model="llama-2-7b", dpn=4, rate=20, max_tp=1, max_pp=1))
+    result = search(single)
+    for plan in (result.plan, *result.alternatives):
+        assert (plan.prefill.tp, plan.prefill.pp, plan.decode.tp, plan.decode.pp) == (1, 1, 1, 1)
+    # One A100-40GB cannot hold opt-66b: with tp capped at 1 the explanation says so.
+    with pytest.raises(PlacementError, match=r"largest instance this cluster allows \(tp=1, pp=1"):
+        search(problem_from_dict(spec(model="opt-66b", hardware="A100-40GB", max_tp=1, max_pp=1)))
+
+
 def test_unreachable_slo_is_explained() -> None:
     with pytest.raises(PlacementError, match="SLO unreachable at any rate: even idle, a mean-length"):
         search(problem_from_dict(spec(ttft=2)))
