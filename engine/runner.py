@@ -11,6 +11,7 @@ from engine.config import ModelConfig
 from engine.layers import RotaryEmbedding
 from engine.loader import load_weights
 from engine.model import CausalLM
+from engine.packed_linear import packing_available, prepack_linears
 from engine.scheduler import StepPlan
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -38,6 +39,8 @@ def build_model(
         model.lm_head.weight = model.embed_tokens.weight
     model.rope = RotaryEmbedding(config, max_positions).to(device)
     load_weights(model, model_dir)
+    if packing_available(dtype, device):
+        prepack_linears(model)
     return model.eval()
 
 
@@ -90,12 +93,12 @@ class ModelRunner:
             tables[row, : len(table)] = torch.tensor(table)
         slots = (tables[:, :, None] * size + torch.arange(size)).reshape(len(seqs), -1)
         max_len = int(lens.max())
-        context = slots[:, :max_len]
+        context = slots[:, :max_len].contiguous()
         mask = (torch.arange(max_len)[None, :] < lens[:, None])[:, None, None, :]
         positions = lens - 1
         new_slots = context.gather(1, positions[:, None]).squeeze(1)
         meta = AttentionMetadata(False, new_slots.to(self.device), (), context.to(self.device),
-                                 mask.to(self.device))
+                                 mask.to(self.device), lens.to(self.device))
         ids = torch.tensor([s.last_token for s in seqs], device=self.device)
         return (ids, positions.to(self.device), self.kv_cache, meta,
                 torch.arange(len(seqs), device=self.device))

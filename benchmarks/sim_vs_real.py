@@ -1,0 +1,587 @@
+"""Does the simulator predict the real cluster? Calibrated simulation vs a real 1P+1D run on CPU.
+
+    python -m benchmarks.sim_vs_real                     # 3 repeats of 50 requests, ~8-10 minutes
+    python -m benchmarks.sim_vs_real --repeats 1 --requests 30
+
+Steps:
+1. Engine profile ("engine"): the engine timed alone in a Ray actor (one torch thread, the actors'
+   priority) over prefill and decode batch shapes spanning the workload, fitted with
+   placement/calibrate.py's forms: what `tandem profile` measures, on a grid sized for this workload.
+2. Transfer costs, placed where the instances pay them: the `ray` transport's export (pack +
+   object-store put, in the prefill step loop before the first token is published: added to the
+   simulated prefill latency), its fetch (in the decode step loop) plus the prefill -> router ->
+   decode hops (the simulator's transfer delay).
+3. Launch SmolLM2-135M fp32, 1 prefill + 1 decode actor (num_cpus=1, one torch thread each) on
+   `ray.init(num_cpus=2)`, and profile the *deployed* instances ("cluster" profile) with probes:
+   a blocker prompt (max_tokens=1) occupies the prefill instance while b identical prompts queue, so
+   they are prefilled in one batch and decode in lockstep; the batch's prefill_start/end (stamped
+   in the prefill actor) is a prefill sample, the requests' TPOT is the decode step period at batch
+   b as served (engine step + step loop + per-step report), and the blocker is a single-prompt
+   prefill sample. The probes run just before and just after every measured run and the profile of
+   that run is fitted on both: this host is shared with other jobs and its speed drifts by tens of
+   percent within minutes.
+4. Rate: --load (default 0.55) x the simulated saturation throughput of 1P+1D under the first
+   cluster profile (every request queued at t=0): a moderate rate.
+5. Each repeat: wait (up to --max-wait s) until other jobs use < --quiet of the CPUs, then Poisson
+   arrivals, prompts uniform 64..256, outputs uniform 32..96, random token ids, greedy, ignore_eos;
+   arrival times are the instants the client sent each request. The simulator
+   (placement/sim_disagg.py) then runs on exactly those arrivals and lengths with the real policy
+   (prefill token budget 2048, batch caps 128, 16-token blocks, 2048 blocks, no watermark).
+6. Report TTFT/TPOT p50/p90, real vs simulated, relative errors (median and range over repeats),
+   for four latency models: each profile with the fitted decode form as is (cost of the sum of
+   contexts, what the planner assumes), and "padded": the engine's decode attention pads every
+   sequence to the batch's longest context, so a step costs the form at batch x longest context.
+
+Also printed per repeat: the CPU share other jobs used, and the real prefill batch durations
+(members of a batch share one prefill_start/prefill_end) over each profile's prefill form.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import statistics
+import time
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+NUM_BLOCKS = 2048
+PREFILL_BUDGET = 2048
+MAX_SEQS = 128
+BLOCK_SIZE = 16
+VOCAB = 49152
+# Engine profile grid: prefill (batch, prompt length); decode (pool, batch) where the pools are
+# sequences prefilled once (contexts ~96 and ~256 tokens).
+PREFILL_GRID = ((1, 64), (1, 160), (1, 256), (2, 128), (2, 256), (4, 96))
+POOLS = {"short": (16, 96), "long": (16, 256)}
+DECODE_GRID = (("short", 1), ("short", 4), ("short", 16), ("long", 1), ("long", 4), ("long", 8),
+               ("long", 16))
+DECODE_STEPS = 6  # decode steps timed per shape (median)
+# Cluster probes: (blocker prompt length, batch, prompt length); each decodes PROBE_TOKENS tokens.
+# Batch and context vary independently, so the decode form's per-sequence and per-context-token
+# terms are told apart (batch x length stays within the 2048-token prefill budget).
+PROBES = ((256, 1, 224), (192, 16, 64), (160, 4, 240), (128, 12, 160))
+PROBE_TOKENS = 32
+
+
+# -- engine profile ------------------------------------------------------------------------------
+
+class _Profiler:
+    """Runs in a Ray actor like an instance (one torch thread, Ray's worker priority) and times
+    engine steps. Decode shapes draw from pools of sequences prefilled once and detached (blocks
+    kept), so the profile takes seconds instead of re-prefilling every shape."""
+
+    def __init__(self, model_dir: str) -> None:
+        from cluster.actor_common import build_engine
+        from engine.engine import EngineConfig
+        from engine.params import SamplingParams
+        from engine.scheduler import SchedulerConfig
+
+        config = EngineConfig(dtype="float32", num_blocks=NUM_BLOCKS, block_size=BLOCK_SIZE,
+                              scheduler=SchedulerConfig(max_num_seqs=MAX_SEQS, max_num_batched_tokens=8192))
+        self.engine = build_engine(model_dir, config, 1)
+        self.rng = random.Random(1234)
+        self.pools = {}
+        params = SamplingParams(max_tokens=1000, temperature=0, ignore_eos=True)
+        for name, (count, ctx) in POOLS.items():
+            for _ in range(count):
+                self.engine.add_request(self._prompt(ctx), params)
+            while self.engine.scheduler.waiting:
+                self.engine.step()
+            self.pools[name] = list(self.engine.scheduler.running)
+            for seq in self.pools[name]:
+                self.engine.scheduler.detach(seq)
+
+    def _prompt(self, n: int) -> list[int]:
+        return [self.rng.randrange(10, VOCAB) for _ in range(n)]
+
+    def time_prefill(self, batch: int, length: int) -> float:
+        from engine.params import SamplingParams
+
+        params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+        ids = [self.engine.add_request(self._prompt(length), params) for _ in range(batch)]
+        start = time.perf_counter()
+        self.engine.step()
+        seconds = time.perf_counter() - start
+        for rid in ids:
+            self.engine.abort(rid)
+        return seconds
+
+    def time_decode(self, pool: str, batch: int, steps: int) -> tuple[tuple[int, ...], float]:
+        """(context lengths at the median step, median seconds of `steps` decode steps)."""
+        seqs = self.pools[pool][:batch]
+        for seq in seqs:
+            self.engine.scheduler.add_running(seq)
+        times = []
+        for _ in range(steps):
+            start = time.perf_counter()
+            self.engine.step()
+            times.append(time.perf_counter() - start)
+        for seq in seqs:
+            self.engine.scheduler.detach(seq)
+        return tuple(s.num_tokens - steps + steps // 2 for s in seqs), statistics.median(times)
+
+
+def engine_profile(model_dir: str, repeats: int):
+    """The engine timed alone (no cluster running), fitted like `tandem profile`."""
+    import ray
+
+    from placement.calibrate import ProfileSample, fit_profile
+
+    profiler = ray.remote(num_cpus=1)(_Profiler).remote(model_dir)
+    samples = []
+    try:
+        ray.get(profiler.time_prefill.remote(1, 32))  # warm-up
+        for _ in range(repeats):
+            for batch, length in PREFILL_GRID:
+                seconds = ray.get(profiler.time_prefill.remote(batch, length))
+                samples.append(ProfileSample("prefill", 1, 1, (length,) * batch, seconds))
+        for pool, batch in DECODE_GRID:
+            ctx, seconds = ray.get(profiler.time_decode.remote(pool, batch, DECODE_STEPS))
+            samples.append(ProfileSample("decode", 1, 1, ctx, seconds))
+    finally:
+        ray.kill(profiler)
+    return fit_profile(samples, model="smollm2", hardware="cpu x1 thread, engine alone", dtype="fp32")
+
+
+def _line(points: list[tuple[int, float]]) -> tuple[float, float]:
+    """Least-squares (intercept >= 0, slope >= 0) of seconds against tokens."""
+    mx = statistics.mean(t for t, _ in points)
+    my = statistics.mean(s for _, s in points)
+    slope = max(0.0, sum((t - mx) * (s - my) for t, s in points) / sum((t - mx) ** 2 for t, _ in points))
+    return max(0.0, my - slope * mx), slope
+
+
+def measure_transfer(model_dir: str) -> dict[str, tuple[float, float]]:
+    """(fixed s, s per prompt token) of the ray transport's export (runs in the prefill step loop
+    before the first token is published) and fetch (runs in the decode step loop), and of the two
+    actor-call hops between prefill-done and the decode admission (prefill -> router -> decode)."""
+    from pathlib import Path
+
+    import ray
+    import torch
+
+    from engine.config import load_config
+    from engine.runner import kv_cache_shape
+    from transfer.ray_transport import RayObjectTransport
+
+    shape = kv_cache_shape(load_config(Path(model_dir)), 32, BLOCK_SIZE)
+    src, dst = torch.randn(shape), torch.zeros(shape)
+    out, back = RayObjectTransport(), RayObjectTransport()
+    export, fetch = [], []
+    for tokens in (64, 128, 256, 384, 64, 128, 256, 384):
+        blocks = list(range(-(-tokens // BLOCK_SIZE)))
+        e, f = [], []
+        for r in range(5):
+            start = time.perf_counter()
+            handle = out.export(src, f"t{tokens}-{r}", blocks, tokens)
+            mid = time.perf_counter()
+            back.fetch(handle, dst, blocks, 30.0)
+            e.append(mid - start)
+            f.append(time.perf_counter() - mid)
+            out.release(handle)
+        export.append((tokens, statistics.median(e)))
+        fetch.append((tokens, statistics.median(f)))
+
+    class Ping:
+        def ping(self) -> int:
+            return 0
+
+    ping = ray.remote(num_cpus=0)(Ping).remote()
+    ray.get(ping.ping.remote())
+    hops = []
+    for _ in range(30):
+        start = time.perf_counter()
+        ray.get(ping.ping.remote())
+        hops.append(time.perf_counter() - start)
+    ray.kill(ping)
+    return {"export": _line(export), "fetch": _line(fetch), "hops": (statistics.median(hops), 0.0)}
+
+
+def transfer_cost(t: dict) -> tuple[float, float]:
+    """The simulator's KV transfer delay: the hops plus the fetch (the decode instance pulls the KV
+    at a step boundary, in its step loop; modelled as a delay before the request joins a step)."""
+    return t["hops"][0] + t["fetch"][0], t["fetch"][1]
+
+
+class WithExport:
+    """A StepModel whose prefill also pays the KV export of each prompt (pack + object-store put),
+    which the prefill instance does after the model step and before publishing the first tokens."""
+
+    def __init__(self, inner, export: tuple[float, float]) -> None:
+        self.inner, self.export = inner, export
+
+    def prefill(self, seqs: int, tokens: int, sum_sq: float) -> tuple[float, float]:
+        latency, busy = self.inner.prefill(seqs, tokens, sum_sq)
+        extra = self.export[0] * seqs + self.export[1] * tokens
+        return latency + extra, busy + extra
+
+    def decode(self, batch: int, sum_ctx: int) -> float:
+        return self.inner.decode(batch, sum_ctx)
+
+    def mixed(self, *args) -> float:
+        return self.inner.mixed(*args)
+
+
+# -- cluster profile -----------------------------------------------------------------------------
+
+async def probe_cluster(client, rng: random.Random) -> tuple[list, list]:
+    """Prefill and decode samples of the deployed instances (see the module docstring, step 3).
+
+    Tried and dropped: taking the prefill samples while background requests kept the decode
+    instance busy (as in a run). On 2 cores the extra streams also load the router and the driver;
+    the prefill fits got 4-30x noisier (rms 200-300 ms) and TTFT errors worse (+11..+46%)."""
+    def prompt(n: int) -> list[int]:
+        return [rng.randrange(10, VOCAB) for _ in range(n)]
+
+    return await _probe_batches(client, prompt, max_tokens=PROBE_TOKENS)
+
+
+async def _probe_batches(client, prompt, max_tokens: int) -> tuple[list, list]:
+    """Run PROBES; prefill samples (blocker and batch) and, when the batch decodes, its TPOT."""
+    from engine.params import SamplingParams
+    from placement.calibrate import ProfileSample
+
+    def prefill_seconds(result) -> float:
+        return result.metrics["prefill_end"] - result.metrics["prefill_start"]
+
+    prefill, decode = [], []
+    for blocker_len, batch, length in PROBES:
+        blocker = asyncio.ensure_future(client.agenerate(
+            prompt(blocker_len), SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)))
+        await asyncio.sleep(0.05)  # the blocker occupies the prefill instance; the batch queues
+        params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+        results = await asyncio.gather(*(client.agenerate(prompt(length), params) for _ in range(batch)))
+        prefill.append(ProfileSample("prefill", 1, 1, (blocker_len,), prefill_seconds(await blocker)))
+        durations = {round(prefill_seconds(r), 6) for r in results}
+        if len(durations) != 1:
+            print(json.dumps({"probe_skipped": [batch, length], "prefill_batches": len(durations)}),
+                  flush=True)
+            continue  # not one lockstep batch (the blocker finished too early): no clean sample
+        prefill.append(ProfileSample("prefill", 1, 1, (length,) * batch, durations.pop()))
+        if max_tokens > 1:
+            ctx = length + 1 + max_tokens // 2  # context at the middle decode step
+            decode.append(ProfileSample("decode", 1, 1, (ctx,) * batch,
+                                        statistics.median(r.metrics["tpot"] for r in results)))
+    return prefill, decode
+
+
+def cluster_profile(samples: list):
+    """Fit the probes. Prefill batches above 1024 tokens (the lockstep batches of 8-16 prompts) lie
+    outside what this workload's prefill batches reach and, being seconds long, would dominate an
+    unweighted least-squares fit; they are left out of the prefill form."""
+    from placement.calibrate import fit_profile
+
+    kept = [s for s in samples if s.phase == "decode" or sum(s.lengths) <= 1024]
+    return fit_profile(kept, model="smollm2", hardware="cpu x1 thread, deployed 1P+1D", dtype="fp32")
+
+
+# -- workload and simulation ---------------------------------------------------------------------
+
+def workload(n: int, rate: float, seed: int) -> list[tuple[float, list[int], int]]:
+    rng = random.Random(seed)
+    t, out = 0.0, []
+    for _ in range(n):
+        t += rng.expovariate(rate)
+        prompt = [rng.randrange(10, VOCAB) for _ in range(rng.randint(64, 256))]
+        out.append((t, prompt, rng.randint(32, 96)))
+    return out
+
+
+def step_model(profile, model_dir: str, export: tuple[float, float]):
+    from placement.calibrate import CalibratedLatency
+    from placement.hardware import get_profile
+    from placement.latency import AnalyticLatency
+    from placement.model_spec import load_model
+
+    fallback = AnalyticLatency(load_model(model_dir), get_profile("cpu"), "fp32", 1, 1)  # unused: both fitted
+    return WithExport(CalibratedLatency(profile.entry(1, 1), fallback), export)
+
+
+class PaddedDecode:
+    """The engine's decode attention pads every sequence to the batch's longest context (one
+    gather of ``batch x longest`` slots, engine/runner.py and engine/attention.py), so a step costs
+    the fitted form at ``batch x longest`` instead of the sum of contexts. The fits come from
+    uniform-context batches, where the two agree; a real batch mixes 64..350-token contexts
+    (~+25% per step at batch 16, measured). ``batch`` is the simulated instance's DecodeBatch."""
+
+    def __init__(self, inner) -> None:
+        self.inner, self.batch = inner, None
+
+    def prefill(self, seqs: int, tokens: int, sum_sq: float) -> tuple[float, float]:
+        return self.inner.prefill(seqs, tokens, sum_sq)
+
+    def decode(self, batch: int, sum_ctx: int) -> float:
+        live = self.batch._live if self.batch is not None else {}
+        if live:  # (join step, context at join, remaining, epoch) per running sequence
+            sum_ctx = batch * max(ctx0 + self.batch.step - join for join, ctx0, _, _ in live.values())
+        return self.inner.decode(batch, sum_ctx)
+
+    def mixed(self, *args) -> float:
+        return self.inner.mixed(*args)
+
+
+def simulate(step, transfer: tuple[float, float], arrivals, inputs, outputs, padded: bool = False):
+    from placement.policy import Policy
+    from placement.sim_core import InstanceModel, Slo
+    from placement.sim_disagg import DisaggSim
+    from placement.workload import BaseTrace
+
+    # The real decode admission takes blocks while any are free: no watermark.
+    policy = Policy(prefill_token_budget=PREFILL_BUDGET, prefill_max_batch=MAX_SEQS,
+                    decode_max_batch=MAX_SEQS, block_size=BLOCK_SIZE, watermark=0.0)
+    trace = BaseTrace(times=tuple(arrivals), inputs=tuple(inputs), outputs=tuple(outputs))
+    decode_step = PaddedDecode(step) if padded else step
+    sim = DisaggSim([InstanceModel(step, NUM_BLOCKS)], [InstanceModel(decode_step, NUM_BLOCKS)],
+                    [[transfer]], policy, trace, 1.0)
+    if padded:
+        decode_step.batch = sim.decodes[0].batch
+    return sim.run(Slo(ttft_ms=1000, tpot_ms=75))
+
+
+def saturation_rate(step, transfer, n: int = 200) -> float:
+    """Completions/s of 1P+1D with every request of this workload queued at once."""
+    reqs = workload(n, 1.0, seed=7)
+    return simulate(step, transfer, [1e-6 * i for i in range(n)], [len(p) for _, p, _ in reqs],
+                    [o for _, _, o in reqs], padded=True).throughput
+
+
+# -- the real cluster ----------------------------------------------------------------------------
+
+class CpuWatch:
+    """Share of the host's CPU time used by processes outside this benchmark (its driver and every
+    descendant: Ray's daemons, the router, the instances). The simulator gives each instance its
+    own core; on a host shared with other jobs that stops being true, and this says how much."""
+
+    def __init__(self) -> None:
+        self.mark = self._sample()
+
+    @staticmethod
+    def _sample() -> tuple[float, float, dict[int, float]]:
+        import psutil
+
+        t = psutil.cpu_times()
+        busy = t.user + t.nice + t.system + t.irq + t.softirq + getattr(t, "steal", 0.0)
+        me = psutil.Process()
+        ours = {}
+        for proc in [me, *me.children(recursive=True)]:
+            try:
+                c = proc.cpu_times()
+                ours[proc.pid] = c.user + c.system
+            except psutil.Error:
+                pass
+        return time.monotonic(), busy, ours
+
+    def reset(self) -> None:
+        self.mark = self._sample()
+
+    def foreign(self) -> float:
+        """Foreign share of all CPUs since the last reset (0..1)."""
+        t0, busy0, ours0 = self.mark
+        t1, busy1, ours1 = self._sample()
+        ours = sum(c - ours0.get(pid, 0.0) for pid, c in ours1.items())
+        return max(0.0, (busy1 - busy0 - ours) / ((os.cpu_count() or 1) * max(1e-6, t1 - t0)))
+
+    async def wait_quiet(self, threshold: float, max_wait_s: float) -> float:
+        """Wait (up to max_wait_s) for 3 s in which other jobs use < threshold of the CPUs."""
+        deadline = time.monotonic() + max_wait_s
+        while True:
+            self.reset()
+            await asyncio.sleep(3.0)
+            share = self.foreign()
+            if share < threshold or time.monotonic() > deadline:
+                self.reset()
+                return round(share, 3)
+
+
+def start_ray() -> None:
+    import ray
+
+    for attempt in range(3):  # a busy shared host sometimes misses Ray's startup deadline
+        try:
+            ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+            return
+        except Exception:
+            if attempt == 2:
+                raise
+            ray.shutdown()
+            time.sleep(5)
+
+
+def launch(model_dir: str, transport: str):
+    from cluster.launcher import Cluster
+    from cluster.launcher_config import InstanceGroup, LaunchConfig
+    from engine.engine import EngineConfig
+    from engine.scheduler import SchedulerConfig
+
+    scheduler = SchedulerConfig(max_num_seqs=MAX_SEQS, max_num_batched_tokens=PREFILL_BUDGET)
+    engine = EngineConfig(dtype="float32", num_blocks=NUM_BLOCKS, block_size=BLOCK_SIZE, scheduler=scheduler)
+    group = InstanceGroup(1, engine, num_cpus=1, num_threads=1)
+    return Cluster.launch(LaunchConfig(name="simvsreal", model_dir=model_dir, mode="disaggregated",
+                                       prefill=group, decode=group, transfer_backend=transport),
+                          timeout_s=300)
+
+
+async def run_real(client, reqs) -> tuple[list[float], list]:
+    """Drive the trace; returns each request's actual send time (s from start) and its Completion."""
+    from engine.params import SamplingParams
+
+    start = time.perf_counter()
+    sent = [0.0] * len(reqs)
+
+    async def one(i, at, prompt, out_len):
+        await asyncio.sleep(max(0.0, at - (time.perf_counter() - start)))
+        sent[i] = time.perf_counter() - start
+        return await client.agenerate(prompt, SamplingParams(max_tokens=out_len, temperature=0,
+                                                             ignore_eos=True))
+    results = await asyncio.gather(*(one(i, *r) for i, r in enumerate(reqs)))
+    return sent, results
+
+
+# -- comparison ----------------------------------------------------------------------------------
+
+def rel(sim: float, real: float) -> float:
+    return (sim - real) / real if real else float("nan")
+
+
+def prefill_over_fit(results, profile) -> float:
+    """Median over the real prefill batches of (measured duration / the profile's prediction)."""
+    batches: dict[float, list[int]] = {}  # keyed by duration: equal to the microsecond within a batch
+    for r in results:
+        m = r.metrics
+        key = round(m["prefill_end"] - m["prefill_start"], 6)
+        batches.setdefault(key, []).append(len(r.prompt_token_ids))
+    fit = profile.entry(1, 1).prefill
+    ratios = [d / fit.at(sum(ls), sum(x * x for x in ls)) for d, ls in batches.items()]
+    return round(statistics.median(ratios), 3)
+
+
+def compare(results, sims: dict) -> dict:
+    """Real vs each simulation: p50/p90 of TTFT and TPOT in ms, relative error of the simulation."""
+    from placement.sim_core import percentiles
+
+    real = {"ttft": percentiles([r.metrics["ttft"] for r in results]),
+            "tpot": percentiles([r.metrics["tpot"] for r in results])}
+    row: dict = {}
+    for metric in ("ttft", "tpot"):
+        for q in ("p50", "p90"):
+            a = getattr(real[metric], q)
+            cell = {"real_ms": round(1000 * a, 1)}
+            for name, sim in sims.items():
+                b = getattr(sim.ttft_pct if metric == "ttft" else sim.tpot_pct, q)
+                cell[f"{name}_ms"], cell[f"{name}_err"] = round(1000 * b, 1), round(rel(b, a), 3)
+            row[f"{metric}_{q}"] = cell
+    return row
+
+
+def describe(name: str, profile) -> str:
+    e = profile.entry(1, 1)
+    return json.dumps({"profile": name, "prefill_coef": [float(f"{c:.4g}") for c in e.prefill.coef],
+                       "prefill_rms_ms": round(1000 * e.prefill.rms, 1),
+                       "decode_coef": [float(f"{c:.4g}") for c in e.decode.coef],
+                       "decode_rms_ms": round(1000 * e.decode.rms, 1)})
+
+
+def print_table(rows: list[dict], name: str) -> None:
+    print(f"\n{name} profile:\n")
+    print("| metric | real ms: median (min..max) | sim ms: median (min..max) | error: median (min..max) |")
+    print("|---|---|---|---|")
+    for key in ("ttft_p50", "ttft_p90", "tpot_p50", "tpot_p90"):
+        real = [r[key]["real_ms"] for r in rows]
+        simv = [r[key][f"{name}_ms"] for r in rows]
+        err = [100 * r[key][f"{name}_err"] for r in rows]
+        print(f"| {key} | {statistics.median(real):.0f} ({min(real):.0f}..{max(real):.0f}) | "
+              f"{statistics.median(simv):.0f} ({min(simv):.0f}..{max(simv):.0f}) | "
+              f"{statistics.median(err):+.1f}% ({min(err):+.1f}%..{max(err):+.1f}%) |")
+
+
+async def main_async(args) -> None:
+    import ray
+
+    from engine.prepare import prepare_model
+
+    model_dir = str(prepare_model("smollm2"))
+    t0 = time.perf_counter()
+    print(f"load average at start: {[round(x, 2) for x in os.getloadavg()]}", flush=True)
+    start_ray()
+    watch = CpuWatch()
+    quiet = await watch.wait_quiet(args.quiet, args.max_wait)
+    engine = engine_profile(model_dir, args.calib_repeats)
+    during = round(watch.foreign(), 3)
+    print(describe("engine", engine), json.dumps({"foreign_cpu_before": quiet, "foreign_cpu_during": during}),
+          flush=True)
+    xfer = measure_transfer(model_dir)
+    transfer = transfer_cost(xfer)
+    cluster = launch(model_dir, args.transport)
+    client = cluster.client(timeout_s=900)
+    rows, rng = [], random.Random(4321)
+    try:
+        await run_real(client, workload(4, 4.0, seed=99))  # warm-up
+        await watch.wait_quiet(args.quiet, args.max_wait)
+        before = await probe_cluster(client, rng)
+        probe_foreign = [round(watch.foreign(), 3)]
+        first = cluster_profile(before[0] + before[1])
+        capacity = saturation_rate(step_model(first, model_dir, xfer["export"]), transfer)
+        rate = args.rate or round(args.load * capacity, 2)
+        print(describe("cluster (first probes)", first), flush=True)
+        print(json.dumps({"setup_s": round(time.perf_counter() - t0),
+                          **{f"{k}_ms_fixed_us_per_token": [round(1000 * a, 2), round(1e6 * b, 2)]
+                             for k, (a, b) in xfer.items()},
+                          "sim_saturation_req_s": round(capacity, 2), "rate_req_s": rate}), flush=True)
+        for k in range(args.repeats):
+            reqs = workload(args.requests, rate, seed=args.seed + k)
+            quiet = await watch.wait_quiet(args.quiet, args.max_wait)
+            sent, results = await run_real(client, reqs)
+            run_foreign = round(watch.foreign(), 3)
+            watch.reset()
+            after = await probe_cluster(client, rng)
+            probe_foreign.append(round(watch.foreign(), 3))
+            profile = cluster_profile(before[0] + after[0] + before[1] + after[1])
+            before = after
+            if args.save_profiles:
+                from placement.calibrate import save_profile
+                save_profile(profile, f"{args.save_profiles}/cluster-repeat{k}.json")
+            inputs, outputs = [len(p) for _, p, _ in reqs], [o for _, _, o in reqs]
+            sims = {name: simulate(step_model(p, model_dir, xfer["export"]), transfer, sent, inputs, outputs,
+                                   padded)
+                    for name, p, padded in (("engine", engine, False), ("engine_padded", engine, True),
+                                            ("cluster", profile, False), ("cluster_padded", profile, True))}
+            foreign = {"before_run": quiet, "run": run_foreign, "probes_before_after": probe_foreign[-2:]}
+            row = {"repeat": k, "seed": args.seed + k, "foreign_cpu": foreign,
+                   **compare(results, sims),
+                   "real_prefill_over_fit": {"engine": prefill_over_fit(results, engine),
+                                             "cluster": prefill_over_fit(results, profile)}}
+            print(describe(f"cluster (repeat {k})", profile), flush=True)
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    finally:
+        cluster.shutdown()
+        ray.shutdown()
+    for name in ("engine", "engine_padded", "cluster", "cluster_padded"):
+        print_table(rows, name)
+    print(f"\ntotal {time.perf_counter() - t0:.0f} s", flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--requests", type=int, default=50)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--load", type=float, default=0.55, help="share of the simulated saturation rate")
+    ap.add_argument("--rate", type=float, default=None, help="fixed rate (req/s) instead of --load")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--calib-repeats", type=int, default=2)
+    ap.add_argument("--save-profiles", help="existing directory for each repeat's cluster profile")
+    ap.add_argument("--transport", default="ray")
+    ap.add_argument("--quiet", type=float, default=0.1,
+                    help="start each phase once other jobs use less than this share of the CPUs")
+    ap.add_argument("--max-wait", type=float, default=60.0, help="... or after this many seconds")
+    args = ap.parse_args()
+    # One event loop for the whole run: Ray binds awaited refs to the loop that first awaits.
+    asyncio.run(main_async(args))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,45 @@
+"""Linear layers with oneDNN-prepacked weights, for bf16 on CPU.
+
+``F.linear`` on a bf16 CPU tensor hands oneDNN the weight in plain row-major layout, and oneDNN
+reorders it into its blocked (AMX/VNNI) layout on *every* call. For decode-sized batches that
+reorder costs as much as the multiply itself. Packing each weight once at load time removes it:
+1.3-2x faster linears at batch 1-128 on this project's CPU (AMX), bit-identical outputs (same
+kernel, same accumulation order). Large prefill batches are unaffected.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def packing_available(dtype: torch.dtype, device: str) -> bool:
+    """Whether prepacking applies: bf16 on a CPU whose torch has oneDNN with bf16 support."""
+    if dtype != torch.bfloat16 or device != "cpu" or not torch.backends.mkldnn.is_available():
+        return False
+    return hasattr(torch.ops.mkldnn, "_linear_pointwise") and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+class PackedLinear(nn.Module):
+    """Inference-only stand-in for ``nn.Linear`` holding the weight in oneDNN's blocked layout."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        # Not a parameter: an opaque oneDNN tensor, meaningless to state_dict or .to().
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), None)
+        self.bias = None if linear.bias is None else linear.bias.detach()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+
+
+def prepack_linears(model: nn.Module) -> int:
+    """Replace every ``nn.Linear`` in ``model`` by a ``PackedLinear``; returns how many.
+
+    Call after the weights are loaded: the packed copies do not follow later weight updates.
+    """
+    targets = [(parent, name, child) for parent in model.modules()
+               for name, child in parent.named_children() if isinstance(child, nn.Linear)]
+    for parent, name, child in targets:
+        setattr(parent, name, PackedLinear(child))
+    return len(targets)
