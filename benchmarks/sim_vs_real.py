@@ -12,12 +12,12 @@ Steps:
    simulated prefill latency), its fetch (in the decode step loop) plus the prefill -> router ->
    decode hops (the simulator's transfer delay).
 3. Launch SmolLM2-135M fp32, 1 prefill + 1 decode actor (num_cpus=1, one torch thread each) on
-   `ray.init(num_cpus=2)`, and profile the *deployed* instances ("cluster" profile) with probes:
-   a blocker prompt (max_tokens=1) occupies the prefill instance while b identical prompts queue, so
-   they are prefilled in one batch and decode in lockstep; the batch's prefill_start/end (stamped
-   in the prefill actor) is a prefill sample, the requests' TPOT is the decode step period at batch
-   b as served (engine step + step loop + per-step report), and the blocker is a single-prompt
-   prefill sample. The probes run just before and just after every measured run and the profile of
+   `ray.init(num_cpus=2)`, and profile the *deployed* instances ("cluster" profile) with the probes
+   of `tandem profile --served` (deploy/served_profile.py): a single prompt is a one-sequence
+   prefill sample; b identical prompts queued at the paused prefill instance are prefilled as one
+   batch and decode in lockstep; the batch's prefill_start/end (stamped in the prefill actor) is a
+   prefill sample, the requests' TPOT the decode step period at batch b as served (engine step +
+   step loop + per-step report). The probes run just before and just after every measured run and the profile of
    that run is fitted on both: this host is shared with other jobs and its speed drifts by tens of
    percent within minutes.
 4. Rate: --load (default 0.55) x the simulated saturation throughput of 1P+1D under the first
@@ -60,11 +60,7 @@ POOLS = {"short": (16, 96), "long": (16, 256)}
 DECODE_GRID = (("short", 1), ("short", 4), ("short", 16), ("long", 1), ("long", 4), ("long", 8),
                ("long", 16))
 DECODE_STEPS = 6  # decode steps timed per shape (median)
-# Cluster probes: (blocker prompt length, batch, prompt length); each decodes PROBE_TOKENS tokens.
-# Batch and context vary independently, so the decode form's per-sequence and per-context-token
-# terms are told apart (batch x length stays within the 2048-token prefill budget).
-PROBES = ((256, 1, 224), (192, 16, 64), (160, 4, 240), (128, 12, 160))
-PROBE_TOKENS = 32
+# Cluster probes: deploy/served_profile.py's PROBES (batch x length within the 2048-token budget).
 
 
 # -- engine profile ------------------------------------------------------------------------------
@@ -228,45 +224,20 @@ class WithExport:
 
 # -- cluster profile -----------------------------------------------------------------------------
 
-async def probe_cluster(client, rng: random.Random) -> tuple[list, list]:
-    """Prefill and decode samples of the deployed instances (see the module docstring, step 3).
+async def probe_cluster(client, prefill, rng: random.Random) -> tuple[list, list]:
+    """Prefill and decode samples of the deployed instances: the probes of `tandem profile
+    --served` (deploy/served_profile.py), so this benchmark checks the product's calibration path.
 
     Tried and dropped: taking the prefill samples while background requests kept the decode
     instance busy (as in a run). On 2 cores the extra streams also load the router and the driver;
     the prefill fits got 4-30x noisier (rms 200-300 ms) and TTFT errors worse (+11..+46%)."""
+    from deploy.served_profile import PROBE_TOKENS, PROBES, probe
+
     def prompt(n: int) -> list[int]:
         return [rng.randrange(10, VOCAB) for _ in range(n)]
 
-    return await _probe_batches(client, prompt, max_tokens=PROBE_TOKENS)
-
-
-async def _probe_batches(client, prompt, max_tokens: int) -> tuple[list, list]:
-    """Run PROBES; prefill samples (blocker and batch) and, when the batch decodes, its TPOT."""
-    from engine.params import SamplingParams
-    from placement.calibrate import ProfileSample
-
-    def prefill_seconds(result) -> float:
-        return result.metrics["prefill_end"] - result.metrics["prefill_start"]
-
-    prefill, decode = [], []
-    for blocker_len, batch, length in PROBES:
-        blocker = asyncio.ensure_future(client.agenerate(
-            prompt(blocker_len), SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)))
-        await asyncio.sleep(0.05)  # the blocker occupies the prefill instance; the batch queues
-        params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
-        results = await asyncio.gather(*(client.agenerate(prompt(length), params) for _ in range(batch)))
-        prefill.append(ProfileSample("prefill", 1, 1, (blocker_len,), prefill_seconds(await blocker)))
-        durations = {round(prefill_seconds(r), 6) for r in results}
-        if len(durations) != 1:
-            print(json.dumps({"probe_skipped": [batch, length], "prefill_batches": len(durations)}),
-                  flush=True)
-            continue  # not one lockstep batch (the blocker finished too early): no clean sample
-        prefill.append(ProfileSample("prefill", 1, 1, (length,) * batch, durations.pop()))
-        if max_tokens > 1:
-            ctx = length + 1 + max_tokens // 2  # context at the middle decode step
-            decode.append(ProfileSample("decode", 1, 1, (ctx,) * batch,
-                                        statistics.median(r.metrics["tpot"] for r in results)))
-    return prefill, decode
+    samples = await probe(client, prefill, prompt, PROBES, PROBE_TOKENS)
+    return ([s for s in samples if s.phase == "prefill"], [s for s in samples if s.phase == "decode"])
 
 
 def cluster_profile(samples: list):
@@ -517,11 +488,12 @@ async def main_async(args) -> None:
     transfer = transfer_cost(xfer)
     cluster = launch(model_dir, args.transport)
     client = cluster.client(timeout_s=900)
+    prefill = next(h for name, h in cluster.actors.items() if "-prefill-" in name)
     rows, rng = [], random.Random(4321)
     try:
         await run_real(client, workload(4, 4.0, seed=99))  # warm-up
         await watch.wait_quiet(args.quiet, args.max_wait)
-        before = await probe_cluster(client, rng)
+        before = await probe_cluster(client, prefill, rng)
         probe_foreign = [round(watch.foreign(), 3)]
         first = cluster_profile(before[0] + before[1])
         capacity = saturation_rate(step_model(first, model_dir, xfer["export"]), transfer)
@@ -537,7 +509,7 @@ async def main_async(args) -> None:
             sent, results = await run_real(client, reqs)
             run_foreign = round(watch.foreign(), 3)
             watch.reset()
-            after = await probe_cluster(client, rng)
+            after = await probe_cluster(client, prefill, rng)
             probe_foreign.append(round(watch.foreign(), 3))
             profile = cluster_profile(before[0] + after[0] + before[1] + after[1])
             before = after

@@ -1,5 +1,8 @@
 """`tandem profile SPEC`: time the real engine over a grid of batch shapes, fit the planner's latency
-forms (placement/calibrate.py) and write the calibration file `tandem plan` reads."""
+forms (placement/calibrate.py) and write the calibration file `tandem plan` reads.
+
+With ``--served`` it times one launched prefill + decode pair through the router instead
+(deploy/served_profile.py): slower to run, closer to what a deployment serves."""
 from __future__ import annotations
 
 import argparse
@@ -17,6 +20,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="calibration JSON to write")
     p.add_argument("--threads", type=int, default=1, help="torch threads (match the instances)")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--served", action="store_true",
+                   help="time launched instances (1 prefill + 1 decode) on Ray, not a bare engine")
+    p.add_argument("--address", help="with --served: Ray cluster address (default: $RAY_ADDRESS or local)")
     p.set_defaults(func=_profile)
 
 
@@ -29,6 +35,8 @@ def _profile(args: argparse.Namespace) -> int:
     from placement.calibrate import fit_profile, save_profile
 
     spec = load_spec_or_fail(args.spec)
+    if args.served:
+        return _profile_served(spec, args)
     torch.set_num_threads(args.threads)
     engine = Engine(model_directory(spec), EngineConfig(dtype=spec.model.dtype, num_blocks=8192))
     samples = [*prefill_samples(engine, args.repeats), *decode_samples(engine, args.repeats)]
@@ -37,6 +45,26 @@ def _profile(args: argparse.Namespace) -> int:
     save_profile(profile, Path(args.out))
     entry = profile.entries[0]
     print(f"wrote {args.out}: {len(samples)} samples; prefill rms {1000 * entry.prefill.rms:.1f} ms, "
+          f"decode rms {1000 * entry.decode.rms:.1f} ms")
+    return 0
+
+
+def _profile_served(spec, args: argparse.Namespace) -> int:
+    from cluster.launcher import LaunchError
+    from cluster.spec_types import SpecError
+    from deploy.cli import CommandError
+    from deploy.ray_session import connect_ray
+    from deploy.served_profile import profile_served
+    from placement.calibrate import save_profile
+
+    connect_ray(args.address)
+    try:
+        profile = profile_served(spec, repeats=args.repeats)
+    except (SpecError, LaunchError, ValueError) as exc:
+        raise CommandError(f"served profile failed: {exc}") from exc
+    save_profile(profile, Path(args.out))
+    entry = profile.entries[0]
+    print(f"wrote {args.out}: served 1P+1D probes; prefill rms {1000 * entry.prefill.rms:.1f} ms, "
           f"decode rms {1000 * entry.decode.rms:.1f} ms")
     return 0
 

@@ -99,14 +99,39 @@ def least_squares(rows: Sequence[Sequence[float]], targets: Sequence[float]) -> 
     return None if solution is None else [s / scale[j] for j, s in enumerate(solution)]
 
 
+def nonnegative_least_squares(rows: Sequence[Sequence[float]],
+                              targets: Sequence[float]) -> list[float] | None:
+    """Least squares with every coefficient >= 0, exactly: the best of the ordinary fits over each
+    subset of the columns whose coefficients all come out >= 0 (3 columns: 7 subsets).
+
+    Why: each term of the forms is a cost (fixed overhead, per token, per token pair), so a
+    negative one only fits noise, and it extrapolates badly: a negative quadratic term made the
+    simulator under-predict long prefill batches (benchmarks/RESULTS.md, "Simulator vs real")."""
+    k = len(rows[0])
+    best, best_err = None, float("inf")
+    for mask in range(1, 1 << k):
+        cols = [j for j in range(k) if mask >> j & 1]
+        sub = least_squares([[r[j] for j in cols] for r in rows], targets)
+        if sub is None or min(sub) < 0:
+            continue
+        coef = [0.0] * k
+        for j, c in zip(cols, sub):
+            coef[j] = c
+        err = sum((t - sum(c * f for c, f in zip(coef, r))) ** 2 for r, t in zip(rows, targets))
+        if err < best_err:
+            best, best_err = coef, err
+    return best
+
+
 def _fit_phase(samples: list[ProfileSample], label: str) -> PhaseFit:
     if len(samples) < 3:
         raise ValueError(f"{label}: need at least 3 samples to fit 3 coefficients, got {len(samples)}")
     rows = [_features(s) for s in samples]
     targets = [s.seconds for s in samples]
-    coef = least_squares(rows, targets)
-    if coef is None:
+    if least_squares(rows, targets) is None:
         raise ValueError(f"{label}: samples do not vary enough (vary batch sizes and lengths)")
+    coef = nonnegative_least_squares(rows, targets)
+    assert coef is not None  # the constant column alone always fits positive times
     residuals = [t - sum(c * f for c, f in zip(coef, row)) for row, t in zip(rows, targets)]
     rms = (sum(r * r for r in residuals) / len(residuals)) ** 0.5
     return PhaseFit(coef=(coef[0], coef[1], coef[2]), rms=rms, samples=len(samples))

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from placement.calibrate import (CalibratedLatency, ProfileSample, fit_profile, least_squares,
-                                 load_profile, save_profile)
+                                 load_profile, nonnegative_least_squares, save_profile)
 from placement.candidates import Shape
 from placement.evaluate import Evaluator
 from placement.latency import AnalyticLatency
@@ -44,6 +44,40 @@ def test_fit_with_noise_stays_close() -> None:
     entry = fit_profile(_samples(1, 1, noise=0.01)).entries[0]
     assert entry.decode is not None
     assert entry.decode.at(32, 32 * 1000) == pytest.approx(0.008 + 50e-6 * 32 + 1.5e-6 * 32000, rel=0.03)
+
+
+def _concave_prefill_samples() -> list[ProfileSample]:
+    """Times that flatten with length (noise or a cache effect): plain least squares answers with
+    a negative quadratic coefficient."""
+    rng = random.Random(3)
+    out = []
+    for _ in range(10):
+        lengths = tuple(rng.randint(32, 512) for _ in range(rng.randint(1, 8)))
+        t = 0.01 + 30e-6 * sum(lengths) - 4e-9 * sum(x * x for x in lengths)
+        out.append(ProfileSample("prefill", 1, 1, lengths, t))
+    return out
+
+
+def test_fit_keeps_every_cost_term_nonnegative_and_optimal() -> None:
+    samples = _concave_prefill_samples()
+    rows = [(1.0, float(sum(s.lengths)), float(sum(x * x for x in s.lengths))) for s in samples]
+    targets = [s.seconds for s in samples]
+    assert min(least_squares(rows, targets)) < 0  # the case really needs the constraint
+    coef = fit_profile(samples + _samples(1, 1)[1::2]).entries[0].prefill.coef
+    assert min(coef) >= 0
+    # Optimality (KKT): the residual's gradient is ~0 along free coefficients and >= 0 along
+    # coefficients held at zero, i.e. no feasible direction lowers the squared error.
+    residual = [sum(c * f for c, f in zip(coef, r)) - t for r, t in zip(rows, targets)]
+    for j in range(3):
+        grad = sum(r[j] * e for r, e in zip(rows, residual))
+        scale = sum(abs(r[j] * t) for r, t in zip(rows, targets))
+        assert (grad >= -1e-9 * scale) if coef[j] == 0 else abs(grad) <= 1e-6 * scale
+
+
+def test_nonnegative_fit_equals_plain_fit_when_that_is_nonnegative() -> None:
+    rows = [(1.0, x, x * x) for x in (1.0, 2.0, 3.0, 5.0)]
+    targets = [2 + 3 * x + 0.5 * x * x for x, _, _ in [(r[1], 0, 0) for r in rows]]
+    assert nonnegative_least_squares(rows, targets) == pytest.approx([2, 3, 0.5], rel=1e-9)
 
 
 def test_least_squares_matches_exact_solution_on_a_line() -> None:
