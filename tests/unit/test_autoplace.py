@@ -18,6 +18,7 @@ from cluster.autoplace import (
 from cluster.spec import PlanningCluster, SpecError, load_spec, parse_spec, spec_to_dict
 from deploy.cli import main
 from placement.calibrate import CalibratedEntry, CalibratedProfile, PhaseFit, save_profile
+from tests.spec_helpers import write_model_config
 
 # A tiny Llama shape: tp 2 and pp 2 would both divide it, so only the engine limit keeps them out.
 CONFIG = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64,
@@ -30,10 +31,7 @@ SIZE = PlanningCluster(nodes=1, devices_per_node=6)
 
 @pytest.fixture
 def model_dir(tmp_path: Path) -> Path:
-    directory = tmp_path / "tiny-llama"
-    directory.mkdir()
-    (directory / "config.json").write_text(json.dumps(CONFIG))
-    return directory
+    return write_model_config(tmp_path / "tiny-llama", CONFIG)
 
 
 def auto(model_dir: Path, **changes: Any) -> dict[str, Any]:

@@ -2,7 +2,6 @@
 starts with the offending field, and a spec survives spec_to_dict -> parse_spec unchanged."""
 from __future__ import annotations
 
-import copy
 import json
 import pickle
 import subprocess
@@ -16,50 +15,14 @@ import yaml
 
 from cluster.spec import (
     ClusterSpec, InstanceSpec, SpecError, dump_spec, load_spec, parse_spec, spec_to_dict)
+from tests.spec_helpers import base, expect_error, with_value, write_model_config
 
 SPECS_DIR = Path(__file__).resolve().parents[2] / "deploy" / "specs"
 EXAMPLES = sorted(SPECS_DIR.glob("*.yaml"))
 
-# Shaped like a small GQA model: 8 query heads, 4 KV heads, 6 layers.
-TINY_CONFIG = {"architectures": ["LlamaForCausalLM"], "num_attention_heads": 8,
-               "num_key_value_heads": 4, "num_hidden_layers": 6, "hidden_size": 64}
-
-
 @pytest.fixture
 def model_dir(tmp_path: Path) -> Path:
-    directory = tmp_path / "tiny"
-    directory.mkdir()
-    (directory / "config.json").write_text(json.dumps(TINY_CONFIG))
-    return directory
-
-
-def base(model_dir: Path | None = None) -> dict[str, Any]:
-    """A minimal valid disaggregated spec; by path when `model_dir` is given (model-aware checks
-    run), else by a name no machine has prepared (model-aware checks are skipped)."""
-    model = {"path": str(model_dir)} if model_dir else {"name": "no-such-model"}
-    return {"name": "test", "model": model, "prefill": {"device": "cpu"}, "decode": {"device": "cpu"}}
-
-
-def with_value(data: dict[str, Any], dotted: str, value: Any) -> dict[str, Any]:
-    """Copy of `data` with the dotted key set (intermediate mappings created as needed)."""
-    data = copy.deepcopy(data)
-    *parents, last = dotted.split(".")
-    node = data
-    for part in parents:
-        node = node.setdefault(part, {})
-    node[last] = value
-    return data
-
-
-def expect_error(data: dict[str, Any], field: str, *fragments: str, **kwargs: Any) -> SpecError:
-    with pytest.raises(SpecError) as info:
-        parse_spec(data, **kwargs)
-    message = str(info.value)
-    assert message.startswith(f"{field}: "), message
-    assert info.value.field == field
-    for fragment in fragments:
-        assert fragment in message, message
-    return info.value
+    return write_model_config(tmp_path / "tiny")
 
 
 # --- the examples ----------------------------------------------------------------------------
@@ -184,153 +147,6 @@ def test_relative_model_path_resolves_against_spec_dir(tmp_path: Path, model_dir
 def test_relative_model_path_with_base_dir(model_dir: Path) -> None:
     spec = parse_spec({**base(), "model": {"path": "tiny"}}, base_dir=model_dir.parent)
     assert spec.model.path == str(model_dir.resolve()) and spec.model_check.checked
-
-
-# --- errors: one class at a time -------------------------------------------------------------
-
-UNKNOWN_KEYS = [
-    ("nmae", "nmae", "name, mode"),
-    ("router.polcy", "router.polcy", "prefill_policy"),
-    ("prefill.replica", "prefill.replica", "replicas"),
-    ("decode.tensor_parallel", "decode.tensor_parallel", "tp"),
-    ("model.revision", "model.revision", "path, name, dtype"),
-    ("transfer.backend_name", "transfer.backend_name", "timeout_s"),
-    ("slo.ttft", "slo.ttft", "ttft_ms"),
-    ("model_check", "model_check", "unknown field"),  # computed, never read from YAML
-]
-
-
-@pytest.mark.parametrize("key,field,fragment", UNKNOWN_KEYS, ids=[c[0] for c in UNKNOWN_KEYS])
-def test_unknown_keys_are_errors(key: str, field: str, fragment: str) -> None:
-    expect_error(with_value(base(), key, 1), field, "unknown field", fragment)
-
-
-BAD_ENUMS = [
-    ("mode", "split", "disaggregated, colocated"),
-    ("placement", "manual", "explicit, auto"),
-    ("model.dtype", "float16", "auto, float32, bfloat16"),
-    ("prefill.device", "gpu", "cpu, cuda"),
-    ("decode.device", None, "cpu, cuda"),
-    ("transfer.backend", "foo", "auto, shm, ray, nccl"),
-    ("router.prefill_policy", "random", "least_tokens, round_robin"),
-    ("router.decode_policy", 3, "most_free_blocks, round_robin"),
-]
-
-
-@pytest.mark.parametrize("field,value,choices", BAD_ENUMS, ids=[c[0] for c in BAD_ENUMS])
-def test_unknown_enum_values(field: str, value: Any, choices: str) -> None:
-    expect_error(with_value(base(), field, value), field,
-                 f"unknown value {value!r} (expected one of: {choices})")
-
-
-WRONG_TYPES = [
-    ("name", 5, "expected str, got int"),
-    ("prefill.replicas", "two", "got str 'two'"),
-    ("prefill.replicas", True, "got bool"),
-    ("decode.tp", 1.5, "got float"),
-    ("decode.block_size", None, "got null"),
-    ("prefill.num_blocks", "many", "got str"),
-    ("prefill.memory_fraction", "half", "got str"),
-    ("decode.num_cpus", [1], "got array"),
-    ("transfer.timeout_s", "soon", "expected float"),
-    ("router.request_timeout_s", {"s": 1}, "expected float, got object"),
-    ("slo.ttft_ms", "1e3", "1.0e+3"),
-    ("model.path", 7, "got int"),
-]
-
-
-@pytest.mark.parametrize("field,value,fragment", WRONG_TYPES,
-                         ids=[f"{c[0]}={c[1]!r}" for c in WRONG_TYPES])
-def test_wrong_types(field: str, value: Any, fragment: str) -> None:
-    data = with_value(base(), field, value)
-    if field.startswith("slo."):
-        data["slo"].setdefault("tpot_ms", 50)
-    expect_error(data, field, fragment)
-
-
-@pytest.mark.parametrize("section", ["model", "prefill", "decode", "transfer", "router", "slo"])
-@pytest.mark.parametrize("value", [[1, 2], "yes", 3])
-def test_sections_must_be_mappings(section: str, value: Any) -> None:
-    expect_error({**base(), section: value}, section, "expected a mapping")
-
-
-@pytest.mark.parametrize("data", [[], "spec", None, 3], ids=repr)
-def test_top_level_must_be_a_mapping(data: Any) -> None:
-    expect_error(data, "spec", "expected a mapping")
-
-
-OUT_OF_RANGE = [
-    ("prefill.replicas", 0, "must be >= 1, got 0"),
-    ("decode.replicas", -2, "must be >= 1, got -2"),
-    ("prefill.tp", 0, "must be >= 1"),
-    ("decode.pp", 0, "must be >= 1"),
-    ("prefill.block_size", 0, "must be >= 1"),
-    ("prefill.block_size", 12, "must be a power of 2, got 12"),
-    ("decode.block_size", 24, "must be a power of 2"),
-    ("prefill.num_blocks", 0, "must be >= 1"),
-    ("prefill.memory_fraction", 0.0, "must be in (0, 1], got 0.0"),
-    ("decode.memory_fraction", 1.5, "must be in (0, 1]"),
-    ("decode.memory_fraction", float("nan"), "must be in (0, 1]"),
-    ("prefill.max_batch_tokens", 0, "must be >= 1"),
-    ("decode.max_num_seqs", 0, "must be >= 1"),
-    ("prefill.num_cpus", -0.5, "must be >= 0"),
-    ("transfer.timeout_s", 0, "must be > 0, got 0"),
-    ("transfer.timeout_s", -1.0, "must be > 0"),
-    ("router.request_timeout_s", 0, "must be > 0"),
-    ("slo.ttft_ms", 0, "must be > 0"),
-    ("slo.tpot_ms", -5, "must be > 0"),
-    ("slo.attainment", 0, "must be in (0, 1]"),
-    ("slo.attainment", 1.01, "must be in (0, 1]"),
-    ("name", "Bad_Name", "not DNS-like"),
-    ("name", "-lead", "not DNS-like"),
-    ("name", "trail-", "not DNS-like"),
-    ("name", "", "not DNS-like"),
-    ("name", "a" * 64, "not DNS-like"),
-    ("model.name", "", "must not be empty"),
-]
-
-
-@pytest.mark.parametrize("field,value,fragment", OUT_OF_RANGE,
-                         ids=[f"{c[0]}={c[1]!r}"[:40] for c in OUT_OF_RANGE])
-def test_out_of_range(field: str, value: Any, fragment: str) -> None:
-    data = with_value(base(), field, value)
-    if field.startswith("slo."):
-        data["slo"] = {"ttft_ms": 100, "tpot_ms": 10, **data["slo"]}
-    expect_error(data, field, fragment)
-
-
-@pytest.mark.parametrize("value", [1, 2, 8, 16, 32, 128])
-def test_power_of_two_block_sizes_pass(value: int) -> None:
-    data = with_value(with_value(base(), "prefill.block_size", value), "decode.block_size", value)
-    assert parse_spec(data).decode.block_size == value  # type: ignore[union-attr]
-
-
-@pytest.mark.parametrize("section", ["prefill", "decode"])
-def test_num_blocks_and_memory_fraction_are_exclusive(section: str) -> None:
-    data = with_value(with_value(base(), f"{section}.num_blocks", 100),
-                      f"{section}.memory_fraction", 0.5)
-    expect_error(data, f"{section}.memory_fraction", "num_blocks", "not both")
-
-
-@pytest.mark.parametrize("model,fragment", [
-    ({"path": "/m", "name": "smollm2"}, "not both"),
-    ({}, "give either path"),
-    ({"dtype": "float32"}, "give either path"),
-    ({"path": None, "name": None}, "give either path"),
-], ids=["both", "neither", "dtype-only", "both-null"])
-def test_model_needs_exactly_one_of_path_and_name(model: dict[str, Any], fragment: str) -> None:
-    expect_error({**base(), "model": model}, "model", fragment)
-
-
-@pytest.mark.parametrize("field", ["name", "model"])
-def test_required_top_level_fields(field: str) -> None:
-    data = base()
-    del data[field]
-    expect_error(data, field, "required field missing")
-
-
-def test_slo_needs_both_targets() -> None:
-    expect_error({**base(), "slo": {"ttft_ms": 100}}, "slo.tpot_ms", "required field missing")
 
 
 # --- errors: layout, devices, model shape ----------------------------------------------------
