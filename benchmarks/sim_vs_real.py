@@ -104,7 +104,8 @@ def step_model(profile, model_dir: str, export: tuple[float, float]):
 
 
 class PaddedDecode:
-    """The engine's decode attention pads every sequence to the batch's longest context (one
+    """The engine's fp32 decode attention (SDPA; bf16 uses the native kernel, which does not pad)
+    pads every sequence to the batch's longest context (one
     gather of ``batch x longest`` slots, engine/runner.py and engine/attention.py), so a step costs
     the fitted form at ``batch x longest`` instead of the sum of contexts. The fits come from
     uniform-context batches, where the two agree; a real batch mixes 64..350-token contexts

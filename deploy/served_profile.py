@@ -44,7 +44,7 @@ def single_pair(spec):
 def fit_probe_shapes(probes, tokens: int, limit: int):
     """Shrink probe prompts that would not fit the model's context (small test models)."""
     room = limit - tokens - 1
-    return tuple((min(b, room), n, min(length, room)) for b, n, length in probes)
+    return tuple((min(solo, room), batch, min(length, room)) for solo, batch, length in probes)
 
 
 async def probe(client, prefill, prompt, probes=PROBES, tokens: int = PROBE_TOKENS) -> list:
