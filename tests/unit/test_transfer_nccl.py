@@ -32,6 +32,9 @@ class FakeComm:
         self.aborted = False
         self.error: Exception | None = None
         self.pending: list[tuple[tuple, int, int]] = []  # (queue key, destination ptr, bytes)
+        # Both peers' events poll every comm with pending receives (see FakeWire.record), so
+        # two threads may progress one comm at once: take the head receive atomically.
+        self._progress_lock = threading.Lock()
 
     def send(self, ptr: int, count: int, datatype: int, peer: int, stream: int) -> None:
         assert not self.aborted and datatype == FakeWire.uint8
@@ -43,6 +46,10 @@ class FakeComm:
 
     def progress(self) -> bool:
         """Complete the recvs whose sends arrived; True when none is left."""
+        with self._progress_lock:
+            return self._progress_locked()
+
+    def _progress_locked(self) -> bool:
         while self.pending and self.error is None:
             key, ptr, count = self.pending[0]
             try:
@@ -61,8 +68,9 @@ class FakeComm:
             raise self.error
 
     def abort(self) -> None:
-        self.aborted = True
-        self.pending.clear()
+        with self._progress_lock:
+            self.aborted = True
+            self.pending.clear()
 
     def destroy(self) -> None:
         self.abort()
