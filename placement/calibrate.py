@@ -15,6 +15,7 @@ from typing import Iterable, Literal, Sequence
 import msgspec
 
 from .latency import StepModel
+from .sim_core import Interference
 
 Phase = Literal["prefill", "decode"]
 
@@ -51,13 +52,15 @@ class CalibratedEntry(msgspec.Struct, frozen=True):
 
 
 class CalibratedProfile(msgspec.Struct, frozen=True):
-    """The calibration file: what was measured (model, hardware, dtype) and the fits."""
+    """The calibration file: what was measured (model, hardware, dtype), the fits and, from a
+    served profile, how much the two phases slow each other down on one node."""
 
     entries: tuple[CalibratedEntry, ...]
     model: str = ""
     hardware: str = ""
     dtype: str = ""
     version: int = 1
+    interference: Interference | None = None
 
     def entry(self, tp: int, pp: int) -> CalibratedEntry | None:
         for e in self.entries:

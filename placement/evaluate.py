@@ -204,11 +204,14 @@ class Evaluator:
             if dep.algorithm == "low-affinity" else None
         lifetime = (self._prefill_batch(dep.prefill, False)[1]
                     + self.decode_lifetime(dep.decode, False))
+        interference = p.calibration.interference if p.calibration else None
+        shared_node = [[j for j, dst in enumerate(dep.decode_at) if set(src.nodes) & set(dst.nodes)]
+                       for src in dep.prefill_at]
 
         def run(rate: float) -> SimResult:
             trace, window = self.sized(rate, lifetime)
             return simulate_disaggregated(pre, dec, transfer, p.policy, trace, rate, p.slo, window,
-                                          affinity)
+                                          affinity, interference, shared_node)
         return run
 
     def joint_capacity(self, dep: Deployment) -> float:

@@ -9,7 +9,11 @@ Mirrors the real policies (DESIGN.md, request lifecycle):
   prefill instance's ``affinity`` set when one is given (Algorithm 2 plans keep KV inside a node);
 - decode: FCFS admission that waits for blocks (plus a watermark), then the KV transfer, then the
   request joins the next continuous-batching step; out of blocks mid-decode, the newest sequence is
-  preempted and re-admitted later (its KV fetched again, costing another transfer).
+  preempted and re-admitted later (its KV fetched again, costing another transfer);
+- interference: instances of the two phases on one node slow each other down (shared memory
+  bandwidth on CPU). A prefill batch that starts while a decode instance on its node is busy takes
+  ``1 + interference.prefill`` times as long; a decode step that starts while a prefill instance on
+  its node is mid-batch takes ``1 + interference.decode`` times as long.
 
 With no prefill instances, requests arrive straight at decode (TTFT 0): the isolated decode phase.
 With no decode instances, requests end at their first token: the isolated prefill phase.
@@ -22,14 +26,15 @@ from typing import Sequence
 
 from .memory import blocks_for
 from .policy import Policy
-from .sim_core import DecodeBatch, InstanceModel, SimResult, SimulationError, Slo, summarize
+from .sim_core import DecodeBatch, InstanceModel, Interference, SimResult, SimulationError, Slo, summarize
 from .workload import BaseTrace
 
 _PREFILL_TRY, _PREFILL_DONE, _TRANSFER_DONE, _STEP_END = range(4)
 
 
 class _Prefill:
-    __slots__ = ("idx", "model", "free", "total", "queue", "outstanding", "next_start", "pending")
+    __slots__ = ("idx", "model", "free", "total", "queue", "outstanding", "next_start", "pending",
+                 "busy_until", "neighbours")
 
     def __init__(self, idx: int, model: InstanceModel) -> None:
         self.idx = idx
@@ -39,10 +44,13 @@ class _Prefill:
         self.outstanding = 0  # prompt tokens queued or running
         self.next_start = 0.0
         self.pending = False  # a _PREFILL_TRY event is scheduled
+        self.busy_until = 0.0  # end of the batch in flight
+        self.neighbours: list[_Decode] = []  # decode instances on this instance's node
 
 
 class _Decode:
-    __slots__ = ("idx", "model", "batch", "waiting", "demand", "ready", "busy", "watermark")
+    __slots__ = ("idx", "model", "batch", "waiting", "demand", "ready", "busy", "watermark",
+                 "neighbours")
 
     def __init__(self, idx: int, model: InstanceModel, policy: Policy) -> None:
         self.idx = idx
@@ -53,6 +61,7 @@ class _Decode:
         self.ready: list[tuple[int, int, int]] = []  # KV arrived, joins at the next step
         self.busy = False
         self.watermark = int(policy.watermark * model.kv_blocks)
+        self.neighbours: list[_Prefill] = []  # prefill instances on this instance's node
 
 
 class DisaggSim:
@@ -61,7 +70,9 @@ class DisaggSim:
     def __init__(self, prefill: Sequence[InstanceModel], decode: Sequence[InstanceModel],
                  transfer: Sequence[Sequence[tuple[float, float]]], policy: Policy,
                  trace: BaseTrace, rate: float,
-                 affinity: Sequence[Sequence[int]] | None = None) -> None:
+                 affinity: Sequence[Sequence[int]] | None = None,
+                 interference: Interference | None = None,
+                 shared_node: Sequence[Sequence[int]] | None = None) -> None:
         self.policy = policy
         self.bs = policy.block_size
         self.prefills = [_Prefill(i, m) for i, m in enumerate(prefill)]
@@ -71,6 +82,12 @@ class DisaggSim:
         every = list(self.decodes)
         self.targets = [[self.decodes[j] for j in group] for group in affinity] if affinity else \
             [every] * max(1, len(self.prefills))
+        # shared_node[p]: the decode instances on prefill instance p's node (default: none).
+        self.slowdown = interference or Interference()
+        for p, group in zip(self.prefills, shared_node or ()):
+            for j in group:
+                p.neighbours.append(self.decodes[j])
+                self.decodes[j].neighbours.append(p)
         self.arrival = trace.arrivals(rate)
         self.inputs, self.outputs = trace.inputs, trace.outputs
         n = trace.count
@@ -134,7 +151,11 @@ class DisaggSim:
             return  # waiting for KV blocks; a transfer completion retries
         inst.free -= blocks
         latency, busy = inst.model.step.prefill(len(batch), tokens, sum_sq)
+        if any(d.busy for d in inst.neighbours):
+            factor = 1.0 + self.slowdown.prefill
+            latency, busy = latency * factor, busy * factor
         inst.next_start = now + busy
+        inst.busy_until = now + latency
         self._push(now + latency, _PREFILL_DONE, inst.idx, self._keep(batch))
         if inst.queue:
             inst.pending = True
@@ -235,7 +256,10 @@ class DisaggSim:
             self._admit(now, inst)
             return
         inst.busy = True
-        self._push(now + inst.model.step.decode(batch.size, batch.sum_ctx), _STEP_END, d_idx)
+        seconds = inst.model.step.decode(batch.size, batch.sum_ctx)
+        if any(p.busy_until > now for p in inst.neighbours):
+            seconds *= 1.0 + self.slowdown.decode
+        self._push(now + seconds, _STEP_END, d_idx)
 
     def _step_end(self, now: float, d_idx: int, _: int) -> None:
         inst = self.decodes[d_idx]
@@ -249,15 +273,23 @@ def simulate_disaggregated(prefill: Sequence[InstanceModel], decode: Sequence[In
                            transfer: Sequence[Sequence[tuple[float, float]]], policy: Policy,
                            trace: BaseTrace, rate: float, slo: Slo,
                            window: tuple[int, int] | None = None,
-                           affinity: Sequence[Sequence[int]] | None = None) -> SimResult:
+                           affinity: Sequence[Sequence[int]] | None = None,
+                           interference: Interference | None = None,
+                           shared_node: Sequence[Sequence[int]] | None = None) -> SimResult:
     """Simulate ``trace`` at ``rate`` req/s; ``transfer[p][d]`` is the KV cost from p to d.
 
     Only requests with index in ``window`` (default: all) are measured, so callers can leave out
     the warm-up and the drain, when the system is emptier than in steady state. ``affinity[p]``
-    lists the decode instances prefill instance p may send to (default: all).
+    lists the decode instances prefill instance p may send to (default: all). ``shared_node[p]``
+    lists the decode instances on prefill instance p's node, which ``interference`` slows down
+    while both are busy (default: none share).
     """
     if not prefill and not decode:
         raise ValueError("need at least one prefill or decode instance")
     if affinity is not None and (len(affinity) != len(prefill) or not all(affinity)):
         raise ValueError("affinity needs a non-empty decode list per prefill instance")
-    return DisaggSim(prefill, decode, transfer, policy, trace, rate, affinity).run(slo, window)
+    if shared_node is not None and (len(shared_node) != len(prefill)
+                                    or any(not 0 <= j < len(decode) for g in shared_node for j in g)):
+        raise ValueError("shared_node needs a list of decode indices per prefill instance")
+    return DisaggSim(prefill, decode, transfer, policy, trace, rate, affinity, interference,
+                     shared_node).run(slo, window)
