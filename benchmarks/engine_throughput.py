@@ -24,7 +24,6 @@ from pathlib import Path
 import torch
 
 from engine import LLM, SamplingParams
-from engine.sequence import Sequence
 
 LLAMA_155M = dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16,
                   num_key_value_heads=4, vocab_size=32000, max_position_embeddings=4096)

@@ -19,7 +19,8 @@ Steps (1 and 2 are measured in benchmarks/sim_vs_real_costs.py):
    prefill sample, the requests' TPOT the decode step period at batch b as served (engine step +
    step loop + per-step report). The probes run just before and just after every measured run and the profile of
    that run is fitted on both: this host is shared with other jobs and its speed drifts by tens of
-   percent within minutes.
+   percent within minutes. The same passes measure the profile's interference (how much slower each
+   phase runs while the other is busy on this node, A/B on fixed shapes), as `--served` does.
 4. Rate: --load (default 0.55) x the simulated saturation throughput of 1P+1D under the first
    cluster profile (every request queued at t=0): a moderate rate.
 5. Each repeat: wait (up to --max-wait s) until other jobs use < --quiet of the CPUs, then Poisson
@@ -28,9 +29,10 @@ Steps (1 and 2 are measured in benchmarks/sim_vs_real_costs.py):
    (placement/sim_disagg.py) then runs on exactly those arrivals and lengths with the real policy
    (prefill token budget 2048, batch caps 128, 16-token blocks, 2048 blocks, no watermark).
 6. Report TTFT/TPOT p50/p90, real vs simulated, relative errors (median and range over repeats),
-   for four latency models: each profile with the fitted decode form as is (cost of the sum of
-   contexts, what the planner assumes), and "padded": the engine's decode attention pads every
-   sequence to the batch's longest context, so a step costs the form at batch x longest context.
+   for three latency models: the engine profile, the cluster profile without interference, and
+   the cluster profile with it ("cluster_interference": what the planner uses for instances that
+   share a node). An earlier "padded" decode form (cost at batch x longest context) over-predicted
+   TPOT by 31-48% and was dropped (benchmarks/RESULTS.md).
 
 Also printed per repeat: the CPU share other jobs used, and the real prefill batch durations
 (members of a batch share one prefill_start/prefill_end) over each profile's prefill form.
@@ -55,30 +57,38 @@ from benchmarks.sim_vs_real_costs import WithExport, engine_profile, measure_tra
 
 # -- cluster profile -----------------------------------------------------------------------------
 
-async def probe_cluster(client, prefill, rng: random.Random) -> tuple[list, list]:
+async def probe_cluster(client, prefill, rng: random.Random) -> tuple[list, list, list]:
     """Prefill and decode samples of the deployed instances: the probes of `tandem profile
     --served` (deploy/served_profile.py), so this benchmark checks the product's calibration path.
 
     Tried and dropped: taking the prefill samples while background requests kept the decode
     instance busy (as in a run). On 2 cores the extra streams also load the router and the driver;
     the prefill fits got 4-30x noisier (rms 200-300 ms) and TTFT errors worse (+11..+46%)."""
-    from deploy.served_profile import PROBE_TOKENS, PROBES, probe
+    from deploy.served_profile import PROBE_TOKENS, PROBES, interference_tokens, probe, probe_interference
 
     def prompt(n: int) -> list[int]:
         return [rng.randrange(10, VOCAB) for _ in range(n)]
 
     samples = await probe(client, prefill, prompt, PROBES, PROBE_TOKENS)
-    return ([s for s in samples if s.phase == "prefill"], [s for s in samples if s.phase == "decode"])
+    ab = await probe_interference(client, prefill, prompt, interference_tokens(cluster_profile(samples)))
+    return ([s for s in samples if s.phase == "prefill"], [s for s in samples if s.phase == "decode"], [ab])
 
 
-def cluster_profile(samples: list):
+def cluster_profile(samples: list, interference_passes: list | None = None):
     """Fit the probes. Prefill batches above 1024 tokens (the lockstep batches of 8-16 prompts) lie
     outside what this workload's prefill batches reach and, being seconds long, would dominate an
     unweighted least-squares fit; they are left out of the prefill form."""
     from placement.calibrate import fit_profile
 
+    import msgspec
+
+    from deploy.served_profile import fit_interference
+
     kept = [s for s in samples if s.phase == "decode" or sum(s.lengths) <= 1024]
-    return fit_profile(kept, model="smollm2", hardware="cpu x1 thread, deployed 1P+1D", dtype="fp32")
+    profile = fit_profile(kept, model="smollm2", hardware="cpu x1 thread, deployed 1P+1D", dtype="fp32")
+    if not interference_passes:
+        return profile
+    return msgspec.structs.replace(profile, interference=fit_interference(interference_passes))
 
 
 # -- workload and simulation ---------------------------------------------------------------------
@@ -103,31 +113,7 @@ def step_model(profile, model_dir: str, export: tuple[float, float]):
     return WithExport(CalibratedLatency(profile.entry(1, 1), fallback), export)
 
 
-class PaddedDecode:
-    """The engine's fp32 decode attention (SDPA; bf16 uses the native kernel, which does not pad)
-    pads every sequence to the batch's longest context (one
-    gather of ``batch x longest`` slots, engine/runner.py and engine/attention.py), so a step costs
-    the fitted form at ``batch x longest`` instead of the sum of contexts. The fits come from
-    uniform-context batches, where the two agree; a real batch mixes 64..350-token contexts
-    (~+25% per step at batch 16, measured). ``batch`` is the simulated instance's DecodeBatch."""
-
-    def __init__(self, inner) -> None:
-        self.inner, self.batch = inner, None
-
-    def prefill(self, seqs: int, tokens: int, sum_sq: float) -> tuple[float, float]:
-        return self.inner.prefill(seqs, tokens, sum_sq)
-
-    def decode(self, batch: int, sum_ctx: int) -> float:
-        live = self.batch._live if self.batch is not None else {}
-        if live:  # (join step, context at join, remaining, epoch) per running sequence
-            sum_ctx = batch * max(ctx0 + self.batch.step - join for join, ctx0, _, _ in live.values())
-        return self.inner.decode(batch, sum_ctx)
-
-    def mixed(self, *args) -> float:
-        return self.inner.mixed(*args)
-
-
-def simulate(step, transfer: tuple[float, float], arrivals, inputs, outputs, padded: bool = False):
+def simulate(step, transfer: tuple[float, float], arrivals, inputs, outputs, interference=None):
     from placement.policy import Policy
     from placement.sim_core import InstanceModel, Slo
     from placement.sim_disagg import DisaggSim
@@ -137,11 +123,9 @@ def simulate(step, transfer: tuple[float, float], arrivals, inputs, outputs, pad
     policy = Policy(prefill_token_budget=PREFILL_BUDGET, prefill_max_batch=MAX_SEQS,
                     decode_max_batch=MAX_SEQS, block_size=BLOCK_SIZE, watermark=0.0)
     trace = BaseTrace(times=tuple(arrivals), inputs=tuple(inputs), outputs=tuple(outputs))
-    decode_step = PaddedDecode(step) if padded else step
-    sim = DisaggSim([InstanceModel(step, NUM_BLOCKS)], [InstanceModel(decode_step, NUM_BLOCKS)],
-                    [[transfer]], policy, trace, 1.0)
-    if padded:
-        decode_step.batch = sim.decodes[0].batch
+    # Both instances run on this one host: with interference they slow each other down.
+    sim = DisaggSim([InstanceModel(step, NUM_BLOCKS)], [InstanceModel(step, NUM_BLOCKS)],
+                    [[transfer]], policy, trace, 1.0, interference=interference, shared_node=[[0]])
     return sim.run(Slo(ttft_ms=1000, tpot_ms=75))
 
 
@@ -149,7 +133,7 @@ def saturation_rate(step, transfer, n: int = 200) -> float:
     """Completions/s of 1P+1D with every request of this workload queued at once."""
     reqs = workload(n, 1.0, seed=7)
     return simulate(step, transfer, [1e-6 * i for i in range(n)], [len(p) for _, p, _ in reqs],
-                    [o for _, _, o in reqs], padded=True).throughput
+                    [o for _, _, o in reqs]).throughput
 
 
 # -- the real cluster ----------------------------------------------------------------------------
@@ -281,11 +265,12 @@ def compare(results, sims: dict) -> dict:
 
 
 def describe(name: str, profile) -> str:
-    e = profile.entry(1, 1)
+    e, slow = profile.entry(1, 1), profile.interference
     return json.dumps({"profile": name, "prefill_coef": [float(f"{c:.4g}") for c in e.prefill.coef],
                        "prefill_rms_ms": round(1000 * e.prefill.rms, 1),
                        "decode_coef": [float(f"{c:.4g}") for c in e.decode.coef],
-                       "decode_rms_ms": round(1000 * e.decode.rms, 1)})
+                       "decode_rms_ms": round(1000 * e.decode.rms, 1),
+                       "interference": None if slow is None else [round(slow.prefill, 3), round(slow.decode, 3)]})
 
 
 def print_table(rows: list[dict], name: str) -> None:
@@ -327,7 +312,7 @@ async def main_async(args) -> None:
         await watch.wait_quiet(args.quiet, args.max_wait)
         before = await probe_cluster(client, prefill, rng)
         probe_foreign = [round(watch.foreign(), 3)]
-        first = cluster_profile(before[0] + before[1])
+        first = cluster_profile(before[0] + before[1], before[2])
         capacity = saturation_rate(step_model(first, model_dir, xfer["export"]), transfer)
         rate = args.rate or round(args.load * capacity, 2)
         print(describe("cluster (first probes)", first), flush=True)
@@ -343,16 +328,16 @@ async def main_async(args) -> None:
             watch.reset()
             after = await probe_cluster(client, prefill, rng)
             probe_foreign.append(round(watch.foreign(), 3))
-            profile = cluster_profile(before[0] + after[0] + before[1] + after[1])
+            profile = cluster_profile(before[0] + after[0] + before[1] + after[1], before[2] + after[2])
             before = after
             if args.save_profiles:
                 from placement.calibrate import save_profile
                 save_profile(profile, f"{args.save_profiles}/cluster-repeat{k}.json")
             inputs, outputs = [len(p) for _, p, _ in reqs], [o for _, _, o in reqs]
             sims = {name: simulate(step_model(p, model_dir, xfer["export"]), transfer, sent, inputs, outputs,
-                                   padded)
-                    for name, p, padded in (("engine", engine, False), ("engine_padded", engine, True),
-                                            ("cluster", profile, False), ("cluster_padded", profile, True))}
+                                   interference)
+                    for name, p, interference in (("engine", engine, None), ("cluster", profile, None),
+                                                  ("cluster_interference", profile, profile.interference))}
             foreign = {"before_run": quiet, "run": run_foreign, "probes_before_after": probe_foreign[-2:]}
             row = {"repeat": k, "seed": args.seed + k, "foreign_cpu": foreign,
                    **compare(results, sims),
@@ -364,7 +349,7 @@ async def main_async(args) -> None:
     finally:
         cluster.shutdown()
         ray.shutdown()
-    for name in ("engine", "engine_padded", "cluster", "cluster_padded"):
+    for name in ("engine", "cluster", "cluster_interference"):
         print_table(rows, name)
     print(f"\ntotal {time.perf_counter() - t0:.0f} s", flush=True)
 

@@ -60,12 +60,13 @@ def _profile_served(spec, args: argparse.Namespace) -> int:
     connect_ray(args.address)
     try:
         profile = profile_served(spec, repeats=args.repeats)
-    except (SpecError, LaunchError, ValueError) as exc:
+    except (SpecError, LaunchError, ValueError, TimeoutError) as exc:
         raise CommandError(f"served profile failed: {exc}") from exc
     save_profile(profile, Path(args.out))
-    entry = profile.entries[0]
+    entry, slow = profile.entries[0], profile.interference
     print(f"wrote {args.out}: served 1P+1D probes; prefill rms {1000 * entry.prefill.rms:.1f} ms, "
-          f"decode rms {1000 * entry.decode.rms:.1f} ms")
+          f"decode rms {1000 * entry.decode.rms:.1f} ms; on one node prefill runs "
+          f"{100 * slow.prefill:.0f}% slower beside decode, decode {100 * slow.decode:.0f}% beside prefill")
     return 0
 
 

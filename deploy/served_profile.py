@@ -11,10 +11,18 @@ router with probes. A single prompt gives a one-sequence prefill sample; then, w
 instance paused, ``batch`` identical-length prompts queue there and, resumed, are prefilled as one
 batch and decode in lockstep: the batch's prefill_start/prefill_end (stamped by the prefill actor)
 is a prefill sample and the requests' TPOT the decode step period at that batch size as served. The samples are fitted with placement/calibrate.py's forms, like the bare-engine profile.
+
+Interference: the probes above time each phase while the other is idle, but in service both run at
+once, and on CPU they share the node's memory bandwidth (real prefill batches ran 5-22% slower than
+the fit). So the profile also measures, A/B on the same shapes, a single prompt's prefill alone and
+beside a decoding batch, and that batch's TPOT alone and while single prompts keep the prefill
+instance busy; the slowdowns become the profile's ``interference``, which the simulator applies to
+instances sharing a node.
 """
 from __future__ import annotations
 
 import asyncio
+import math
 import random
 import statistics
 
@@ -24,6 +32,8 @@ import msgspec
 # can tell the per-sequence and per-token terms apart.
 PROBES = ((256, 1, 224), (192, 16, 64), (160, 4, 240), (128, 12, 160))
 PROBE_TOKENS = 32
+# (decoding batch, its prompt length, prompt length of the prefills beside it)
+INTERFERENCE_SHAPE = (8, 96, 192)
 _CALL_TIMEOUT_S = 30.0  # bound on every control call to the prefill actor
 
 
@@ -47,17 +57,23 @@ def fit_probe_shapes(probes, tokens: int, limit: int):
     return tuple((min(solo, room), batch, min(length, room)) for solo, batch, length in probes)
 
 
+def prefill_seconds(result) -> float:
+    """A completion's prefill batch duration, stamped by the prefill actor."""
+    return result.metrics["prefill_end"] - result.metrics["prefill_start"]
+
+
+def _greedy(tokens: int):
+    from engine.params import SamplingParams
+
+    return SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True)
+
+
 async def probe(client, prefill, prompt, probes=PROBES, tokens: int = PROBE_TOKENS) -> list:
     """One pass of the probes against the pair whose prefill actor is ``prefill``; returns
     ProfileSamples (prefill and decode)."""
-    from engine.params import SamplingParams
     from placement.calibrate import ProfileSample
 
-    def prefill_seconds(result) -> float:
-        return result.metrics["prefill_end"] - result.metrics["prefill_start"]
-
-    one = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
-    params = SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True)
+    one, params = _greedy(1), _greedy(tokens)
     samples = []
     for solo_len, batch, length in probes:
         solo = await client.agenerate(prompt(solo_len), one)
@@ -76,33 +92,106 @@ async def probe(client, prefill, prompt, probes=PROBES, tokens: int = PROBE_TOKE
 async def _one_batch(client, prefill, prompts: list, params) -> list:
     """Queue every prompt at the paused prefill instance, then resume it: one prefill batch that
     then decodes in lockstep, whatever the speed of the model."""
+    return await asyncio.gather(*await _start_batch(client, prefill, prompts, params))
+
+
+async def _start_batch(client, prefill, prompts: list, params) -> list:
+    """``_one_batch`` without waiting for the results: returns the requests' futures."""
     await asyncio.wait_for(prefill.pause.remote(True), _CALL_TIMEOUT_S)
     try:
         pending = [asyncio.ensure_future(client.agenerate(p, params)) for p in prompts]
-        deadline = asyncio.get_running_loop().time() + _CALL_TIMEOUT_S
-        while (await asyncio.wait_for(prefill.stats.remote(), _CALL_TIMEOUT_S))["waiting"] < len(prompts):
-            if asyncio.get_running_loop().time() > deadline:
-                raise TimeoutError(f"probe batch of {len(prompts)} did not reach the prefill queue "
-                                   f"within {_CALL_TIMEOUT_S:.0f} s")
-            await asyncio.sleep(0.01)
+        await _wait_prefill_stats(prefill, lambda s: s["waiting"] >= len(prompts),
+                                  f"probe batch of {len(prompts)} did not reach the prefill queue")
     finally:
         await asyncio.wait_for(prefill.pause.remote(False), _CALL_TIMEOUT_S)
-    return await asyncio.gather(*pending)
+    return pending
 
 
-def profile_served(spec, repeats: int = 2, seed: int = 0, probes=PROBES, tokens: int = PROBE_TOKENS):
-    """Launch ``single_pair(spec)`` on the connected Ray cluster, probe it ``repeats`` times, shut
-    it down, and return the fitted CalibratedProfile. ValueError if too few clean samples."""
+async def _wait_prefill_stats(prefill, ready, what: str) -> None:
+    deadline = asyncio.get_running_loop().time() + _CALL_TIMEOUT_S
+    while not ready(await asyncio.wait_for(prefill.stats.remote(), _CALL_TIMEOUT_S)):
+        if asyncio.get_running_loop().time() > deadline:
+            raise TimeoutError(f"{what} within {_CALL_TIMEOUT_S:.0f} s")
+        await asyncio.sleep(0.01)
+
+
+class InterferenceSample(msgspec.Struct, frozen=True):
+    """One A/B pass: prefill seconds of single prompts alone and beside a decoding batch, and that
+    batch's TPOT alone and beside the prefills."""
+
+    prefill_alone: tuple[float, ...]
+    prefill_beside: tuple[float, ...]
+    tpot_alone: float
+    tpot_beside: float
+
+
+async def probe_interference(client, prefill, prompt, decode_tokens: int,
+                             shape=INTERFERENCE_SHAPE, solo_repeats: int = 3) -> InterferenceSample:
+    """Time each phase alone, then both at once. Beside: a lockstep batch decodes while single
+    prompts are prefilled one after another; a prefill that was still running when the batch
+    finished is left out (it was not beside decode the whole time)."""
+    batch, length, solo_len = shape
+    one, params = _greedy(1), _greedy(decode_tokens)
+    alone = [prefill_seconds(await client.agenerate(prompt(solo_len), one)) for _ in range(solo_repeats)]
+    tpot_alone = _median_tpot(await _one_batch(client, prefill, [prompt(length) for _ in range(batch)], params))
+    decoding = await _start_batch(client, prefill, [prompt(length) for _ in range(batch)], params)
+    # Its KV pulled by the decode instance: from here on decode is busy until the batch finishes.
+    await _wait_prefill_stats(prefill, lambda s: s["waiting"] + s["running"] + s["held"] == 0,
+                              "the decoding batch did not leave the prefill instance")
+    beside = []
+    while not all(f.done() for f in decoding):
+        result = await client.agenerate(prompt(solo_len), one)
+        if not all(f.done() for f in decoding):
+            beside.append(prefill_seconds(result))
+    tpot_beside = _median_tpot(await asyncio.gather(*decoding))
+    return InterferenceSample(tuple(alone), tuple(beside), tpot_alone, tpot_beside)
+
+
+def _median_tpot(results) -> float:
+    return statistics.median(r.metrics["tpot"] for r in results)
+
+
+def interference_tokens(profile, shape=INTERFERENCE_SHAPE, limit: int | None = None,
+                        prefills: int = 8) -> int:
+    """Decode tokens for the interference batch: long enough for ``prefills`` single prefills
+    beside it, by the profile's fits; at least PROBE_TOKENS, within the context ``limit``."""
+    batch, length, solo_len = shape
+    entry = profile.entry(1, 1)
+    prefill_s = entry.prefill.at(solo_len, solo_len * solo_len)
+    step_s = entry.decode.at(batch, batch * (length + PROBE_TOKENS))
+    tokens = max(PROBE_TOKENS, math.ceil(prefills * prefill_s / step_s))
+    return tokens if limit is None else max(2, min(tokens, limit - length - 1))
+
+
+def fit_interference(samples: list[InterferenceSample]):
+    """Median slowdowns (>= 0) over the A/B passes; ValueError when no prefill ran beside decode."""
+    from placement.sim_core import Interference
+
+    alone = [t for s in samples for t in s.prefill_alone]
+    beside = [t for s in samples for t in s.prefill_beside]
+    if not alone or not beside:
+        raise ValueError("interference probes: no prefill ran beside a decoding batch "
+                         "(the batch finished too soon); raise the decode tokens")
+    decode = statistics.median(s.tpot_beside / s.tpot_alone for s in samples)
+    return Interference(prefill=max(0.0, statistics.median(beside) / statistics.median(alone) - 1),
+                        decode=max(0.0, decode - 1))
+
+
+def profile_served(spec, repeats: int = 2, seed: int = 0, probes=PROBES, tokens: int = PROBE_TOKENS,
+                   interference_shape=INTERFERENCE_SHAPE):
+    """Launch ``single_pair(spec)`` on the connected Ray cluster, probe it ``repeats`` times (fits,
+    then interference), shut it down, and return the CalibratedProfile. ValueError if too few
+    clean samples."""
     from cluster.deployment import model_directory
     from cluster.launcher import Cluster
     from engine.config import load_config
     from engine.engine import context_limit
-    from placement.calibrate import fit_profile
 
     pair = single_pair(spec)
     model_dir = model_directory(pair)
     config = load_config(model_dir)
-    shapes = fit_probe_shapes(probes, tokens, context_limit(config, None))
+    limit = context_limit(config, None)
+    shapes = fit_probe_shapes(probes, tokens, limit)
     rng = random.Random(seed)
 
     def prompt(n: int) -> list[int]:
@@ -113,15 +202,38 @@ def profile_served(spec, repeats: int = 2, seed: int = 0, probes=PROBES, tokens:
         client = cluster.client(timeout_s=600)
         prefill = next(h for name, h in cluster.actors.items() if "-prefill-" in name)
 
-        async def run() -> list:
+        async def run():
             samples = []
             for _ in range(repeats):
                 samples += await probe(client, prefill, prompt, shapes, tokens)
-            return samples
+            profile = _fit(samples, spec)
+            shape = fit_interference_shape(interference_shape, limit)
+            decode_tokens = interference_tokens(profile, shape, _batch_room(pair, shape[0], limit))
+            passes = [await probe_interference(client, prefill, prompt, decode_tokens, shape)
+                      for _ in range(repeats)]
+            return msgspec.structs.replace(profile, interference=fit_interference(passes))
 
-        samples = asyncio.run(run())
+        return asyncio.run(run())
     finally:
         cluster.shutdown()
+
+
+def _fit(samples: list, spec):
+    from placement.calibrate import fit_profile
+
     return fit_profile(samples, model=spec.model.name or spec.model.path or "",
                        hardware=f"{spec.decode.device} served instance, num_cpus {spec.decode.num_cpus}",
                        dtype=spec.model.dtype)
+
+
+def _batch_room(pair, batch: int, limit: int) -> int:
+    """Longest context each of ``batch`` sequences may reach: the model's context, and the decode
+    instance's cache when the spec sizes it."""
+    blocks = pair.decode.num_blocks
+    return limit if blocks is None else min(limit, blocks * pair.decode.block_size // batch)
+
+
+def fit_interference_shape(shape, limit: int):
+    """Shrink the interference probe's prompts to small test models' context (room to decode)."""
+    batch, length, solo_len = shape
+    return batch, min(length, limit // 2), min(solo_len, limit - 2)

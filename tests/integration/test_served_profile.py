@@ -39,13 +39,15 @@ def test_single_pair_keeps_pool_settings_with_one_replica(tiny_llama_dir, tmp_pa
 def test_served_profile_fits_both_phases_and_stops_the_pair(ray_cluster, tiny_llama_dir, tmp_path):
     before = _actor_names(ray_cluster)
     profile = profile_served(load_spec(_spec(tmp_path, tiny_llama_dir)), repeats=1,
-                             probes=SMALL_PROBES, tokens=8)
+                             probes=SMALL_PROBES, tokens=8, interference_shape=(4, 24, 40))
     entry = profile.entry(1, 1)
     # Every probe gives a single-prompt prefill sample, and its batch (queued at the paused prefill
     # instance, so prefilled as one batch however fast the model) a prefill and a decode sample.
     assert entry.decode.samples == len(SMALL_PROBES)
     assert entry.prefill.samples == len(SMALL_PROBES) + entry.decode.samples
     assert all(abs(c) < 10 for c in (*entry.prefill.coef, *entry.decode.coef))
+    # Slowdowns are measured A/B on one host: never negative, and far from 10x.
+    assert 0 <= profile.interference.prefill < 10 and 0 <= profile.interference.decode < 10
     assert _actor_names(ray_cluster) == before
 
 
@@ -54,7 +56,8 @@ def test_profile_served_cli_writes_a_loadable_file(ray_cluster, tiny_llama_dir, 
     assert main(["profile", str(_spec(tmp_path, tiny_llama_dir)), "--served", "--out", str(out),
                  "--repeats", "1"]) == 0
     assert "served 1P+1D" in capsys.readouterr().out
-    assert load_profile(out).entry(1, 1).decode.rms >= 0
+    written = load_profile(out)
+    assert written.entry(1, 1).decode.rms >= 0 and written.interference is not None
 
 
 def test_profile_served_refuses_a_colocated_spec(ray_cluster, tiny_llama_dir, tmp_path, capsys):
