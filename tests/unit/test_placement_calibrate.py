@@ -60,11 +60,13 @@ def _concave_prefill_samples() -> list[ProfileSample]:
 
 def test_fit_keeps_every_cost_term_nonnegative_and_optimal() -> None:
     samples = _concave_prefill_samples()
-    rows = [(1.0, float(sum(s.lengths)), float(sum(x * x for x in s.lengths))) for s in samples]
-    targets = [s.seconds for s in samples]
-    assert min(least_squares(rows, targets)) < 0  # the case really needs the constraint
+    plain = [(1.0, float(sum(s.lengths)), float(sum(x * x for x in s.lengths))) for s in samples]
+    assert min(least_squares(plain, [s.seconds for s in samples])) < 0  # the constraint matters
     coef = fit_profile(samples + _samples(1, 1)[1::2]).entries[0].prefill.coef
     assert min(coef) >= 0
+    # The fit minimises relative error: each row and time divided by the time.
+    rows = [[f / s.seconds for f in row] for row, s in zip(plain, samples)]
+    targets = [1.0] * len(samples)
     # Optimality (KKT): the residual's gradient is ~0 along free coefficients and >= 0 along
     # coefficients held at zero, i.e. no feasible direction lowers the squared error.
     residual = [sum(c * f for c, f in zip(coef, r)) - t for r, t in zip(rows, targets)]
@@ -72,6 +74,34 @@ def test_fit_keeps_every_cost_term_nonnegative_and_optimal() -> None:
         grad = sum(r[j] * e for r, e in zip(rows, residual))
         scale = sum(abs(r[j] * t) for r, t in zip(rows, targets))
         assert (grad >= -1e-9 * scale) if coef[j] == 0 else abs(grad) <= 1e-6 * scale
+
+
+def test_fit_recovers_true_times_better_than_an_absolute_fit_under_multiplicative_noise() -> None:
+    """Host drift scales a sample's time by a random factor, so its noise grows with the time:
+    minimising relative error is then the maximum-likelihood fit. Over many noisy probe sets (the
+    served probes' shapes), the fit must predict the noise-free single-prompt times better than the
+    same non-negative fit of absolute error."""
+    shapes = [(1, 256), (16, 64), (1, 224), (4, 240), (1, 192), (1, 160), (1, 128), (12, 160)]
+
+    def true_time(n: int, length: int) -> float:
+        return 0.04 + 0.0022 * n * length + 2e-7 * n * length * length
+
+    def features(n: int, length: int) -> tuple[float, float, float]:
+        return 1.0, float(n * length), float(n * length * length)
+
+    ours, absolute = [], []
+    for seed in range(40):
+        rng = random.Random(seed)
+        samples = [ProfileSample("prefill", 1, 1, (length,) * n, true_time(n, length) * (1 + rng.gauss(0, 0.1)))
+                   for n, length in shapes * 2]
+        fit = fit_profile(samples + _samples(1, 1)[1::2]).entries[0].prefill
+        plain = nonnegative_least_squares([features(len(s.lengths), s.lengths[0]) for s in samples],
+                                          [s.seconds for s in samples])
+        for length in (128, 160, 192, 224, 256):
+            truth = true_time(1, length)
+            ours.append(abs(fit.at(*features(1, length)[1:]) / truth - 1))
+            absolute.append(abs(sum(c * f for c, f in zip(plain, features(1, length))) / truth - 1))
+    assert sum(ours) < 0.9 * sum(absolute)
 
 
 def test_nonnegative_fit_equals_plain_fit_when_that_is_nonnegative() -> None:
