@@ -76,13 +76,11 @@ async def probe_cluster(client, prefill, rng: random.Random) -> tuple[list, list
 
 def cluster_profile(samples: list, interference_passes: list | None = None):
     """Fit the probes. Prefill batches above 1024 tokens (the lockstep batches of 8-16 prompts) lie
-    outside what this workload's prefill batches reach and, being seconds long, would dominate an
-    unweighted least-squares fit; they are left out of the prefill form."""
-    from placement.calibrate import fit_profile
-
+    outside what this workload's prefill batches reach; they are left out of the prefill form."""
     import msgspec
 
     from deploy.served_profile import fit_interference
+    from placement.calibrate import fit_profile
 
     kept = [s for s in samples if s.phase == "decode" or sum(s.lengths) <= 1024]
     profile = fit_profile(kept, model="smollm2", hardware="cpu x1 thread, deployed 1P+1D", dtype="fp32")

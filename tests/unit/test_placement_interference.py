@@ -2,6 +2,8 @@
 hand-computed step times, and the planner applying a profile's interference only on shared nodes."""
 from __future__ import annotations
 
+import random
+
 import msgspec
 import pytest
 
@@ -34,8 +36,6 @@ class ConstantSteps:
 
 
 def _poisson(count: int, rate: float, seed: int) -> list[float]:
-    import random
-
     rng, t, out = random.Random(seed), 0.0, []
     for _ in range(count):
         t += rng.expovariate(rate)
