@@ -5,9 +5,9 @@ A token's *slot* is ``block_id * block_size + offset``; the scheduler's block ta
 indices once per step (``AttentionMetadata``) and every layer reuses them.
 
 Prefill attends over the step's own fresh K/V (a sequence's whole prompt is prefilled in one step),
-so it never reads the cache. Decode reads each sequence's context through its slots: in bf16 on
-CPU with the native kernel (``engine.kernels``), which reads every cached row once; otherwise by
-gathering the context (index_select) and running SDPA.
+so it never reads the cache. Decode reads each sequence's context through its slots: on CPU (bf16
+or fp32) with the native kernel (``engine.kernels``), which reads every cached row once; otherwise
+by gathering the context (index_select) and running SDPA.
 """
 from __future__ import annotations
 
@@ -77,10 +77,13 @@ def decode_attention(
     return out.squeeze(2)
 
 
+NATIVE_DECODE_DTYPES = (torch.bfloat16, torch.float32)
+
+
 def native_decode_applies(q: torch.Tensor, kv_layer: torch.Tensor, meta: AttentionMetadata) -> bool:
-    """bf16 on CPU with a contiguous cache and the kernel built. fp32 stays on SDPA: it is the
-    dtype of the token-exact parity contract with transformers, which uses SDPA too."""
-    return (q.dtype == torch.bfloat16 and q.device.type == "cpu" and kv_layer.dtype == torch.bfloat16
+    """bf16 or fp32 on CPU, q and cache of one dtype, a contiguous cache, and the kernel built.
+    (fp32 math either way: the fp32 parity tests against transformers run through it.)"""
+    return (q.dtype in NATIVE_DECODE_DTYPES and q.device.type == "cpu" and kv_layer.dtype == q.dtype
             and meta.context_lens is not None and kv_layer.is_contiguous() and kernels.available())
 
 
@@ -92,7 +95,9 @@ def native_decode_attention(
     q = q.contiguous()
     out = torch.empty_like(q)
     batch, heads, head_dim = q.shape
-    status = kernels.load().paged_decode_attention_bf16(
+    kernel = kernels.load().paged_decode_attention_bf16 if q.dtype == torch.bfloat16 else \
+        kernels.load().paged_decode_attention_f32
+    status = kernel(
         q.data_ptr(), kv_layer[0].data_ptr(), kv_layer[1].data_ptr(), slots.data_ptr(),
         lens.data_ptr(), out.data_ptr(), batch, heads, kv_layer.shape[-2], head_dim,
         slots.shape[1], scale, torch.get_num_threads(),

@@ -6,6 +6,7 @@ activation dtype) so greedy fp32 decoding is token-exact with it.
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 from torch import nn
@@ -85,3 +86,16 @@ class SwiGLU(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)
         return self.down_proj(F.silu(gate) * up)
+
+
+def replace_linears(model: nn.Module, make: Callable[[nn.Linear], nn.Module]) -> int:
+    """Replace every ``nn.Linear`` in ``model`` by ``make(linear)``; returns how many.
+
+    Call after the weights are loaded: the replacements hold copies that do not follow later
+    weight updates (or ties).
+    """
+    targets = [(parent, name, child) for parent in model.modules()
+               for name, child in parent.named_children() if isinstance(child, nn.Linear)]
+    for parent, name, child in targets:
+        setattr(parent, name, make(child))
+    return len(targets)

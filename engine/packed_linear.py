@@ -31,15 +31,3 @@ class PackedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
-
-
-def prepack_linears(model: nn.Module) -> int:
-    """Replace every ``nn.Linear`` in ``model`` by a ``PackedLinear``; returns how many.
-
-    Call after the weights are loaded: the packed copies do not follow later weight updates.
-    """
-    targets = [(parent, name, child) for parent in model.modules()
-               for name, child in parent.named_children() if isinstance(child, nn.Linear)]
-    for parent, name, child in targets:
-        setattr(parent, name, PackedLinear(child))
-    return len(targets)

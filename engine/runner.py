@@ -8,10 +8,11 @@ import torch
 from engine.attention import AttentionMetadata
 from engine.block_manager import BlockManager
 from engine.config import ModelConfig
-from engine.layers import RotaryEmbedding
+from engine.kernel_linear import KernelLinear, kernel_linears_apply
+from engine.layers import RotaryEmbedding, replace_linears
 from engine.loader import load_weights
 from engine.model import CausalLM
-from engine.packed_linear import packing_available, prepack_linears
+from engine.packed_linear import PackedLinear, packing_available
 from engine.scheduler import StepPlan
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -39,8 +40,10 @@ def build_model(
         model.lm_head.weight = model.embed_tokens.weight
     model.rope = RotaryEmbedding(config, max_positions).to(device)
     load_weights(model, model_dir)
-    if packing_available(dtype, device):
-        prepack_linears(model)
+    if kernel_linears_apply(dtype, device):
+        replace_linears(model, KernelLinear)
+    elif packing_available(dtype, device):
+        replace_linears(model, PackedLinear)
     return model.eval()
 
 

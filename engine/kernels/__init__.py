@@ -1,8 +1,10 @@
 """Native CPU kernels, built once with the system C++ compiler and called through ctypes.
 
-No torch headers and no build step at install time: the C++ source is compiled on first use into
-a per-user cache (``~/.cache/tandem/kernels``, keyed by source, flags and CPU), which takes about a
-second. Where no compiler is present the engine keeps its pure-torch path and logs why, once.
+Kernels: paged decode attention (bf16/fp32, ``paged_attention.cpp``) and the small-M GEMM behind
+``engine.kernel_linear`` (``small_gemm.cpp``). No torch headers and no build step at install time:
+the C++ sources are compiled on first use into one library in a per-user cache
+(``~/.cache/tandem/kernels``, keyed by sources, flags and CPU), which takes a few seconds. Where no
+compiler is present the engine keeps its pure-torch path and logs why, once.
 Set ``TANDEM_NATIVE_KERNELS=0`` to force the torch path.
 """
 from __future__ import annotations
@@ -19,8 +21,9 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-_SOURCE = Path(__file__).with_name("paged_attention.cpp")
+_SOURCES = tuple(Path(__file__).with_name(name) for name in ("paged_attention.cpp", "small_gemm.cpp"))
 _FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-std=c++17", "-pthread")
+_VECTOR_MATH = ("-lmvec", "-lm")  # glibc's vector expf, where the C library has it
 
 
 class KernelUnavailable(RuntimeError):
@@ -45,10 +48,10 @@ def _cpu_signature() -> str:
 
 def _library_path(compiler: str) -> Path:
     key = hashlib.sha256()
-    for part in (_SOURCE.read_bytes(), " ".join(_FLAGS).encode(), compiler.encode(),
+    for part in (*(src.read_bytes() for src in _SOURCES), " ".join(_FLAGS).encode(), compiler.encode(),
                  _cpu_signature().encode()):
         key.update(part)
-    return cache_dir() / f"paged_attention-{key.hexdigest()[:16]}.so"
+    return cache_dir() / f"tandem-kernels-{key.hexdigest()[:16]}.so"
 
 
 def _build(target: Path, compiler: str) -> None:
@@ -57,10 +60,15 @@ def _build(target: Path, compiler: str) -> None:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        done = subprocess.run([compiler, *_FLAGS, str(_SOURCE), "-o", tmp],
+        sources = [str(src) for src in _SOURCES]
+        done = subprocess.run([compiler, *_FLAGS, *sources, *_VECTOR_MATH, "-o", tmp],
                               capture_output=True, text=True, timeout=300)
+        if done.returncode != 0:  # no glibc vector math here: scalar expf
+            done = subprocess.run([compiler, *_FLAGS, "-DTANDEM_NO_MVEC", *sources, "-o", tmp],
+                                  capture_output=True, text=True, timeout=300)
         if done.returncode != 0:
-            raise KernelUnavailable(f"{compiler} failed to build {_SOURCE.name}: {done.stderr[-2000:]}")
+            names = ", ".join(src.name for src in _SOURCES)
+            raise KernelUnavailable(f"{compiler} failed to build {names}: {done.stderr[-2000:]}")
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
@@ -79,9 +87,14 @@ def load() -> ctypes.CDLL:
     if not target.exists():
         _build(target, compiler)
     lib = ctypes.CDLL(str(target))
-    fn = lib.paged_decode_attention_bf16
-    fn.restype = ctypes.c_int
-    fn.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 5 + [ctypes.c_float, ctypes.c_int64]
+    for fn in (lib.paged_decode_attention_bf16, lib.paged_decode_attention_f32):
+        fn.restype = ctypes.c_int
+        fn.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 5 + [ctypes.c_float, ctypes.c_int64]
+    gemm = lib.small_gemm
+    gemm.restype = ctypes.c_int
+    gemm.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
+                     ctypes.c_void_p] + [ctypes.c_int64] * 4
+    lib.small_gemm_supported.restype = ctypes.c_int
     return lib
 
 

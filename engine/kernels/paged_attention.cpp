@@ -1,14 +1,14 @@
-// Decode attention straight from the paged bf16 KV cache: one query token per sequence.
+// Decode attention straight from the paged KV cache (bf16 or fp32): one query token per sequence.
 //
 // Why a kernel: without it every layer first copies each sequence's context out of the cache
 // (index_select) and then runs SDPA, whose CPU flash kernel is tuned for long queries. Both are
 // memory-bound, so reading each K/V row exactly once here roughly halves decode attention time.
 //
-// Layout: q [B, H, D], out [B, H, D] (bf16), k/v [S, Hkv, D] (bf16, S = blocks * block_size),
-// slots [B, width] (int64; row b's first lens[b] entries are its context, in order).
-// Query head h reads KV head h / (H / Hkv) (grouped-query attention). Math in fp32: scores,
-// a max-subtracted softmax, and the weighted sum of V; the output is rounded to bf16
-// (round-to-nearest-even), like torch's own bf16 SDPA.
+// Layout: q [B, H, D], out [B, H, D], k/v [S, Hkv, D] (S = blocks * block_size), all of one
+// element type (bf16 or fp32); slots [B, width] (int64; row b's first lens[b] entries are its
+// context, in order). Query head h reads KV head h / (H / Hkv) (grouped-query attention). Math in
+// fp32: scores, a max-subtracted softmax, and the weighted sum of V; a bf16 output is rounded to
+// nearest even, like torch's own bf16 SDPA.
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -21,71 +21,124 @@
 
 namespace {
 
-inline float bf16_to_float(uint16_t h) {
+inline float to_float(uint16_t h) {
     uint32_t bits = static_cast<uint32_t>(h) << 16;
     float f;
     std::memcpy(&f, &bits, sizeof f);
     return f;
 }
+inline float to_float(float f) { return f; }
 
-inline uint16_t float_to_bf16(float f) {
+inline void from_float(float f, uint16_t* out) {
     uint32_t bits;
     std::memcpy(&bits, &f, sizeof bits);
-    if ((bits & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((bits >> 16) | 0x40u);  // NaN
+    if ((bits & 0x7fffffffu) > 0x7f800000u) {  // NaN
+        *out = static_cast<uint16_t>((bits >> 16) | 0x40u);
+        return;
+    }
     bits += 0x7fffu + ((bits >> 16) & 1u);
-    return static_cast<uint16_t>(bits >> 16);
+    *out = static_cast<uint16_t>(bits >> 16);
 }
+inline void from_float(float f, float* out) { *out = f; }
 
-// dot(q, bf16 row) and acc += w * bf16 row over `dim` elements. The AVX-512 path widens 16 bf16
-// values at a time (a bf16 is the top half of an fp32); the portable path keeps 16 partial sums so
-// the compiler may vectorize without reassociating a single running sum.
+// dot(q, row) and acc += w * row over `dim` elements. The AVX-512 path loads 16 values at a time
+// (a bf16 is the top half of an fp32); the portable path keeps 16 partial sums so the compiler
+// may vectorize without reassociating a single running sum.
 #if defined(__AVX512F__)
-inline __m512 load_bf16x16(const uint16_t* p) {
+inline __m512 load16(const uint16_t* p) {
     __m256i half = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
 }
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
 #endif
 
-inline float dot_bf16(const float* q, const uint16_t* row, int64_t dim) {
+template <typename E>
+inline float dot(const float* q, const E* row, int64_t dim) {
     int64_t d = 0;
     float sum = 0.0f;
 #if defined(__AVX512F__)
     __m512 acc = _mm512_setzero_ps();
-    for (; d + 16 <= dim; d += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + d), load_bf16x16(row + d), acc);
+    for (; d + 16 <= dim; d += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + d), load16(row + d), acc);
     sum = _mm512_reduce_add_ps(acc);
 #else
     float lanes[16] = {0};
     for (; d + 16 <= dim; d += 16)
-        for (int l = 0; l < 16; ++l) lanes[l] += q[d + l] * bf16_to_float(row[d + l]);
+        for (int l = 0; l < 16; ++l) lanes[l] += q[d + l] * to_float(row[d + l]);
     for (int l = 0; l < 16; ++l) sum += lanes[l];
 #endif
-    for (; d < dim; ++d) sum += q[d] * bf16_to_float(row[d]);
+    for (; d < dim; ++d) sum += q[d] * to_float(row[d]);
     return sum;
 }
 
-inline void axpy_bf16(float w, const uint16_t* row, float* acc, int64_t dim) {
+template <typename E>
+inline void axpy(float w, const E* row, float* acc, int64_t dim) {
     int64_t d = 0;
 #if defined(__AVX512F__)
     const __m512 wv = _mm512_set1_ps(w);
     for (; d + 16 <= dim; d += 16)
-        _mm512_storeu_ps(acc + d, _mm512_fmadd_ps(wv, load_bf16x16(row + d), _mm512_loadu_ps(acc + d)));
+        _mm512_storeu_ps(acc + d, _mm512_fmadd_ps(wv, load16(row + d), _mm512_loadu_ps(acc + d)));
 #endif
-    for (; d < dim; ++d) acc[d] += w * bf16_to_float(row[d]);
+    for (; d < dim; ++d) acc[d] += w * to_float(row[d]);
 }
 
+// s[t] = exp(s[t] - peak) for t < len; returns their sum. glibc's vector expf (libmvec, within
+// 4 ulp) on 16 lanes at a time where the CPU has AVX-512: a scalar expf per score was a fifth of
+// the kernel's time.
+#if defined(__AVX512F__) && !defined(TANDEM_NO_MVEC)
+#define TANDEM_VECTOR_EXP 1
+extern "C" __m512 _ZGVeN16v_expf(__m512);
+#endif
+
+inline float exp_shifted(float* s, int64_t len, float peak) {
+    int64_t t = 0;
+    float total = 0.0f;
+#ifdef TANDEM_VECTOR_EXP
+    const __m512 shift = _mm512_set1_ps(peak);
+    __m512 sum = _mm512_setzero_ps();
+    for (; t + 16 <= len; t += 16) {
+        const __m512 e = _ZGVeN16v_expf(_mm512_sub_ps(_mm512_loadu_ps(s + t), shift));
+        _mm512_storeu_ps(s + t, e);
+        sum = _mm512_add_ps(sum, e);
+    }
+    total = _mm512_reduce_add_ps(sum);
+#endif
+    for (; t < len; ++t) {
+        s[t] = std::exp(s[t] - peak);
+        total += s[t];
+    }
+    return total;
+}
+
+// Cached rows are scattered by their slots, out of the hardware prefetcher's sight: ask for the
+// row a few tokens ahead.
+constexpr int64_t AHEAD = 4;
+
+template <typename E>
+inline void prefetch_row(const E* row, int64_t dim) {
+#if defined(__AVX512F__)
+    const char* bytes = reinterpret_cast<const char*>(row);
+    for (int64_t off = 0; off < dim * static_cast<int64_t>(sizeof(E)); off += 64)
+        _mm_prefetch(bytes + off, _MM_HINT_T0);
+#else
+    (void)row; (void)dim;
+#endif
+}
+
+template <typename E>
 struct Problem {
-    const uint16_t* q;
-    const uint16_t* k;
-    const uint16_t* v;
+    const E* q;
+    const E* k;
+    const E* v;
     const int64_t* slots;
     const int64_t* lens;
-    uint16_t* out;
+    E* out;
     int64_t heads, kv_heads, dim, width;
     float scale;
 };
 
 // One (sequence, KV head) pair: its `group` query heads share every K/V row read.
-void attend(const Problem& p, int64_t b, int64_t kvh, std::vector<float>& scores,
+template <typename E>
+void attend(const Problem<E>& p, int64_t b, int64_t kvh, std::vector<float>& scores,
             std::vector<float>& acc, std::vector<float>& query) {
     const int64_t group = p.heads / p.kv_heads, dim = p.dim, len = p.lens[b];
     const int64_t row_stride = p.kv_heads * dim;
@@ -94,39 +147,57 @@ void attend(const Problem& p, int64_t b, int64_t kvh, std::vector<float>& scores
     query.resize(group * dim);
     acc.assign(group * dim, 0.0f);
     for (int64_t g = 0; g < group; ++g) {
-        const uint16_t* qh = p.q + (b * p.heads + kvh * group + g) * dim;
-        for (int64_t d = 0; d < dim; ++d) query[g * dim + d] = bf16_to_float(qh[d]) * p.scale;
+        const E* qh = p.q + (b * p.heads + kvh * group + g) * dim;
+        for (int64_t d = 0; d < dim; ++d) query[g * dim + d] = to_float(qh[d]) * p.scale;
     }
     for (int64_t t = 0; t < len; ++t) {
-        const uint16_t* kr = p.k + slots[t] * row_stride + kvh * dim;
-        for (int64_t g = 0; g < group; ++g) scores[g * len + t] = dot_bf16(query.data() + g * dim, kr, dim);
+        const E* kr = p.k + slots[t] * row_stride + kvh * dim;
+        if (t + AHEAD < len) prefetch_row(p.k + slots[t + AHEAD] * row_stride + kvh * dim, dim);
+        for (int64_t g = 0; g < group; ++g) scores[g * len + t] = dot(query.data() + g * dim, kr, dim);
     }
     for (int64_t g = 0; g < group; ++g) {
         float* s = scores.data() + g * len;
         float peak = -INFINITY;
         for (int64_t t = 0; t < len; ++t) peak = s[t] > peak ? s[t] : peak;
-        float total = 0.0f;
-        for (int64_t t = 0; t < len; ++t) {
-            s[t] = std::exp(s[t] - peak);
-            total += s[t];
-        }
+        float total = exp_shifted(s, len, peak);
         const float inv = 1.0f / total;
         for (int64_t t = 0; t < len; ++t) s[t] *= inv;
     }
     for (int64_t t = 0; t < len; ++t) {
-        const uint16_t* vr = p.v + slots[t] * row_stride + kvh * dim;
-        for (int64_t g = 0; g < group; ++g) axpy_bf16(scores[g * len + t], vr, acc.data() + g * dim, dim);
+        const E* vr = p.v + slots[t] * row_stride + kvh * dim;
+        if (t + AHEAD < len) prefetch_row(p.v + slots[t + AHEAD] * row_stride + kvh * dim, dim);
+        for (int64_t g = 0; g < group; ++g) axpy(scores[g * len + t], vr, acc.data() + g * dim, dim);
     }
     for (int64_t g = 0; g < group; ++g) {
-        uint16_t* o = p.out + (b * p.heads + kvh * group + g) * dim;
-        for (int64_t d = 0; d < dim; ++d) o[d] = float_to_bf16(acc[g * dim + d]);
+        E* o = p.out + (b * p.heads + kvh * group + g) * dim;
+        for (int64_t d = 0; d < dim; ++d) from_float(acc[g * dim + d], o + d);
     }
 }
 
-void run_items(const Problem& p, int64_t first, int64_t last) {
+template <typename E>
+void run_items(const Problem<E>& p, int64_t first, int64_t last) {
     std::vector<float> scores, acc, query;
     for (int64_t item = first; item < last; ++item)
         attend(p, item / p.kv_heads, item % p.kv_heads, scores, acc, query);
+}
+
+template <typename E>
+int paged_decode_attention(const E* q, const E* k, const E* v, const int64_t* slots, const int64_t* lens,
+                           E* out, int64_t batch, int64_t heads, int64_t kv_heads, int64_t dim,
+                           int64_t width, float scale, int64_t threads) {
+    if (batch <= 0 || kv_heads <= 0 || heads % kv_heads != 0 || dim <= 0) return 1;
+    for (int64_t b = 0; b < batch; ++b)
+        if (lens[b] < 1 || lens[b] > width) return 2;
+    const Problem<E> p{q, k, v, slots, lens, out, heads, kv_heads, dim, width, scale};
+    const int64_t items = batch * kv_heads;
+    // Items carry similar work (one context each), so equal contiguous shares balance well.
+    const int64_t workers = threads < 1 ? 1 : (threads > items ? items : threads);
+    std::vector<std::thread> pool;
+    for (int64_t w = 1; w < workers; ++w)
+        pool.emplace_back(run_items<E>, std::cref(p), items * w / workers, items * (w + 1) / workers);
+    run_items(p, 0, items / workers);
+    for (auto& t : pool) t.join();
+    return 0;
 }
 
 }  // namespace
@@ -135,17 +206,12 @@ extern "C" int paged_decode_attention_bf16(
     const uint16_t* q, const uint16_t* k, const uint16_t* v, const int64_t* slots,
     const int64_t* lens, uint16_t* out, int64_t batch, int64_t heads, int64_t kv_heads,
     int64_t dim, int64_t width, float scale, int64_t threads) {
-    if (batch <= 0 || kv_heads <= 0 || heads % kv_heads != 0 || dim <= 0) return 1;
-    for (int64_t b = 0; b < batch; ++b)
-        if (lens[b] < 1 || lens[b] > width) return 2;
-    const Problem p{q, k, v, slots, lens, out, heads, kv_heads, dim, width, scale};
-    const int64_t items = batch * kv_heads;
-    // Items carry similar work (one context each), so equal contiguous shares balance well.
-    const int64_t workers = threads < 1 ? 1 : (threads > items ? items : threads);
-    std::vector<std::thread> pool;
-    for (int64_t w = 1; w < workers; ++w)
-        pool.emplace_back(run_items, std::cref(p), items * w / workers, items * (w + 1) / workers);
-    run_items(p, 0, items / workers);
-    for (auto& t : pool) t.join();
-    return 0;
+    return paged_decode_attention(q, k, v, slots, lens, out, batch, heads, kv_heads, dim, width, scale, threads);
+}
+
+extern "C" int paged_decode_attention_f32(
+    const float* q, const float* k, const float* v, const int64_t* slots,
+    const int64_t* lens, float* out, int64_t batch, int64_t heads, int64_t kv_heads,
+    int64_t dim, int64_t width, float scale, int64_t threads) {
+    return paged_decode_attention(q, k, v, slots, lens, out, batch, heads, kv_heads, dim, width, scale, threads);
 }

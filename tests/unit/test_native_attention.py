@@ -1,4 +1,4 @@
-"""The native bf16 paged decode-attention kernel against float64 attention computed by torch."""
+"""The native paged decode-attention kernel (bf16 and fp32) against float64 attention computed by torch."""
 from __future__ import annotations
 
 import pytest
@@ -12,11 +12,12 @@ pytestmark = pytest.mark.skipif(not kernels.available(), reason="no C++ compiler
 BLOCK = 16
 
 
-def _case(batch: int, heads: int, kv_heads: int, dim: int, lens: list[int], seed: int = 0):
+def _case(batch: int, heads: int, kv_heads: int, dim: int, lens: list[int], seed: int = 0,
+          dtype: torch.dtype = torch.bfloat16):
     gen = torch.Generator().manual_seed(seed)
     blocks_needed = sum(-(-n // BLOCK) for n in lens)
     num_blocks = blocks_needed + 7
-    kv = torch.randn(2, num_blocks, BLOCK, kv_heads, dim, generator=gen).to(torch.bfloat16)
+    kv = torch.randn(2, num_blocks, BLOCK, kv_heads, dim, generator=gen).to(dtype)
     # Scattered, non-monotonic block tables: the kernel must follow slots, not assume order.
     order = torch.randperm(num_blocks, generator=gen).tolist()
     width = max(-(-n // BLOCK) for n in lens) * BLOCK
@@ -25,7 +26,7 @@ def _case(batch: int, heads: int, kv_heads: int, dim: int, lens: list[int], seed
         table = [order.pop() for _ in range(-(-n // BLOCK))]
         row = (torch.tensor(table)[:, None] * BLOCK + torch.arange(BLOCK)).reshape(-1)
         slots[b, : row.numel()] = row
-    q = torch.randn(batch, heads, dim, generator=gen).to(torch.bfloat16)
+    q = torch.randn(batch, heads, dim, generator=gen).to(dtype)
     lens_t = torch.tensor(lens)
     mask = (torch.arange(width)[None, :] < lens_t[:, None])[:, None, None, :]
     meta = AttentionMetadata(False, torch.zeros(batch, dtype=torch.long), (), slots, mask, lens_t)
@@ -50,22 +51,28 @@ def _reference(q, kv, meta, scale):
     (4, 4, 32, [5, 64]),                      # no grouping
     (8, 1, 128, [300]),                       # multi-query, one long context
 ])
-def test_kernel_matches_float64_attention(heads, kv_heads, dim, lens) -> None:
-    q, kv, meta = _case(len(lens), heads, kv_heads, dim, lens)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_kernel_matches_float64_attention(heads, kv_heads, dim, lens, dtype) -> None:
+    q, kv, meta = _case(len(lens), heads, kv_heads, dim, lens, dtype=dtype)
     scale = dim ** -0.5
     assert native_decode_applies(q, kv, meta)
-    got = decode_attention(q, kv, meta, scale).double()
+    got = decode_attention(q, kv, meta, scale)
+    assert got.dtype == dtype
     want = _reference(q, kv, meta, scale)
-    # bf16 output: one rounding of a value of magnitude <= max|v| (about 4 here).
-    assert (got - want).abs().max().item() <= 4 * 2 ** -8
+    # bf16 output: one rounding of a value of magnitude <= max|v| (about 4 here). fp32: sums of
+    # a few hundred terms in fp32 and a vector expf within 4 ulp.
+    tolerance = 4 * 2 ** -8 if dtype == torch.bfloat16 else 2e-5
+    assert (got.double() - want).abs().max().item() <= tolerance
 
 
-def test_kernel_agrees_with_the_sdpa_path() -> None:
-    q, kv, meta = _case(6, 9, 3, 64, [3, 40, 17, 64, 1, 90], seed=3)
+@pytest.mark.parametrize("dtype,tolerance", [(torch.bfloat16, 2 ** -6), (torch.float32, 1e-5)],
+                         ids=["bf16", "fp32"])
+def test_kernel_agrees_with_the_sdpa_path(dtype, tolerance) -> None:
+    q, kv, meta = _case(6, 9, 3, 64, [3, 40, 17, 64, 1, 90], seed=3, dtype=dtype)
     native = decode_attention(q, kv, meta, 0.125)
     fallback = decode_attention(q, kv, AttentionMetadata(False, meta.slot_mapping, (), meta.context_slots,
                                                          meta.context_mask, None), 0.125)
-    assert (native.float() - fallback.float()).abs().max().item() <= 2 ** -6
+    assert (native.float() - fallback.float()).abs().max().item() <= tolerance
 
 
 def test_kernel_rejects_a_length_beyond_its_slots() -> None:
@@ -76,6 +83,7 @@ def test_kernel_rejects_a_length_beyond_its_slots() -> None:
         decode_attention(q, kv, bad, 0.1)
 
 
-def test_fp32_keeps_the_sdpa_path() -> None:
+def test_mixed_dtypes_and_fp16_keep_the_sdpa_path() -> None:
     q, kv, meta = _case(2, 4, 2, 32, [5, 9])
-    assert not native_decode_applies(q.float(), kv.float(), meta)
+    assert not native_decode_applies(q.float(), kv, meta)
+    assert not native_decode_applies(q.half(), kv.half(), meta)

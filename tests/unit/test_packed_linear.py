@@ -8,7 +8,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from engine.packed_linear import PackedLinear, packing_available, prepack_linears
+from engine.kernel_linear import native_bf16_cpu
+from engine.packed_linear import PackedLinear, packing_available
 
 needs_packing = pytest.mark.skipif(not packing_available(torch.bfloat16, "cpu"),
                                    reason="this torch/CPU has no oneDNN bf16 linear")
@@ -30,6 +31,7 @@ def test_packing_is_only_for_bf16_on_cpu() -> None:
 
 
 @needs_packing
+@pytest.mark.skipif(not native_bf16_cpu(), reason="without bf16 arithmetic the engine uses KernelLinear")
 def test_bf16_engine_packs_every_linear_and_keeps_logits(tiny_llama_dir: Path) -> None:
     """The engine's bf16 model has no plain nn.Linear left, and its logits equal the same weights
     run through torch's own `F.linear` (the packed copies are taken after loading)."""

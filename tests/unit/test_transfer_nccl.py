@@ -228,7 +228,9 @@ def test_a_source_that_dies_mid_transfer_times_out(peers):
     start = time.monotonic()
     with pytest.raises(TransferError, match="r2: NCCL recv did not complete in time"):
         dest.fetch(handle, torch.zeros(SHAPE), [2], timeout_s=0.5)
-    assert time.monotonic() - start < 2
+    # The deadline, not a hang, ended the wait. The upper bound is loose on purpose: a loaded
+    # host (the full suite beside other work) once took over 2 s to get here; a hang takes forever.
+    assert 0.45 <= time.monotonic() - start < 10
     assert source.key not in dest._as_dest
 
 

@@ -1,0 +1,103 @@
+"""Linear layers on the native small-M GEMM (``engine/kernels/small_gemm.cpp``) for CPU decode.
+
+At decode batch sizes MKL's fp32 GEMM runs well below this CPU's FMA peak and memory bandwidth,
+and on a CPU without bf16 arithmetic (no AVX512_BF16 or AMX) oneDNN emulates bf16 GEMMs at about a
+quarter of fp32 speed. ``KernelLinear`` keeps each weight once, in the model's dtype, packed in
+the kernel's panels (``[ceil(out / 32), in, 32]``), and runs
+
+- rows <= ``SMALL_M`` (decode): the native kernel, fp32 math, reading bf16 weights directly;
+- larger batches (prefill): MKL's fp32 GEMM on the weight unpacked (and widened to fp32) for the
+  call: one pass over the weight, small next to a prefill-sized GEMM, and the same result as
+  ``F.linear`` on the original fp32 weight.
+
+bf16 models on CPUs *with* bf16 arithmetic keep oneDNN's prepacked path (``packed_linear``).
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from engine import kernels
+
+# Up to here the native kernel beats MKL on this project's CPUs (benchmarks/linear_shapes.py).
+SMALL_M = 128
+PANEL = 32  # output columns per panel (small_gemm.cpp's NB)
+
+
+def native_bf16_cpu() -> bool:
+    """Whether this CPU has bf16 arithmetic (AVX512_BF16 or AMX) for oneDNN to use."""
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
+@functools.cache
+def small_gemm_available() -> bool:
+    """The kernels built and this CPU has the instructions the small GEMM needs (AVX-512 F/BW)."""
+    return kernels.available() and kernels.load().small_gemm_supported() == 1
+
+
+def kernel_linears_apply(dtype: torch.dtype, device: str) -> bool:
+    """fp32 on CPU, and bf16 on a CPU that would otherwise emulate bf16 GEMMs."""
+    if device != "cpu" or dtype not in (torch.float32, torch.bfloat16):
+        return False
+    if dtype == torch.bfloat16 and native_bf16_cpu():
+        return False
+    return small_gemm_available()
+
+
+def pack_panels(weight: torch.Tensor) -> torch.Tensor:
+    """``[out, in]`` -> ``[ceil(out / PANEL), in, PANEL]``, the last panel zero-padded."""
+    out_features, in_features = weight.shape
+    panels = -(-out_features // PANEL)
+    padded = weight.new_zeros(panels * PANEL, in_features)
+    padded[:out_features] = weight
+    return padded.view(panels, PANEL, in_features).transpose(1, 2).contiguous()
+
+
+def unpack_panels(panels: torch.Tensor, out_features: int, dtype: torch.dtype) -> torch.Tensor:
+    """The inverse of ``pack_panels``, converted to ``dtype`` in the same pass."""
+    count, in_features, _ = panels.shape
+    weight = torch.empty(count, PANEL, in_features, dtype=dtype)
+    weight.copy_(panels.transpose(1, 2))
+    return weight.view(count * PANEL, in_features)[:out_features]
+
+
+class KernelLinear(nn.Module):
+    """Inference-only stand-in for ``nn.Linear``: the weight once, in the kernel's panels."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        # Buffers, not parameters: a packed copy taken after loading (ties are not followed).
+        self.register_buffer("panels", pack_panels(linear.weight.detach()), persistent=False)
+        bias = None if linear.bias is None else linear.bias.detach().float().contiguous()
+        self.register_buffer("bias_f32", bias, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features)
+        if rows.shape[0] <= SMALL_M:
+            out = self._small(rows.contiguous())
+        else:
+            out = self._large(rows)
+        return out.view(*x.shape[:-1], self.out_features)
+
+    def _small(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.empty(x.shape[0], self.out_features, dtype=x.dtype)
+        if x.shape[0] == 0:
+            return out
+        bias = self.bias_f32
+        status = kernels.load().small_gemm(
+            x.data_ptr(), x.dtype == torch.bfloat16, self.panels.data_ptr(),
+            self.panels.dtype == torch.bfloat16, None if bias is None else bias.data_ptr(),
+            out.data_ptr(), x.shape[0], self.in_features, self.out_features, torch.get_num_threads(),
+        )
+        if status != 0:
+            raise RuntimeError(f"small GEMM rejected its inputs (status {status}): x {tuple(x.shape)}, "
+                               f"weight [{self.in_features}, {self.out_features}]")
+        return out
+
+    def _large(self, x: torch.Tensor) -> torch.Tensor:
+        weight = unpack_panels(self.panels, self.out_features, torch.float32)
+        return F.linear(x.float(), weight, self.bias_f32).to(x.dtype)

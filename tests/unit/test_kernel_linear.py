@@ -1,0 +1,101 @@
+"""The native small-M GEMM behind ``KernelLinear`` against float64 matmuls computed by torch."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from engine.kernel_linear import (SMALL_M, KernelLinear, kernel_linears_apply, native_bf16_cpu,
+                                  pack_panels, small_gemm_available, unpack_panels)
+
+needs_kernel = pytest.mark.skipif(not small_gemm_available(), reason="no AVX-512 small GEMM here")
+
+# Rows on both sides of the 12-row register tile and of the kernel/MKL switch.
+ROWS = [1, 11, 12, 13, 32, SMALL_M, SMALL_M + 1, 300]
+# Widths on both sides of the 16-lane halves and 32-column panels.
+SHAPES = [(96, 160), (33, 47), (576, 960), (64, 1), (40, 16), (40, 17)]
+
+
+def _reference(x: torch.Tensor, linear: nn.Linear) -> torch.Tensor:
+    bias = None if linear.bias is None else linear.bias.double()
+    return F.linear(x.double(), linear.weight.double(), bias)
+
+
+@needs_kernel
+@pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
+@pytest.mark.parametrize("in_features,out_features", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_kernel_linear_matches_float64(dtype, in_features, out_features, bias) -> None:
+    torch.manual_seed(in_features * out_features)
+    linear = nn.Linear(in_features, out_features, bias=bias).to(dtype)
+    layer = KernelLinear(linear)
+    for rows in ROWS:
+        x = torch.randn(rows, in_features, dtype=dtype)
+        got = layer(x)
+        assert got.dtype == dtype and got.shape == (rows, out_features)
+        want = _reference(x, linear)
+        # fp32: sums of <= 576 products in fp32; bf16: one output rounding (2^-8 relative).
+        tolerance = 1e-5 if dtype == torch.float32 else 2 ** -8
+        scale = want.abs().clamp_min(1.0)
+        assert ((got.double() - want).abs() / scale).max().item() <= tolerance, rows
+
+
+@needs_kernel
+def test_prefill_sized_fp32_batches_equal_f_linear_bit_for_bit() -> None:
+    """Beyond SMALL_M rows the fp32 path is MKL on the unpacked weight: exactly ``F.linear``, so
+    prefill numerics (the token-exact parity contract with transformers) do not move."""
+    torch.manual_seed(1)
+    linear = nn.Linear(200, 330)
+    x = torch.randn(SMALL_M + 50, 200)
+    assert torch.equal(KernelLinear(linear)(x), F.linear(x, linear.weight, linear.bias))
+
+
+@needs_kernel
+def test_leading_dimensions_and_empty_batches() -> None:
+    linear = nn.Linear(24, 40)
+    layer = KernelLinear(linear)
+    x = torch.randn(2, 3, 24)
+    torch.testing.assert_close(layer(x), F.linear(x, linear.weight, linear.bias), rtol=1e-5, atol=1e-5)
+    assert layer(torch.randn(0, 24)).shape == (0, 40)
+
+
+@needs_kernel
+def test_bf16_rounding_keeps_nan_and_infinity() -> None:
+    linear = nn.Linear(16, 32, bias=False).to(torch.bfloat16)
+    with torch.no_grad():
+        linear.weight.fill_(1.0)
+    x = torch.ones(3, 16, dtype=torch.bfloat16)
+    x[1, 0] = float("nan")
+    x[2, 0] = float("inf")
+    out = KernelLinear(linear)(x)
+    assert torch.all(out[0] == 16) and torch.isnan(out[1]).all() and torch.isposinf(out[2]).all()
+
+
+def test_panels_round_trip_exactly() -> None:
+    for dtype in (torch.float32, torch.bfloat16):
+        weight = torch.randn(70, 9).to(dtype)
+        panels = pack_panels(weight)
+        assert panels.shape == (3, 9, 32) and torch.all(panels[2, :, 6:] == 0)
+        assert torch.equal(unpack_panels(panels, 70, dtype), weight)
+
+
+def test_kernel_linears_only_where_they_win() -> None:
+    assert not kernel_linears_apply(torch.float16, "cpu")
+    assert not kernel_linears_apply(torch.float32, "cuda")
+    assert kernel_linears_apply(torch.float32, "cpu") == small_gemm_available()
+    # bf16 on a CPU with bf16 arithmetic stays on oneDNN's prepacked path.
+    assert kernel_linears_apply(torch.bfloat16, "cpu") == (small_gemm_available() and not native_bf16_cpu())
+
+
+@needs_kernel
+def test_engine_models_run_every_linear_on_the_kernel(tiny_llama_dir: Path) -> None:
+    from engine.config import load_config
+    from engine.runner import build_model
+
+    config = load_config(tiny_llama_dir)
+    model = build_model(config, tiny_llama_dir, torch.float32, "cpu", 64)
+    assert not any(isinstance(m, nn.Linear) for m in model.modules())
+    assert sum(isinstance(m, KernelLinear) for m in model.modules()) == 4 * config.num_layers + 1
