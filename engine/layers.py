@@ -1,7 +1,8 @@
 """Building blocks of the Llama-family decoder: RMSNorm, rotary embedding, SwiGLU MLP.
 
 Numerics follow the transformers reference (norm in fp32, rope tables in fp32 cast to the
-activation dtype) so greedy fp32 decoding is token-exact with it.
+activation dtype) so greedy fp32 decoding is token-exact with it. The elementwise steps run fused
+on CPU (``engine.fused``).
 """
 from __future__ import annotations
 
@@ -10,9 +11,9 @@ from typing import Callable
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from engine.config import ModelConfig, RopeScaling
+from engine.fused import add_rms_norm, silu_mul
 
 
 class RMSNorm(nn.Module):
@@ -21,11 +22,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(size))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(dtype)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """RMSNorm(x); with ``residual``, first ``x += residual`` in place (x is the residual
+        stream, so the add and the norm are one pass)."""
+        return add_rms_norm(x, self.weight, self.eps, residual)
 
 
 def _llama3_inv_freq(inv_freq: torch.Tensor, s: RopeScaling) -> torch.Tensor:
@@ -64,16 +64,6 @@ class RotaryEmbedding(nn.Module):
         return self.cos[positions].to(dtype).unsqueeze(1), self.sin[positions].to(dtype).unsqueeze(1)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x`` ([T, heads, D]) by the step's tables (rotate-half convention)."""
-    return x * cos + _rotate_half(x) * sin
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
 class SwiGLU(nn.Module):
     """gate and up projections fused into one matmul; silu(gate) * up, then down."""
 
@@ -84,8 +74,7 @@ class SwiGLU(nn.Module):
         self.down_proj = nn.Linear(intermediate, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(silu_mul(self.gate_up_proj(x)))
 
 
 def replace_linears(model: nn.Module, make: Callable[[nn.Linear], nn.Module]) -> int:

@@ -11,7 +11,8 @@ from torch import nn
 
 from engine.attention import AttentionMetadata, decode_attention, prefill_attention, write_kv
 from engine.config import ModelConfig
-from engine.layers import RMSNorm, RotaryEmbedding, SwiGLU, apply_rope
+from engine.fused import rope_
+from engine.layers import RMSNorm, RotaryEmbedding, SwiGLU
 
 
 class Attention(nn.Module):
@@ -36,11 +37,12 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         tokens = x.shape[0]
         qkv = self.qkv_proj(x)
-        # q and k sit side by side in the fused projection: rotate both heads sets in one pass.
-        qk = qkv[:, : self.q_size + self.kv_size].view(tokens, self.num_heads + self.num_kv_heads,
-                                                       self.head_dim)
-        q, k = apply_rope(qk, *rope).split([self.num_heads, self.num_kv_heads], dim=1)
-        v = qkv[:, self.q_size + self.kv_size:].view(tokens, self.num_kv_heads, self.head_dim)
+        # q and k sit side by side in the fused projection: rotate both head sets in one pass.
+        rope_(qkv, self.num_heads + self.num_kv_heads, *rope)
+        q_end, k_end = self.q_size, self.q_size + self.kv_size
+        q = qkv[:, :q_end].view(tokens, self.num_heads, self.head_dim)
+        k = qkv[:, q_end:k_end].view(tokens, self.num_kv_heads, self.head_dim)
+        v = qkv[:, k_end:].view(tokens, self.num_kv_heads, self.head_dim)
         write_kv(kv_layer, k, v, meta.slot_mapping)
         if meta.is_prefill:
             out = prefill_attention(q, k, v, meta.seq_lens, self.scale)
@@ -57,9 +59,12 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = SwiGLU(config.hidden_size, config.intermediate_size)
 
-    def forward(self, x, rope, kv_layer, meta) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), rope, kv_layer, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, pending, rope, kv_layer, meta) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x`` is the residual stream (updated in place); ``pending`` the previous layer's MLP
+        output, not yet added: each residual add is fused into the norm that follows it."""
+        h = self.input_layernorm(x, residual=pending)
+        h = self.post_attention_layernorm(x, residual=self.self_attn(h, rope, kv_layer, meta))
+        return x, self.mlp(h)
 
 
 class CausalLM(nn.Module):
@@ -87,7 +92,10 @@ class CausalLM(nn.Module):
         """Returns fp32 logits ``[len(logits_index), vocab]``."""
         x = self.embed_tokens(input_ids)
         rope = self.rope.tables(positions, x.dtype)
+        pending = None
         for layer, kv_layer in zip(self.layers, kv_cache):
-            x = layer(x, rope, kv_layer, meta)
+            x, pending = layer(x, pending, rope, kv_layer, meta)
+        if pending is not None:
+            x.add_(pending)
         x = self.norm(x.index_select(0, logits_index))
         return self.lm_head(x).float()

@@ -1,6 +1,7 @@
 """Native CPU kernels, built once with the system C++ compiler and called through ctypes.
 
-Kernels: paged decode attention (bf16/fp32, ``paged_attention.cpp``) and the small-M GEMM behind
+Kernels: paged decode attention (bf16/fp32, ``paged_attention.cpp``), the fused elementwise steps
+of ``engine.fused`` (``elementwise.cpp``) and the small-M GEMM behind
 ``engine.kernel_linear`` (``small_gemm.cpp``). No torch headers and no build step at install time:
 the C++ sources are compiled on first use into one library in a per-user cache
 (``~/.cache/tandem/kernels``, keyed by sources, flags and CPU), which takes a few seconds. Where no
@@ -21,8 +22,10 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-_SOURCES = tuple(Path(__file__).with_name(name) for name in ("paged_attention.cpp", "small_gemm.cpp"))
-_FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-std=c++17", "-pthread")
+_SOURCES = tuple(Path(__file__).with_name(name) for name in ("paged_attention.cpp", "small_gemm.cpp",
+                                                                  "elementwise.cpp"))
+_HEADERS = (Path(__file__).with_name("pool.h"),)
+_FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-shared", "-fPIC", "-std=c++17", "-pthread")
 _VECTOR_MATH = ("-lmvec", "-lm")  # glibc's vector expf, where the C library has it
 
 
@@ -48,8 +51,8 @@ def _cpu_signature() -> str:
 
 def _library_path(compiler: str) -> Path:
     key = hashlib.sha256()
-    for part in (*(src.read_bytes() for src in _SOURCES), " ".join(_FLAGS).encode(), compiler.encode(),
-                 _cpu_signature().encode()):
+    texts = [path.read_bytes() for path in (*_SOURCES, *_HEADERS)]
+    for part in (*texts, " ".join(_FLAGS).encode(), compiler.encode(), _cpu_signature().encode()):
         key.update(part)
     return cache_dir() / f"tandem-kernels-{key.hexdigest()[:16]}.so"
 
@@ -75,6 +78,18 @@ def _build(target: Path, compiler: str) -> None:
             os.unlink(tmp)
 
 
+def _declare_elementwise(lib: ctypes.CDLL) -> None:
+    ptr, i64 = ctypes.c_void_p, ctypes.c_int64
+    signatures = {
+        "fused_add_rms_norm": [ptr, ptr, ptr, ptr, i64, i64, ctypes.c_float, i64, i64],
+        "fused_rope": [ptr, i64, i64, i64, i64, ptr, ptr, i64, i64],
+        "fused_silu_mul": [ptr, ptr, i64, i64, i64, i64],
+    }
+    for name, argtypes in signatures.items():
+        fn = getattr(lib, name)
+        fn.restype, fn.argtypes = ctypes.c_int, argtypes
+
+
 @functools.cache
 def load() -> ctypes.CDLL:
     """The compiled kernel library (built on first call). Raises KernelUnavailable."""
@@ -95,6 +110,7 @@ def load() -> ctypes.CDLL:
     gemm.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
                      ctypes.c_void_p] + [ctypes.c_int64] * 4
     lib.small_gemm_supported.restype = ctypes.c_int
+    _declare_elementwise(lib)
     return lib
 
 

@@ -12,8 +12,9 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <thread>
 #include <vector>
+
+#include "pool.h"
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -191,12 +192,7 @@ int paged_decode_attention(const E* q, const E* k, const E* v, const int64_t* sl
     const Problem<E> p{q, k, v, slots, lens, out, heads, kv_heads, dim, width, scale};
     const int64_t items = batch * kv_heads;
     // Items carry similar work (one context each), so equal contiguous shares balance well.
-    const int64_t workers = threads < 1 ? 1 : (threads > items ? items : threads);
-    std::vector<std::thread> pool;
-    for (int64_t w = 1; w < workers; ++w)
-        pool.emplace_back(run_items<E>, std::cref(p), items * w / workers, items * (w + 1) / workers);
-    run_items(p, 0, items / workers);
-    for (auto& t : pool) t.join();
+    tandem::parallel_ranges(items, threads, [&](int64_t first, int64_t last) { run_items(p, first, last); });
     return 0;
 }
 

@@ -14,9 +14,10 @@
 // hardware prefetch, half the speed).
 #include <cstdint>
 #include <cstring>
-#include <thread>
 #include <utility>
 #include <vector>
+
+#include "pool.h"
 
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 #include <immintrin.h>
@@ -120,15 +121,12 @@ int gemm(const X* x, const W* w, const float* bias, X* out, const Shape& s, int6
     std::vector<float> widened;
     const float* xf = as_fp32(x, s.M * s.K, widened);
     const int64_t panels = (s.N + NB - 1) / NB;
-    // Below a few panels per thread a second thread costs more to start than it saves.
+    // Below a few panels per thread a second thread costs more to wake than it saves.
     int64_t workers = threads < 1 ? 1 : threads;
     if (workers > panels / 4) workers = panels / 4 > 1 ? panels / 4 : 1;
-    std::vector<std::thread> pool;
-    for (int64_t t = 1; t < workers; ++t)
-        pool.emplace_back(run_panels<W, X>, xf, std::cref(s), w, bias, out, panels * t / workers,
-                          panels * (t + 1) / workers);
-    run_panels<W, X>(xf, s, w, bias, out, 0, panels / workers);
-    for (auto& t : pool) t.join();
+    tandem::parallel_ranges(panels, workers, [&](int64_t first, int64_t last) {
+        run_panels<W, X>(xf, s, w, bias, out, first, last);
+    });
     return 0;
 }
 

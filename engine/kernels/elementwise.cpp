@@ -1,0 +1,169 @@
+// Fused elementwise steps of a decoder layer: residual add + RMSNorm, rotary embedding in place,
+// and silu(gate) * up.
+//
+// Why: in torch each of these is 3-8 separate ops, every one a full pass over the activations
+// and (at decode sizes) a dispatch that costs more than its arithmetic; here each is one pass.
+// Numerics follow the torch code they replace (engine/layers.py), rounding where it rounds: the
+// norm in fp32, its result rounded to the activation dtype before the weight multiplies; rope
+// and silu*up round each product and sum like the separate bf16 ops do. fp32 has no FMA
+// contraction (built with -ffp-contract=off), so a * b + c rounds twice as in torch.
+//
+// Element types: fp32 (float) or bf16 (uint16_t, the top half of an fp32), one per call.
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "pool.h"
+
+#if defined(__AVX512F__) && !defined(TANDEM_NO_MVEC)
+#include <immintrin.h>
+extern "C" __m512 _ZGVeN16v_expf(__m512);
+#define TANDEM_VECTOR_EXPF 1
+#endif
+
+namespace {
+
+inline float widen(float f) { return f; }
+inline float widen(uint16_t h) {
+    const uint32_t bits = static_cast<uint32_t>(h) << 16;
+    float f;
+    std::memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+template <typename E> E narrow(float f);
+template <> inline float narrow<float>(float f) { return f; }
+template <> inline uint16_t narrow<uint16_t>(float f) {
+    uint32_t bits;
+    std::memcpy(&bits, &f, sizeof bits);
+    if ((bits & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((bits >> 16) | 0x40u);  // NaN
+    bits += 0x7fffu + ((bits >> 16) & 1u);
+    return static_cast<uint16_t>(bits >> 16);
+}
+
+// The value as the activation dtype holds it: identity for fp32, round-trip through bf16.
+template <typename E> inline float round_to(float f) { return widen(narrow<E>(f)); }
+
+// fn(first, last) over the rows; large calls split the rows across threads.
+template <typename Fn>
+void for_rows(int64_t rows, int64_t cols, int64_t threads, Fn fn) {
+    constexpr int64_t kMinPerThread = 1 << 15;  // elements: below this a thread costs more than it saves
+    const int64_t workers = rows * cols < 2 * kMinPerThread ? 1 : threads;
+    tandem::parallel_ranges(rows, workers, fn);
+}
+
+// x += delta (when given), then out = weight * round(x * rsqrt(mean(x^2) + eps)).
+template <typename E>
+void add_rms_norm(E* x, const E* delta, const E* weight, E* out, int64_t rows, int64_t cols, float eps,
+                  int64_t threads) {
+    for_rows(rows, cols, threads, [=](int64_t first, int64_t last) {
+        std::vector<float> h(cols);
+        for (int64_t r = first; r < last; ++r) {
+            E* xr = x + r * cols;
+            double sum = 0.0;  // double: the mean of squares is order-independent to fp32 precision
+            for (int64_t c = 0; c < cols; ++c) {
+                float v = widen(xr[c]);
+                if (delta) {
+                    v = round_to<E>(v + widen(delta[r * cols + c]));
+                    xr[c] = narrow<E>(v);
+                }
+                h[c] = v;
+                sum += static_cast<double>(v) * v;
+            }
+            const float mean = static_cast<float>(sum / static_cast<double>(cols));
+            const float inv = 1.0f / std::sqrt(mean + eps);
+            for (int64_t c = 0; c < cols; ++c)
+                out[r * cols + c] = narrow<E>(widen(weight[c]) * round_to<E>(h[c] * inv));
+        }
+    });
+}
+
+// Rotate-half rope in place on the first `heads` heads of each row: x * cos + rotate_half(x) * sin.
+template <typename E>
+void rope(E* x, int64_t row_stride, int64_t rows, int64_t heads, int64_t dim, const E* cos, const E* sin,
+          int64_t threads) {
+    const int64_t half = dim / 2;
+    for_rows(rows, heads * dim, threads, [=](int64_t first, int64_t last) {
+        std::vector<float> v(dim);
+        for (int64_t r = first; r < last; ++r) {
+            const E* c = cos + r * dim;
+            const E* s = sin + r * dim;
+            for (int64_t h = 0; h < heads; ++h) {
+                E* head = x + r * row_stride + h * dim;
+                for (int64_t d = 0; d < dim; ++d) v[d] = widen(head[d]);
+                for (int64_t d = 0; d < dim; ++d) {
+                    const float rotated = d < half ? -v[d + half] : v[d - half];
+                    const float a = round_to<E>(v[d] * widen(c[d]));
+                    const float b = round_to<E>(rotated * widen(s[d]));
+                    head[d] = narrow<E>(a + b);
+                }
+            }
+        }
+    });
+}
+
+// silu(g) = g / (1 + exp(-g)) over n values, in place in `g` (fp32 scratch).
+inline void silu_inplace(float* g, int64_t n) {
+    int64_t i = 0;
+#ifdef TANDEM_VECTOR_EXPF
+    const __m512 one = _mm512_set1_ps(1.0f);
+    for (; i + 16 <= n; i += 16) {
+        const __m512 v = _mm512_loadu_ps(g + i);
+        const __m512 e = _ZGVeN16v_expf(_mm512_sub_ps(_mm512_setzero_ps(), v));
+        _mm512_storeu_ps(g + i, _mm512_div_ps(v, _mm512_add_ps(one, e)));
+    }
+#endif
+    for (; i < n; ++i) g[i] = g[i] / (1.0f + std::exp(-g[i]));
+}
+
+// out[r, :] = round(silu(gate_up[r, :inter])) * gate_up[r, inter:].
+template <typename E>
+void silu_mul(const E* gate_up, E* out, int64_t rows, int64_t inter, int64_t threads) {
+    for_rows(rows, 2 * inter, threads, [=](int64_t first, int64_t last) {
+        std::vector<float> g(inter);
+        for (int64_t r = first; r < last; ++r) {
+            const E* gr = gate_up + r * 2 * inter;
+            for (int64_t c = 0; c < inter; ++c) g[c] = widen(gr[c]);
+            silu_inplace(g.data(), inter);
+            for (int64_t c = 0; c < inter; ++c)
+                out[r * inter + c] = narrow<E>(round_to<E>(g[c]) * widen(gr[inter + c]));
+        }
+    });
+}
+
+}  // namespace
+
+extern "C" int fused_add_rms_norm(void* x, const void* delta, const void* weight, void* out, int64_t rows,
+                                  int64_t cols, float eps, int64_t bf16, int64_t threads) {
+    if (rows < 0 || cols <= 0) return 1;
+    if (bf16)
+        add_rms_norm(static_cast<uint16_t*>(x), static_cast<const uint16_t*>(delta),
+                     static_cast<const uint16_t*>(weight), static_cast<uint16_t*>(out), rows, cols, eps, threads);
+    else
+        add_rms_norm(static_cast<float*>(x), static_cast<const float*>(delta), static_cast<const float*>(weight),
+                     static_cast<float*>(out), rows, cols, eps, threads);
+    return 0;
+}
+
+extern "C" int fused_rope(void* x, int64_t row_stride, int64_t rows, int64_t heads, int64_t dim,
+                          const void* cos, const void* sin, int64_t bf16, int64_t threads) {
+    if (rows < 0 || heads <= 0 || dim <= 0 || dim % 2 != 0 || row_stride < heads * dim) return 1;
+    if (bf16)
+        rope(static_cast<uint16_t*>(x), row_stride, rows, heads, dim, static_cast<const uint16_t*>(cos),
+             static_cast<const uint16_t*>(sin), threads);
+    else
+        rope(static_cast<float*>(x), row_stride, rows, heads, dim, static_cast<const float*>(cos),
+             static_cast<const float*>(sin), threads);
+    return 0;
+}
+
+extern "C" int fused_silu_mul(const void* gate_up, void* out, int64_t rows, int64_t inter, int64_t bf16,
+                              int64_t threads) {
+    if (rows < 0 || inter <= 0) return 1;
+    if (bf16)
+        silu_mul(static_cast<const uint16_t*>(gate_up), static_cast<uint16_t*>(out), rows, inter, threads);
+    else
+        silu_mul(static_cast<const float*>(gate_up), static_cast<float*>(out), rows, inter, threads);
+    return 0;
+}
