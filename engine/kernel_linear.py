@@ -2,19 +2,20 @@
 
 At decode batch sizes MKL's fp32 GEMM runs well below this CPU's FMA peak and memory bandwidth,
 and on a CPU without bf16 arithmetic (no AVX512_BF16 or AMX) oneDNN emulates bf16 GEMMs at about a
-quarter of fp32 speed. ``KernelLinear`` keeps each weight once, in the model's dtype, packed in
-the kernel's panels (``[ceil(out / 32), in, 32]``), and runs
+quarter of fp32 speed. ``KernelLinear`` keeps each weight in the model's dtype packed in the
+kernel's panels (``[ceil(out / 32), in, 32]``), and runs
 
 - rows <= ``SMALL_M`` (decode): the native kernel, fp32 math, reading bf16 weights directly;
-- larger batches (prefill): MKL's fp32 GEMM on the weight unpacked (and widened to fp32) for the
-  call: one pass over the weight, small next to a prefill-sized GEMM, and the same result as
-  ``F.linear`` on the original fp32 weight.
+- larger batches (prefill): MKL's fp32 GEMM, on the original weight for fp32 models (exactly
+  ``F.linear``) and on the weight unpacked and widened to fp32 for the call for bf16 ones (one
+  pass over the weight, small next to a prefill-sized GEMM).
 
 bf16 models on CPUs *with* bf16 arithmetic keep oneDNN's prepacked path (``packed_linear``).
 """
 from __future__ import annotations
 
 import functools
+import threading
 
 import torch
 from torch import nn
@@ -22,8 +23,9 @@ from torch.nn import functional as F
 
 from engine import kernels
 
-# Up to here the native kernel beats MKL on this project's CPUs (benchmarks/linear_shapes.py).
-SMALL_M = 128
+# Up to here the native kernel is at least as fast as MKL (fp32) and far faster than emulated bf16
+# on this project's CPU (benchmarks/decode_linears.py, RESULTS.md).
+SMALL_M = 256
 PANEL = 32  # output columns per panel (small_gemm.cpp's NB)
 
 
@@ -56,12 +58,30 @@ def pack_panels(weight: torch.Tensor) -> torch.Tensor:
     return padded.view(panels, PANEL, in_features).transpose(1, 2).contiguous()
 
 
-def unpack_panels(panels: torch.Tensor, out_features: int, dtype: torch.dtype) -> torch.Tensor:
-    """The inverse of ``pack_panels``, converted to ``dtype`` in the same pass."""
+def unpack_panels(panels: torch.Tensor, out_features: int, dtype: torch.dtype,
+                  into: torch.Tensor | None = None) -> torch.Tensor:
+    """The inverse of ``pack_panels``, converted to ``dtype`` in the same pass (into ``into``,
+    a ``[panels, PANEL, in]`` buffer, when given)."""
     count, in_features, _ = panels.shape
-    weight = torch.empty(count, PANEL, in_features, dtype=dtype)
+    weight = torch.empty(count, PANEL, in_features, dtype=dtype) if into is None else into
     weight.copy_(panels.transpose(1, 2))
     return weight.view(count * PANEL, in_features)[:out_features]
+
+
+# bf16 weights unpacked for the large-batch path land in a per-thread buffer per shape, reused
+# call to call: a fresh allocation of that size is fresh pages, and faulting them in cost more than
+# the copy. Per thread, since the result is consumed before the next call on that thread but two
+# engines may step on two threads.
+_scratch = threading.local()
+
+
+def _scratch_for(panels: torch.Tensor) -> torch.Tensor:
+    buffers = _scratch.__dict__.setdefault("buffers", {})
+    count, in_features, _ = panels.shape
+    key = (count, in_features)
+    if key not in buffers:
+        buffers[key] = torch.empty(count, PANEL, in_features, dtype=torch.float32)
+    return buffers[key]
 
 
 class KernelLinear(nn.Module):
@@ -71,7 +91,12 @@ class KernelLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         # Buffers, not parameters: a packed copy taken after loading (ties are not followed).
-        self.register_buffer("panels", pack_panels(linear.weight.detach()), persistent=False)
+        weight = linear.weight.detach()
+        self.register_buffer("panels", pack_panels(weight), persistent=False)
+        # fp32 keeps its original weight too, for large batches: unpacking per call (a pass over
+        # every weight, ~130 ms per step for SmolLM2) cost 15-30% at 256-1024 rows. bf16 must be
+        # widened per call anyway (CPU without bf16 arithmetic), so it keeps only the panels.
+        self.register_buffer("weight", weight if weight.dtype == torch.float32 else None, persistent=False)
         bias = None if linear.bias is None else linear.bias.detach().float().contiguous()
         self.register_buffer("bias_f32", bias, persistent=False)
 
@@ -99,5 +124,7 @@ class KernelLinear(nn.Module):
         return out
 
     def _large(self, x: torch.Tensor) -> torch.Tensor:
-        weight = unpack_panels(self.panels, self.out_features, torch.float32)
+        if self.weight is not None and x.dtype == torch.float32:
+            return F.linear(x, self.weight, self.bias_f32)
+        weight = unpack_panels(self.panels, self.out_features, torch.float32, _scratch_for(self.panels))
         return F.linear(x.float(), weight, self.bias_f32).to(x.dtype)
