@@ -7,36 +7,28 @@ Builds every linear of the model's layers with its own random weight (so weights
 memory as in a real step, unlike a loop over one hot weight) and times, per batch size M, one pass
 over all of them: ``KernelLinear`` against ``F.linear`` (MKL for fp32; oneDNN for bf16, which is
 emulated on a CPU without AVX512_BF16/AMX) and, for bf16, oneDNN's prepacked ``PackedLinear``.
-Median of 7 passes; the ratio column is torch's best over the kernel. Sets ``SMALL_M``: the kernel
+Median of 7 passes after 3 warm-ups; the ratio column is torch's best over the kernel. Sets ``SMALL_M``: the kernel
 should win up to it.
 """
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
+from functools import partial
 
 import torch
 from torch import nn
 
+from benchmarks.linear_shapes import median_seconds as median_of
 from engine.kernel_linear import KernelLinear, small_gemm_available
 from engine.packed_linear import PackedLinear, packing_available
+
+median_seconds = partial(median_of, repeats=7)
 
 # (out, in) of each linear per layer, the layer count, and the LM head.
 MODELS = {
     "smollm2": ([(960, 576), (576, 576), (3072, 576), (576, 1536)], 30, (49152, 576)),
     "llama155m": ([(1536, 1024), (1024, 1024), (5632, 1024), (1024, 2816)], 8, (32000, 1024)),
 }
-
-
-def median_seconds(fn, repeats: int = 7) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def build(model: str, dtype: torch.dtype) -> list[nn.Linear]:
