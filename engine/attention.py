@@ -95,8 +95,8 @@ def native_decode_attention(
     q = q.contiguous()
     out = torch.empty_like(q)
     batch, heads, head_dim = q.shape
-    kernel = kernels.load().paged_decode_attention_bf16 if q.dtype == torch.bfloat16 else \
-        kernels.load().paged_decode_attention_f32
+    lib = kernels.load()
+    kernel = lib.paged_decode_attention_bf16 if q.dtype == torch.bfloat16 else lib.paged_decode_attention_f32
     status = kernel(
         q.data_ptr(), kv_layer[0].data_ptr(), kv_layer[1].data_ptr(), slots.data_ptr(),
         lens.data_ptr(), out.data_ptr(), batch, heads, kv_layer.shape[-2], head_dim,

@@ -6,8 +6,6 @@ torch code's (see the kernel's header), so fp32 stays within rounding of transfo
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 from torch.nn import functional as F
 
@@ -16,16 +14,11 @@ from engine import kernels
 FUSED_DTYPES = (torch.float32, torch.bfloat16)
 
 
-@functools.cache
-def _kernels_built() -> bool:
-    return kernels.available()
-
-
 def fused_applies(*tensors: torch.Tensor) -> bool:
     """CPU tensors of one fused dtype, contiguous in their last dimension, and the kernels built."""
     first = tensors[0]
     return (first.device.type == "cpu" and first.dtype in FUSED_DTYPES
-            and all(t.dtype == first.dtype and t.stride(-1) == 1 for t in tensors) and _kernels_built())
+            and all(t.dtype == first.dtype and t.stride(-1) == 1 for t in tensors) and kernels.available())
 
 
 def _check(status: int, what: str, *shapes: torch.Size) -> None:

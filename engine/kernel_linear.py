@@ -85,7 +85,8 @@ def _scratch_for(panels: torch.Tensor) -> torch.Tensor:
 
 
 class KernelLinear(nn.Module):
-    """Inference-only stand-in for ``nn.Linear``: the weight once, in the kernel's panels."""
+    """Inference-only stand-in for ``nn.Linear``: the weight in the kernel's panels (and, for
+    fp32, the original weight for large batches)."""
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()

@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 
 _SOURCES = tuple(Path(__file__).with_name(name) for name in ("paged_attention.cpp", "small_gemm.cpp",
                                                                   "elementwise.cpp"))
-_HEADERS = (Path(__file__).with_name("pool.h"),)
+_HEADERS = tuple(Path(__file__).with_name(name) for name in ("numeric.h", "pool.h"))
 _FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-shared", "-fPIC", "-std=c++17", "-pthread")
 _VECTOR_MATH = ("-lmvec", "-lm")  # glibc's vector expf, where the C library has it
 

@@ -11,36 +11,15 @@
 // Element types: fp32 (float) or bf16 (uint16_t, the top half of an fp32), one per call.
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <vector>
 
+#include "numeric.h"
 #include "pool.h"
-
-#if defined(__AVX512F__) && !defined(TANDEM_NO_MVEC)
-#include <immintrin.h>
-extern "C" __m512 _ZGVeN16v_expf(__m512);
-#define TANDEM_VECTOR_EXPF 1
-#endif
 
 namespace {
 
-inline float widen(float f) { return f; }
-inline float widen(uint16_t h) {
-    const uint32_t bits = static_cast<uint32_t>(h) << 16;
-    float f;
-    std::memcpy(&f, &bits, sizeof f);
-    return f;
-}
-
-template <typename E> E narrow(float f);
-template <> inline float narrow<float>(float f) { return f; }
-template <> inline uint16_t narrow<uint16_t>(float f) {
-    uint32_t bits;
-    std::memcpy(&bits, &f, sizeof bits);
-    if ((bits & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((bits >> 16) | 0x40u);  // NaN
-    bits += 0x7fffu + ((bits >> 16) & 1u);
-    return static_cast<uint16_t>(bits >> 16);
-}
+using tandem::narrow;
+using tandem::widen;
 
 // The value as the activation dtype holds it: identity for fp32, round-trip through bf16.
 template <typename E> inline float round_to(float f) { return widen(narrow<E>(f)); }

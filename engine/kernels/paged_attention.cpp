@@ -11,48 +11,22 @@
 // nearest even, like torch's own bf16 SDPA.
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <vector>
 
+#include "numeric.h"
 #include "pool.h"
-
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#endif
 
 namespace {
 
-inline float to_float(uint16_t h) {
-    uint32_t bits = static_cast<uint32_t>(h) << 16;
-    float f;
-    std::memcpy(&f, &bits, sizeof f);
-    return f;
-}
-inline float to_float(float f) { return f; }
-
-inline void from_float(float f, uint16_t* out) {
-    uint32_t bits;
-    std::memcpy(&bits, &f, sizeof bits);
-    if ((bits & 0x7fffffffu) > 0x7f800000u) {  // NaN
-        *out = static_cast<uint16_t>((bits >> 16) | 0x40u);
-        return;
-    }
-    bits += 0x7fffu + ((bits >> 16) & 1u);
-    *out = static_cast<uint16_t>(bits >> 16);
-}
-inline void from_float(float f, float* out) { *out = f; }
-
-// dot(q, row) and acc += w * row over `dim` elements. The AVX-512 path loads 16 values at a time
-// (a bf16 is the top half of an fp32); the portable path keeps 16 partial sums so the compiler
-// may vectorize without reassociating a single running sum.
+using tandem::narrow;
+using tandem::widen;
 #if defined(__AVX512F__)
-inline __m512 load16(const uint16_t* p) {
-    __m256i half = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
-}
-inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+using tandem::load16;
 #endif
 
+// dot(q, row) and acc += w * row over `dim` elements. The AVX-512 path loads 16 values at a time;
+// the portable path keeps 16 partial sums so the compiler may vectorize without reassociating a
+// single running sum.
 template <typename E>
 inline float dot(const float* q, const E* row, int64_t dim) {
     int64_t d = 0;
@@ -64,10 +38,10 @@ inline float dot(const float* q, const E* row, int64_t dim) {
 #else
     float lanes[16] = {0};
     for (; d + 16 <= dim; d += 16)
-        for (int l = 0; l < 16; ++l) lanes[l] += q[d + l] * to_float(row[d + l]);
+        for (int l = 0; l < 16; ++l) lanes[l] += q[d + l] * widen(row[d + l]);
     for (int l = 0; l < 16; ++l) sum += lanes[l];
 #endif
-    for (; d < dim; ++d) sum += q[d] * to_float(row[d]);
+    for (; d < dim; ++d) sum += q[d] * widen(row[d]);
     return sum;
 }
 
@@ -79,21 +53,15 @@ inline void axpy(float w, const E* row, float* acc, int64_t dim) {
     for (; d + 16 <= dim; d += 16)
         _mm512_storeu_ps(acc + d, _mm512_fmadd_ps(wv, load16(row + d), _mm512_loadu_ps(acc + d)));
 #endif
-    for (; d < dim; ++d) acc[d] += w * to_float(row[d]);
+    for (; d < dim; ++d) acc[d] += w * widen(row[d]);
 }
 
-// s[t] = exp(s[t] - peak) for t < len; returns their sum. glibc's vector expf (libmvec, within
-// 4 ulp) on 16 lanes at a time where the CPU has AVX-512: a scalar expf per score was a fifth of
-// the kernel's time.
-#if defined(__AVX512F__) && !defined(TANDEM_NO_MVEC)
-#define TANDEM_VECTOR_EXP 1
-extern "C" __m512 _ZGVeN16v_expf(__m512);
-#endif
-
+// s[t] = exp(s[t] - peak) for t < len; returns their sum. Vector expf on 16 lanes at a time where
+// the build has it: a scalar expf per score was a fifth of the kernel's time.
 inline float exp_shifted(float* s, int64_t len, float peak) {
     int64_t t = 0;
     float total = 0.0f;
-#ifdef TANDEM_VECTOR_EXP
+#ifdef TANDEM_VECTOR_EXPF
     const __m512 shift = _mm512_set1_ps(peak);
     __m512 sum = _mm512_setzero_ps();
     for (; t + 16 <= len; t += 16) {
@@ -149,7 +117,7 @@ void attend(const Problem<E>& p, int64_t b, int64_t kvh, std::vector<float>& sco
     acc.assign(group * dim, 0.0f);
     for (int64_t g = 0; g < group; ++g) {
         const E* qh = p.q + (b * p.heads + kvh * group + g) * dim;
-        for (int64_t d = 0; d < dim; ++d) query[g * dim + d] = to_float(qh[d]) * p.scale;
+        for (int64_t d = 0; d < dim; ++d) query[g * dim + d] = widen(qh[d]) * p.scale;
     }
     for (int64_t t = 0; t < len; ++t) {
         const E* kr = p.k + slots[t] * row_stride + kvh * dim;
@@ -171,7 +139,7 @@ void attend(const Problem<E>& p, int64_t b, int64_t kvh, std::vector<float>& sco
     }
     for (int64_t g = 0; g < group; ++g) {
         E* o = p.out + (b * p.heads + kvh * group + g) * dim;
-        for (int64_t d = 0; d < dim; ++d) from_float(acc[g * dim + d], o + d);
+        for (int64_t d = 0; d < dim; ++d) o[d] = narrow<E>(acc[g * dim + d]);
     }
 }
 

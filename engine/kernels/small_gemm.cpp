@@ -1,4 +1,5 @@
-// out[M, N] = x[M, K] @ w[K, N] (+ bias) for the small M of decode steps (M <= ~64).
+// out[M, N] = x[M, K] @ w[K, N] (+ bias) for the small M of decode steps (engine.kernel_linear
+// sends it up to 256 rows).
 //
 // Why a kernel: at decode batch sizes MKL's sgemm runs at a third of this CPU's FMA peak and, at
 // M = 8..32, reads each weight at well under the memory bandwidth; oneDNN's bf16 GEMM on a CPU
@@ -13,14 +14,13 @@
 // panel zero-padded (a row-major [K, N] would put each panel row a page apart: TLB misses and no
 // hardware prefetch, half the speed).
 #include <cstdint>
-#include <cstring>
 #include <utility>
 #include <vector>
 
+#include "numeric.h"
 #include "pool.h"
 
 #if defined(__AVX512F__) && defined(__AVX512BW__)
-#include <immintrin.h>
 #define TANDEM_SMALL_GEMM 1
 #endif
 
@@ -31,11 +31,7 @@ constexpr int NB = 32;        // columns per panel: two zmm registers
 constexpr int MR = 12;        // rows of x per register tile
 constexpr int PREFETCH = 32;  // rows of w ahead of the one in use
 
-inline __m512 load_w(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load_w(const uint16_t* p) {
-    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
+using tandem::load16;
 
 inline void store_out(float* p, __m512 v, __mmask16 m) { _mm512_mask_storeu_ps(p, m, v); }
 inline void store_out(uint16_t* p, __m512 v, __mmask16 m) {
@@ -62,7 +58,7 @@ void tile(const float* x, int64_t K, const W* panel, int64_t ncols, const float*
         // Prefetching past the panel's end is harmless (a hint, never a fault).
         _mm_prefetch(reinterpret_cast<const char*>(row + PREFETCH * NB), _MM_HINT_T0);
         _mm_prefetch(reinterpret_cast<const char*>(row + PREFETCH * NB) + 64, _MM_HINT_T0);
-        const __m512 w0 = load_w(row), w1 = load_w(row + 16);
+        const __m512 w0 = load16(row), w1 = load16(row + 16);
         for (int r = 0; r < R; ++r) {
             const __m512 a = _mm512_set1_ps(x[r * K + k]);
             acc[r][0] = _mm512_fmadd_ps(a, w0, acc[r][0]);
@@ -108,10 +104,7 @@ void run_panels(const float* x, const Shape& s, const W* w, const float* bias, O
 inline const float* as_fp32(const float* x, int64_t, std::vector<float>&) { return x; }
 inline const float* as_fp32(const uint16_t* x, int64_t count, std::vector<float>& buf) {
     buf.resize(count);
-    for (int64_t i = 0; i < count; ++i) {
-        const uint32_t bits = static_cast<uint32_t>(x[i]) << 16;
-        std::memcpy(&buf[i], &bits, sizeof(float));
-    }
+    for (int64_t i = 0; i < count; ++i) buf[i] = tandem::widen(x[i]);
     return buf.data();
 }
 
