@@ -17,6 +17,7 @@ from typing import Callable
 import msgspec
 import torch
 
+from engine import hugepages
 from engine.block_manager import BlockManager
 from engine.config import ModelConfig, load_config
 from engine.outputs import TokenDelta
@@ -54,7 +55,8 @@ class Engine:
     def __init__(self, model_dir: Path, config: EngineConfig = EngineConfig(),
                  kv_allocator: Callable[[tuple[int, ...], torch.dtype], torch.Tensor] | None = None) -> None:
         """``kv_allocator(shape, dtype)`` returns the zero-filled KV cache, e.g. in shared memory
-        a same-node transport maps from other processes; default: ``torch.zeros`` on the device."""
+        a same-node transport maps from other processes; default: zeros on the device (on CPU,
+        on huge pages: ``engine.hugepages``)."""
         model_dir = Path(model_dir)
         if not model_dir.is_dir():
             raise FileNotFoundError(f"model directory {model_dir} does not exist")
@@ -67,7 +69,9 @@ class Engine:
         self.max_model_len = context_limit(self.model_config, config.max_model_len)
         model = build_model(self.model_config, model_dir, self.dtype, config.device, self.max_model_len)
         shape = kv_cache_shape(self.model_config, num_blocks, config.block_size)
-        if kv_allocator is None:
+        if kv_allocator is None and config.device == "cpu":
+            kv_cache = hugepages.zeros(tuple(shape), self.dtype)
+        elif kv_allocator is None:
             kv_cache = torch.zeros(shape, dtype=self.dtype, device=config.device)
         else:
             kv_cache = kv_allocator(tuple(shape), self.dtype)

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from engine import kernels
+from engine import hugepages, kernels
 
 # Up to here the native kernel is at least as fast as MKL (fp32) and far faster than emulated bf16
 # on this project's CPU (benchmarks/decode_linears.py, RESULTS.md).
@@ -55,7 +55,7 @@ def pack_panels(weight: torch.Tensor) -> torch.Tensor:
     panels = -(-out_features // PANEL)
     padded = weight.new_zeros(panels * PANEL, in_features)
     padded[:out_features] = weight
-    return padded.view(panels, PANEL, in_features).transpose(1, 2).contiguous()
+    return hugepages.copy_of(padded.view(panels, PANEL, in_features).transpose(1, 2))
 
 
 def unpack_panels(panels: torch.Tensor, out_features: int, dtype: torch.dtype,
@@ -97,7 +97,8 @@ class KernelLinear(nn.Module):
         # fp32 keeps its original weight too, for large batches: unpacking per call (a pass over
         # every weight, ~130 ms per step for SmolLM2) cost 15-30% at 256-1024 rows. bf16 must be
         # widened per call anyway (CPU without bf16 arithmetic), so it keeps only the panels.
-        self.register_buffer("weight", weight if weight.dtype == torch.float32 else None, persistent=False)
+        self.register_buffer("weight", hugepages.copy_of(weight) if weight.dtype == torch.float32 else None,
+                             persistent=False)
         bias = None if linear.bias is None else linear.bias.detach().float().contiguous()
         self.register_buffer("bias_f32", bias, persistent=False)
 

@@ -11,6 +11,7 @@
 // nearest even, like torch's own bf16 SDPA.
 #include <cmath>
 #include <cstdint>
+#include <utility>
 #include <vector>
 
 #include "numeric.h"
@@ -105,27 +106,29 @@ struct Problem {
     float scale;
 };
 
-// One (sequence, KV head) pair: its `group` query heads share every K/V row read.
+// Sequence b's KV heads [h0, h1) and the query heads that read them. Tokens are walked in
+// context order and each token's rows of all these heads are read together: a block's rows are
+// contiguous across heads, so the cache streams through the hardware prefetchers instead of
+// being read one head (a 1/Hkv-th of every line run) at a time.
 template <typename E>
-void attend(const Problem<E>& p, int64_t b, int64_t kvh, std::vector<float>& scores,
+void attend(const Problem<E>& p, int64_t b, int64_t h0, int64_t h1, std::vector<float>& scores,
             std::vector<float>& acc, std::vector<float>& query) {
     const int64_t group = p.heads / p.kv_heads, dim = p.dim, len = p.lens[b];
-    const int64_t row_stride = p.kv_heads * dim;
+    const int64_t nq = (h1 - h0) * group;  // query heads here, from query head h0 * group on
+    const int64_t row_stride = p.kv_heads * dim, first = h0 * dim, span = (h1 - h0) * dim;
     const int64_t* slots = p.slots + b * p.width;
-    scores.resize(group * len);
-    query.resize(group * dim);
-    acc.assign(group * dim, 0.0f);
-    for (int64_t g = 0; g < group; ++g) {
-        const E* qh = p.q + (b * p.heads + kvh * group + g) * dim;
-        for (int64_t d = 0; d < dim; ++d) query[g * dim + d] = widen(qh[d]) * p.scale;
-    }
+    scores.resize(nq * len);
+    query.resize(nq * dim);
+    acc.assign(nq * dim, 0.0f);
+    const E* qb = p.q + (b * p.heads + h0 * group) * dim;
+    for (int64_t i = 0; i < nq * dim; ++i) query[i] = widen(qb[i]) * p.scale;
     for (int64_t t = 0; t < len; ++t) {
-        const E* kr = p.k + slots[t] * row_stride + kvh * dim;
-        if (t + AHEAD < len) prefetch_row(p.k + slots[t + AHEAD] * row_stride + kvh * dim, dim);
-        for (int64_t g = 0; g < group; ++g) scores[g * len + t] = dot(query.data() + g * dim, kr, dim);
+        const E* kr = p.k + slots[t] * row_stride + first;
+        if (t + AHEAD < len) prefetch_row(p.k + slots[t + AHEAD] * row_stride + first, span);
+        for (int64_t h = 0; h < nq; ++h) scores[h * len + t] = dot(query.data() + h * dim, kr + (h / group) * dim, dim);
     }
-    for (int64_t g = 0; g < group; ++g) {
-        float* s = scores.data() + g * len;
+    for (int64_t h = 0; h < nq; ++h) {
+        float* s = scores.data() + h * len;
         float peak = -INFINITY;
         for (int64_t t = 0; t < len; ++t) peak = s[t] > peak ? s[t] : peak;
         float total = exp_shifted(s, len, peak);
@@ -133,21 +136,154 @@ void attend(const Problem<E>& p, int64_t b, int64_t kvh, std::vector<float>& sco
         for (int64_t t = 0; t < len; ++t) s[t] *= inv;
     }
     for (int64_t t = 0; t < len; ++t) {
-        const E* vr = p.v + slots[t] * row_stride + kvh * dim;
-        if (t + AHEAD < len) prefetch_row(p.v + slots[t + AHEAD] * row_stride + kvh * dim, dim);
-        for (int64_t g = 0; g < group; ++g) axpy(scores[g * len + t], vr, acc.data() + g * dim, dim);
+        const E* vr = p.v + slots[t] * row_stride + first;
+        if (t + AHEAD < len) prefetch_row(p.v + slots[t + AHEAD] * row_stride + first, span);
+        for (int64_t h = 0; h < nq; ++h) axpy(scores[h * len + t], vr + (h / group) * dim, acc.data() + h * dim, dim);
     }
-    for (int64_t g = 0; g < group; ++g) {
-        E* o = p.out + (b * p.heads + kvh * group + g) * dim;
-        for (int64_t d = 0; d < dim; ++d) o[d] = narrow<E>(acc[g * dim + d]);
-    }
+    E* o = p.out + (b * p.heads + h0 * group) * dim;
+    for (int64_t i = 0; i < nq * dim; ++i) o[i] = narrow<E>(acc[i]);
 }
 
+#if defined(__AVX512F__)
+// The fast path for head dims of 16, 32, 64 or 128 (DV = dim / 16 vectors): scores 16 tokens at
+// a time, each token's q.k partial products kept as one vector and the 16 vectors summed in one
+// transposing tree (45 shuffles/adds for 16 scores, against a horizontal sum per score); the
+// weighted sum of V keeps a group of heads' outputs in registers, each V row read once per KV head.
+
+// Lane t of the result is the sum of the lanes of the vector at index (t % 4) * 4 + t / 4.
+inline __m512 transpose_sum16(const __m512 (&v)[16]) {
+    __m512 w[8], x[4], y[2];
+    for (int i = 0; i < 8; ++i)  // vector 2i's partials in 128-bit chunks 0-1, 2i+1's in 2-3
+        w[i] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0x44),
+                             _mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0xEE));
+    for (int i = 0; i < 4; ++i)  // chunk c: vector 4i + c's four partials
+        x[i] = _mm512_add_ps(_mm512_shuffle_f32x4(w[2 * i], w[2 * i + 1], 0x88),
+                             _mm512_shuffle_f32x4(w[2 * i], w[2 * i + 1], 0xDD));
+    for (int i = 0; i < 2; ++i)
+        y[i] = _mm512_add_ps(_mm512_shuffle_ps(x[2 * i], x[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                             _mm512_shuffle_ps(x[2 * i], x[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+    // chunk c, lane j: vector 4j + c
+    return _mm512_add_ps(_mm512_shuffle_ps(y[0], y[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm512_shuffle_ps(y[0], y[1], _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+constexpr int CHUNK = 16;  // tokens scored together
+
+// out[t] = q . rows[t] for t < n (n <= 16); q is fp32 (already scaled), rows point at one head.
+template <int DV, typename E>
+inline void score_chunk(const float* q, const E* const* rows, int n, float* out) {
+    __m512 qv[DV], v[CHUNK];
+    for (int d = 0; d < DV; ++d) qv[d] = _mm512_loadu_ps(q + 16 * d);
+    for (int t = 0; t < CHUNK; ++t) {
+        __m512 acc = _mm512_setzero_ps();
+        if (t < n)
+            for (int d = 0; d < DV; ++d) acc = _mm512_fmadd_ps(qv[d], load16(rows[t] + 16 * d), acc);
+        v[(t & 3) * 4 + (t >> 2)] = acc;
+    }
+    _mm512_mask_storeu_ps(out, n >= CHUNK ? 0xffff : static_cast<__mmask16>((1u << n) - 1), transpose_sum16(v));
+}
+
+// acc[g] = sum_t p[g * len + t] * v_t for G query heads sharing one KV head (rows at `off`).
+template <int DV, int G, typename E>
+void weighted_sum(const float* p, int64_t len, const E* v, const int64_t* slots, int64_t row_stride,
+                  int64_t off, float* acc_out) {
+    __m512 acc[G][DV];
+    for (int g = 0; g < G; ++g)
+        for (int d = 0; d < DV; ++d) acc[g][d] = _mm512_setzero_ps();
+    for (int64_t t = 0; t < len; ++t) {
+        const E* row = v + slots[t] * row_stride + off;
+        if (t + AHEAD < len) prefetch_row(v + slots[t + AHEAD] * row_stride + off, DV * 16);
+        __m512 vv[DV];
+        for (int d = 0; d < DV; ++d) vv[d] = load16(row + 16 * d);
+        for (int g = 0; g < G; ++g) {
+            const __m512 w = _mm512_set1_ps(p[g * len + t]);
+            for (int d = 0; d < DV; ++d) acc[g][d] = _mm512_fmadd_ps(w, vv[d], acc[g][d]);
+        }
+    }
+    for (int g = 0; g < G; ++g)
+        for (int d = 0; d < DV; ++d) _mm512_storeu_ps(acc_out + g * DV * 16 + 16 * d, acc[g][d]);
+}
+
+constexpr int MAX_G = 4;  // query heads per weighted_sum call: G x DV accumulators in registers
+
+template <int DV, typename E, int... Gs>
+constexpr auto weighted_sum_for(int g, std::integer_sequence<int, Gs...>) {
+    using Fn = void (*)(const float*, int64_t, const E*, const int64_t*, int64_t, int64_t, float*);
+    constexpr Fn table[] = {nullptr, &weighted_sum<DV, Gs + 1, E>...};
+    return table[g];
+}
+
+template <int DV, typename E>
+void attend_vec(const Problem<E>& p, int64_t b, int64_t h0, int64_t h1, std::vector<float>& scores,
+                std::vector<float>& acc, std::vector<float>& query) {
+    constexpr int64_t dim = DV * 16;
+    const int64_t group = p.heads / p.kv_heads, len = p.lens[b];
+    const int64_t nq = (h1 - h0) * group, row_stride = p.kv_heads * dim;
+    const int64_t* slots = p.slots + b * p.width;
+    scores.resize(nq * len);
+    query.resize(nq * dim);
+    acc.resize(nq * dim);
+    const E* qb = p.q + (b * p.heads + h0 * group) * dim;
+    for (int64_t i = 0; i < nq * dim; ++i) query[i] = widen(qb[i]) * p.scale;
+    const E* rows[CHUNK];
+    for (int64_t t0 = 0; t0 < len; t0 += CHUNK) {
+        const int n = static_cast<int>(len - t0 < CHUNK ? len - t0 : CHUNK);
+        for (int t = 0; t < n; ++t) rows[t] = p.k + slots[t0 + t] * row_stride;
+        for (int64_t t = t0 + CHUNK; t < t0 + 2 * CHUNK && t < len; ++t)  // the next chunk's rows
+            prefetch_row(p.k + slots[t] * row_stride + h0 * dim, (h1 - h0) * dim);
+        for (int64_t kvh = h0; kvh < h1; ++kvh) {
+            const E* heads[CHUNK];
+            for (int t = 0; t < n; ++t) heads[t] = rows[t] + kvh * dim;
+            for (int64_t g = 0; g < group; ++g) {
+                const int64_t h = (kvh - h0) * group + g;
+                score_chunk<DV>(query.data() + h * dim, heads, n, scores.data() + h * len + t0);
+            }
+        }
+    }
+    for (int64_t h = 0; h < nq; ++h) {
+        float* s = scores.data() + h * len;
+        float peak = -INFINITY;
+        for (int64_t t = 0; t < len; ++t) peak = s[t] > peak ? s[t] : peak;
+        const float inv = 1.0f / exp_shifted(s, len, peak);
+        for (int64_t t = 0; t < len; ++t) s[t] *= inv;
+    }
+    const auto gs = std::make_integer_sequence<int, MAX_G>{};
+    for (int64_t kvh = h0; kvh < h1; ++kvh)
+        for (int64_t g0 = 0; g0 < group; g0 += MAX_G) {
+            const int g = static_cast<int>(group - g0 < MAX_G ? group - g0 : MAX_G);
+            const int64_t h = (kvh - h0) * group + g0;
+            weighted_sum_for<DV, E>(g, gs)(scores.data() + h * len, len, p.v, slots, row_stride, kvh * dim,
+                                          acc.data() + h * dim);
+        }
+    E* o = p.out + (b * p.heads + h0 * group) * dim;
+    for (int64_t i = 0; i < nq * dim; ++i) o[i] = narrow<E>(acc[i]);
+}
+#endif
+
 template <typename E>
-void run_items(const Problem<E>& p, int64_t first, int64_t last) {
+void attend_any(const Problem<E>& p, int64_t b, int64_t h0, int64_t h1, std::vector<float>& scores,
+                std::vector<float>& acc, std::vector<float>& query) {
+#if defined(__AVX512F__)
+    switch (p.dim) {
+        case 16: return attend_vec<1>(p, b, h0, h1, scores, acc, query);
+        case 32: return attend_vec<2>(p, b, h0, h1, scores, acc, query);
+        case 64: return attend_vec<4>(p, b, h0, h1, scores, acc, query);
+        case 128: return attend_vec<8>(p, b, h0, h1, scores, acc, query);
+        default: break;
+    }
+#endif
+    attend(p, b, h0, h1, scores, acc, query);
+}
+
+// Item i is sequence i / splits, KV heads [kv_heads * s / splits, kv_heads * (s + 1) / splits)
+// for s = i % splits: whole sequences when the batch alone keeps every thread busy.
+template <typename E>
+void run_items(const Problem<E>& p, int64_t splits, int64_t first, int64_t last) {
     std::vector<float> scores, acc, query;
-    for (int64_t item = first; item < last; ++item)
-        attend(p, item / p.kv_heads, item % p.kv_heads, scores, acc, query);
+    for (int64_t item = first; item < last; ++item) {
+        const int64_t b = item / splits, s = item % splits;
+        attend_any(p, b, p.kv_heads * s / splits, p.kv_heads * (s + 1) / splits, scores, acc, query);
+    }
 }
 
 template <typename E>
@@ -158,9 +294,13 @@ int paged_decode_attention(const E* q, const E* k, const E* v, const int64_t* sl
     for (int64_t b = 0; b < batch; ++b)
         if (lens[b] < 1 || lens[b] > width) return 2;
     const Problem<E> p{q, k, v, slots, lens, out, heads, kv_heads, dim, width, scale};
-    const int64_t items = batch * kv_heads;
+    if (threads < 1) threads = 1;
+    // Split sequences by KV heads only when there are too few of them for two items per thread.
+    int64_t splits = (2 * threads + batch - 1) / batch;
+    splits = splits < 1 ? 1 : splits > kv_heads ? kv_heads : splits;
+    const int64_t items = batch * splits;
     // Items carry similar work (one context each), so equal contiguous shares balance well.
-    tandem::parallel_ranges(items, threads, [&](int64_t first, int64_t last) { run_items(p, first, last); });
+    tandem::parallel_ranges(items, threads, [&](int64_t first, int64_t last) { run_items(p, splits, first, last); });
     return 0;
 }
 

@@ -50,6 +50,9 @@ def _reference(q, kv, meta, scale):
     (9, 3, 64, [1, 15, 16, 17, 160, 33]),   # SmolLM2's heads, lengths around block edges
     (4, 4, 32, [5, 64]),                      # no grouping
     (8, 1, 128, [300]),                       # multi-query, one long context
+    (10, 2, 16, [1, 40]),                     # 5 heads per KV head: a register group of 4, then 1
+    (12, 2, 128, [33, 16]),                   # 6 per KV head at the widest register tile
+    (6, 1, 24, [7, 50]),                      # a head dim off the vector paths: the generic loop
 ])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 def test_kernel_matches_float64_attention(heads, kv_heads, dim, lens, dtype) -> None:
