@@ -57,7 +57,7 @@ from benchmarks.sim_vs_real_costs import WithExport, engine_profile, measure_tra
 
 # -- cluster profile -----------------------------------------------------------------------------
 
-async def probe_cluster(client, prefill, rng: random.Random) -> tuple[list, list, list]:
+async def probe_cluster(client, prefill, rng: random.Random, interference_passes: int) -> tuple[list, list, list]:
     """Prefill and decode samples of the deployed instances: the probes of `tandem profile
     --served` (deploy/served_profile.py), so this benchmark checks the product's calibration path.
 
@@ -70,8 +70,9 @@ async def probe_cluster(client, prefill, rng: random.Random) -> tuple[list, list
         return [rng.randrange(10, VOCAB) for _ in range(n)]
 
     samples = await probe(client, prefill, prompt, PROBES, PROBE_TOKENS)
-    ab = await probe_interference(client, prefill, prompt, interference_tokens(cluster_profile(samples)))
-    return ([s for s in samples if s.phase == "prefill"], [s for s in samples if s.phase == "decode"], [ab])
+    tokens = interference_tokens(cluster_profile(samples))
+    ab = [await probe_interference(client, prefill, prompt, tokens) for _ in range(interference_passes)]
+    return ([s for s in samples if s.phase == "prefill"], [s for s in samples if s.phase == "decode"], ab)
 
 
 def cluster_profile(samples: list, interference_passes: list | None = None):
@@ -308,7 +309,7 @@ async def main_async(args) -> None:
     try:
         await run_real(client, workload(4, 4.0, seed=99))  # warm-up
         await watch.wait_quiet(args.quiet, args.max_wait)
-        before = await probe_cluster(client, prefill, rng)
+        before = await probe_cluster(client, prefill, rng, args.interference_passes)
         probe_foreign = [round(watch.foreign(), 3)]
         first = cluster_profile(before[0] + before[1], before[2])
         capacity = saturation_rate(step_model(first, model_dir, xfer["export"]), transfer)
@@ -324,7 +325,7 @@ async def main_async(args) -> None:
             sent, results = await run_real(client, reqs)
             run_foreign = round(watch.foreign(), 3)
             watch.reset()
-            after = await probe_cluster(client, prefill, rng)
+            after = await probe_cluster(client, prefill, rng, args.interference_passes)
             probe_foreign.append(round(watch.foreign(), 3))
             profile = cluster_profile(before[0] + after[0] + before[1] + after[1], before[2] + after[2])
             before = after
@@ -360,6 +361,8 @@ def main() -> None:
     ap.add_argument("--rate", type=float, default=None, help="fixed rate (req/s) instead of --load")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--calib-repeats", type=int, default=2)
+    ap.add_argument("--interference-passes", type=int, default=3,
+                    help="A/B interference passes in each probe round (before and after every run)")
     ap.add_argument("--save-profiles", help="existing directory for each repeat's cluster profile")
     ap.add_argument("--transport", default="ray")
     ap.add_argument("--quiet", type=float, default=0.1,

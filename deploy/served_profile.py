@@ -129,7 +129,8 @@ async def probe_interference(client, prefill, prompt, decode_tokens: int,
                              shape=INTERFERENCE_SHAPE, solo_repeats: int = 3) -> InterferenceSample:
     """Time each phase alone, then both at once. Beside: a lockstep batch decodes while single
     prompts are prefilled one after another; a prefill that was still running when the batch
-    finished is left out (it was not beside decode the whole time)."""
+    finished is left out (it was not beside decode the whole time). The prefills alone run both
+    before and after that (``solo_repeats`` each): the host's speed drifts within a pass too."""
     batch, length, solo_len = shape
     one, params = _greedy(1), _greedy(decode_tokens)
     alone = [prefill_seconds(await client.agenerate(prompt(solo_len), one)) for _ in range(solo_repeats)]
@@ -144,6 +145,7 @@ async def probe_interference(client, prefill, prompt, decode_tokens: int,
         if not all(f.done() for f in decoding):
             beside.append(prefill_seconds(result))
     tpot_beside = _median_tpot(await asyncio.gather(*decoding))
+    alone += [prefill_seconds(await client.agenerate(prompt(solo_len), one)) for _ in range(solo_repeats)]
     return InterferenceSample(tuple(alone), tuple(beside), tpot_alone, tpot_beside)
 
 
@@ -164,17 +166,18 @@ def interference_tokens(profile, shape=INTERFERENCE_SHAPE, limit: int | None = N
 
 
 def fit_interference(samples: list[InterferenceSample]):
-    """Median slowdowns (>= 0) over the A/B passes; ValueError when no prefill ran beside decode."""
+    """Median over the A/B passes of each pass's slowdown (>= 0): prefill, median beside over
+    median alone; decode, TPOT beside over alone. Per pass, so that drift between passes minutes
+    apart does not mix into one ratio. ValueError when no prefill ran beside decode."""
     from placement.sim_core import Interference
 
-    alone = [t for s in samples for t in s.prefill_alone]
-    beside = [t for s in samples for t in s.prefill_beside]
-    if not alone or not beside:
+    prefill = [statistics.median(s.prefill_beside) / statistics.median(s.prefill_alone)
+               for s in samples if s.prefill_alone and s.prefill_beside]
+    if not prefill:
         raise ValueError("interference probes: no prefill ran beside a decoding batch "
                          "(the batch finished too soon); raise the decode tokens")
     decode = statistics.median(s.tpot_beside / s.tpot_alone for s in samples)
-    return Interference(prefill=max(0.0, statistics.median(beside) / statistics.median(alone) - 1),
-                        decode=max(0.0, decode - 1))
+    return Interference(prefill=max(0.0, statistics.median(prefill) - 1), decode=max(0.0, decode - 1))
 
 
 def profile_served(spec, repeats: int = 2, seed: int = 0, probes=PROBES, tokens: int = PROBE_TOKENS,

@@ -9,13 +9,21 @@ from deploy.served_profile import (InterferenceSample, fit_interference, fit_int
 from placement.calibrate import CalibratedEntry, CalibratedProfile, PhaseFit
 
 
-def test_slowdowns_are_ratios_of_medians_over_passes() -> None:
+def test_slowdowns_are_medians_of_per_pass_ratios() -> None:
     passes = [InterferenceSample((0.20, 0.21), (0.26, 0.25, 9.0), tpot_alone=0.10, tpot_beside=0.11),
-              InterferenceSample((0.19,), (0.24,), tpot_alone=0.10, tpot_beside=0.13)]
+              InterferenceSample((0.19,), (0.24,), tpot_alone=0.10, tpot_beside=0.13),
+              # the host twice as slow in this pass: its ratio counts, not its absolute times
+              InterferenceSample((0.40, 0.42), (0.60,), tpot_alone=0.20, tpot_beside=0.30)]
     slow = fit_interference(passes)
-    # prefill: median(0.26, 0.25, 9.0, 0.24) = 0.255 over median(0.20, 0.21, 0.19) = 0.20
-    assert slow.prefill == pytest.approx(0.255 / 0.20 - 1)
-    assert slow.decode == pytest.approx((1.1 + 1.3) / 2 - 1)  # median of the per-pass ratios
+    # prefill per pass: 0.26 / 0.205 = 1.268, 0.24 / 0.19 = 1.263, 0.60 / 0.41 = 1.463
+    assert slow.prefill == pytest.approx(0.26 / 0.205 - 1)
+    assert slow.decode == pytest.approx(1.3 - 1)  # median of 1.1, 1.3, 1.5
+
+
+def test_a_pass_without_prefills_beside_decode_is_skipped() -> None:
+    passes = [InterferenceSample((0.2,), (), tpot_alone=0.1, tpot_beside=0.1),
+              InterferenceSample((0.2,), (0.3,), tpot_alone=0.1, tpot_beside=0.1)]
+    assert fit_interference(passes).prefill == pytest.approx(0.5)
 
 
 def test_a_speedup_is_noise_and_clips_to_zero() -> None:
