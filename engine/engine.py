@@ -69,12 +69,10 @@ class Engine:
         self.max_model_len = context_limit(self.model_config, config.max_model_len)
         model = build_model(self.model_config, model_dir, self.dtype, config.device, self.max_model_len)
         shape = kv_cache_shape(self.model_config, num_blocks, config.block_size)
-        if kv_allocator is None and config.device == "cpu":
-            kv_cache = hugepages.zeros(tuple(shape), self.dtype)
-        elif kv_allocator is None:
-            kv_cache = torch.zeros(shape, dtype=self.dtype, device=config.device)
-        else:
-            kv_cache = kv_allocator(tuple(shape), self.dtype)
+        if kv_allocator is None:
+            kv_allocator = hugepages.zeros if config.device == "cpu" else (
+                lambda shape, dtype: torch.zeros(shape, dtype=dtype, device=config.device))
+        kv_cache = kv_allocator(tuple(shape), self.dtype)
         self.runner = ModelRunner(model, kv_cache, self.blocks)
         self.scheduler = Scheduler(config.scheduler, self.blocks)
         self._ids = itertools.count()

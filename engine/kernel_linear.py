@@ -97,8 +97,7 @@ class KernelLinear(nn.Module):
         # fp32 keeps its original weight too, for large batches: unpacking per call (a pass over
         # every weight, ~130 ms per step for SmolLM2) cost 15-30% at 256-1024 rows. bf16 must be
         # widened per call anyway (CPU without bf16 arithmetic), so it keeps only the panels.
-        self.register_buffer("weight", hugepages.copy_of(weight) if weight.dtype == torch.float32 else None,
-                             persistent=False)
+        self.register_buffer("weight", weight if weight.dtype == torch.float32 else None, persistent=False)
         bias = None if linear.bias is None else linear.bias.detach().float().contiguous()
         self.register_buffer("bias_f32", bias, persistent=False)
 

@@ -106,6 +106,31 @@ struct Problem {
     float scale;
 };
 
+// The query heads [first, first + count) of sequence b, widened and scaled, into `query`.
+template <typename E>
+inline void load_queries(const Problem<E>& p, int64_t b, int64_t first, int64_t count, std::vector<float>& query) {
+    const E* src = p.q + (b * p.heads + first) * p.dim;
+    query.resize(count * p.dim);
+    for (int64_t i = 0; i < count * p.dim; ++i) query[i] = widen(src[i]) * p.scale;
+}
+
+template <typename E>
+inline void store_outputs(const Problem<E>& p, int64_t b, int64_t first, int64_t count, const std::vector<float>& acc) {
+    E* dst = p.out + (b * p.heads + first) * p.dim;
+    for (int64_t i = 0; i < count * p.dim; ++i) dst[i] = narrow<E>(acc[i]);
+}
+
+// Each of the `rows` rows of `len` scores becomes its max-subtracted softmax, in place.
+inline void softmax_rows(float* scores, int64_t rows, int64_t len) {
+    for (int64_t h = 0; h < rows; ++h) {
+        float* s = scores + h * len;
+        float peak = -INFINITY;
+        for (int64_t t = 0; t < len; ++t) peak = s[t] > peak ? s[t] : peak;
+        const float inv = 1.0f / exp_shifted(s, len, peak);
+        for (int64_t t = 0; t < len; ++t) s[t] *= inv;
+    }
+}
+
 // Sequence b's KV heads [h0, h1) and the query heads that read them. Tokens are walked in
 // context order and each token's rows of all these heads are read together: a block's rows are
 // contiguous across heads, so the cache streams through the hardware prefetchers instead of
@@ -118,30 +143,22 @@ void attend(const Problem<E>& p, int64_t b, int64_t h0, int64_t h1, std::vector<
     const int64_t row_stride = p.kv_heads * dim, first = h0 * dim, span = (h1 - h0) * dim;
     const int64_t* slots = p.slots + b * p.width;
     scores.resize(nq * len);
-    query.resize(nq * dim);
     acc.assign(nq * dim, 0.0f);
-    const E* qb = p.q + (b * p.heads + h0 * group) * dim;
-    for (int64_t i = 0; i < nq * dim; ++i) query[i] = widen(qb[i]) * p.scale;
+    load_queries(p, b, h0 * group, nq, query);
     for (int64_t t = 0; t < len; ++t) {
         const E* kr = p.k + slots[t] * row_stride + first;
         if (t + AHEAD < len) prefetch_row(p.k + slots[t + AHEAD] * row_stride + first, span);
-        for (int64_t h = 0; h < nq; ++h) scores[h * len + t] = dot(query.data() + h * dim, kr + (h / group) * dim, dim);
+        for (int64_t h = 0; h < nq; h += group, kr += dim)  // query heads h..h+group read row kr
+            for (int64_t g = h; g < h + group; ++g) scores[g * len + t] = dot(query.data() + g * dim, kr, dim);
     }
-    for (int64_t h = 0; h < nq; ++h) {
-        float* s = scores.data() + h * len;
-        float peak = -INFINITY;
-        for (int64_t t = 0; t < len; ++t) peak = s[t] > peak ? s[t] : peak;
-        float total = exp_shifted(s, len, peak);
-        const float inv = 1.0f / total;
-        for (int64_t t = 0; t < len; ++t) s[t] *= inv;
-    }
+    softmax_rows(scores.data(), nq, len);
     for (int64_t t = 0; t < len; ++t) {
         const E* vr = p.v + slots[t] * row_stride + first;
         if (t + AHEAD < len) prefetch_row(p.v + slots[t + AHEAD] * row_stride + first, span);
-        for (int64_t h = 0; h < nq; ++h) axpy(scores[h * len + t], vr + (h / group) * dim, acc.data() + h * dim, dim);
+        for (int64_t h = 0; h < nq; h += group, vr += dim)
+            for (int64_t g = h; g < h + group; ++g) axpy(scores[g * len + t], vr, acc.data() + g * dim, dim);
     }
-    E* o = p.out + (b * p.heads + h0 * group) * dim;
-    for (int64_t i = 0; i < nq * dim; ++i) o[i] = narrow<E>(acc[i]);
+    store_outputs(p, b, h0 * group, nq, acc);
 }
 
 #if defined(__AVX512F__)
@@ -221,10 +238,8 @@ void attend_vec(const Problem<E>& p, int64_t b, int64_t h0, int64_t h1, std::vec
     const int64_t nq = (h1 - h0) * group, row_stride = p.kv_heads * dim;
     const int64_t* slots = p.slots + b * p.width;
     scores.resize(nq * len);
-    query.resize(nq * dim);
     acc.resize(nq * dim);
-    const E* qb = p.q + (b * p.heads + h0 * group) * dim;
-    for (int64_t i = 0; i < nq * dim; ++i) query[i] = widen(qb[i]) * p.scale;
+    load_queries(p, b, h0 * group, nq, query);
     const E* rows[CHUNK];
     for (int64_t t0 = 0; t0 < len; t0 += CHUNK) {
         const int n = static_cast<int>(len - t0 < CHUNK ? len - t0 : CHUNK);
@@ -240,13 +255,7 @@ void attend_vec(const Problem<E>& p, int64_t b, int64_t h0, int64_t h1, std::vec
             }
         }
     }
-    for (int64_t h = 0; h < nq; ++h) {
-        float* s = scores.data() + h * len;
-        float peak = -INFINITY;
-        for (int64_t t = 0; t < len; ++t) peak = s[t] > peak ? s[t] : peak;
-        const float inv = 1.0f / exp_shifted(s, len, peak);
-        for (int64_t t = 0; t < len; ++t) s[t] *= inv;
-    }
+    softmax_rows(scores.data(), nq, len);
     const auto gs = std::make_integer_sequence<int, MAX_G>{};
     for (int64_t kvh = h0; kvh < h1; ++kvh)
         for (int64_t g0 = 0; g0 < group; g0 += MAX_G) {
@@ -255,8 +264,7 @@ void attend_vec(const Problem<E>& p, int64_t b, int64_t h0, int64_t h1, std::vec
             weighted_sum_for<DV, E>(g, gs)(scores.data() + h * len, len, p.v, slots, row_stride, kvh * dim,
                                           acc.data() + h * dim);
         }
-    E* o = p.out + (b * p.heads + h0 * group) * dim;
-    for (int64_t i = 0; i < nq * dim; ++i) o[i] = narrow<E>(acc[i]);
+    store_outputs(p, b, h0 * group, nq, acc);
 }
 #endif
 
