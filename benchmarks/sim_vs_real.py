@@ -58,8 +58,9 @@ from benchmarks.sim_vs_real_costs import WithExport, engine_profile, measure_tra
 # -- cluster profile -----------------------------------------------------------------------------
 
 async def probe_cluster(client, prefill, rng: random.Random, interference_passes: int) -> tuple[list, list, list]:
-    """Prefill and decode samples of the deployed instances: the probes of `tandem profile
-    --served` (deploy/served_profile.py), so this benchmark checks the product's calibration path.
+    """(prefill and router samples, decode samples, interference passes) of the deployed
+    instances: the probes of `tandem profile --served` (deploy/served_profile.py), so this
+    benchmark checks the product's calibration path.
 
     Tried and dropped: taking the prefill samples while background requests kept the decode
     instance busy (as in a run). On 2 cores the extra streams also load the router and the driver;
@@ -72,7 +73,7 @@ async def probe_cluster(client, prefill, rng: random.Random, interference_passes
     samples = await probe(client, prefill, prompt, PROBES, PROBE_TOKENS)
     tokens = interference_tokens(cluster_profile(samples))
     ab = [await probe_interference(client, prefill, prompt, tokens) for _ in range(interference_passes)]
-    return ([s for s in samples if s.phase == "prefill"], [s for s in samples if s.phase == "decode"], ab)
+    return ([s for s in samples if s.phase != "decode"], [s for s in samples if s.phase == "decode"], ab)
 
 
 def cluster_profile(samples: list, interference_passes: list | None = None):
@@ -92,12 +93,13 @@ def cluster_profile(samples: list, interference_passes: list | None = None):
 
 # -- workload and simulation ---------------------------------------------------------------------
 
-def workload(n: int, rate: float, seed: int) -> list[tuple[float, list[int], int]]:
+def workload(n: int, rate: float, seed: int, vocab: int = VOCAB) -> list[tuple[float, list[int], int]]:
+    """Poisson arrivals at ``rate``; prompts of 64..256 random token ids, outputs of 32..96 tokens."""
     rng = random.Random(seed)
     t, out = 0.0, []
     for _ in range(n):
         t += rng.expovariate(rate)
-        prompt = [rng.randrange(10, VOCAB) for _ in range(rng.randint(64, 256))]
+        prompt = [rng.randrange(10, vocab) for _ in range(rng.randint(64, 256))]
         out.append((t, prompt, rng.randint(32, 96)))
     return out
 
@@ -112,7 +114,8 @@ def step_model(profile, model_dir: str, export: tuple[float, float]):
     return WithExport(CalibratedLatency(profile.entry(1, 1), fallback), export)
 
 
-def simulate(step, transfer: tuple[float, float], arrivals, inputs, outputs, interference=None):
+def simulate(step, transfer: tuple[float, float], arrivals, inputs, outputs, interference=None,
+             router_delay: float = 0.0):
     from placement.policy import Policy
     from placement.sim_core import InstanceModel, Slo
     from placement.sim_disagg import DisaggSim
@@ -124,7 +127,8 @@ def simulate(step, transfer: tuple[float, float], arrivals, inputs, outputs, int
     trace = BaseTrace(times=tuple(arrivals), inputs=tuple(inputs), outputs=tuple(outputs))
     # Both instances run on this one host: with interference they slow each other down.
     sim = DisaggSim([InstanceModel(step, NUM_BLOCKS)], [InstanceModel(step, NUM_BLOCKS)],
-                    [[transfer]], policy, trace, 1.0, interference=interference, shared_node=[[0]])
+                    [[transfer]], policy, trace, 1.0, interference=interference, shared_node=[[0]],
+                    router_delay=router_delay)
     return sim.run(Slo(ttft_ms=1000, tpot_ms=75))
 
 
@@ -197,14 +201,17 @@ def start_ray() -> None:
             time.sleep(5)
 
 
-def launch(model_dir: str, transport: str):
+def launch(model_dir: str, transport: str, step_pace=None):
+    """1 prefill + 1 decode instance (one core, one torch thread each); ``step_pace``: an
+    engine.pacing.StepPace for the instances' model steps (the test suite's check)."""
     from cluster.launcher import Cluster
     from cluster.launcher_config import InstanceGroup, LaunchConfig
     from engine.engine import EngineConfig
     from engine.scheduler import SchedulerConfig
 
     scheduler = SchedulerConfig(max_num_seqs=MAX_SEQS, max_num_batched_tokens=PREFILL_BUDGET)
-    engine = EngineConfig(dtype="float32", num_blocks=NUM_BLOCKS, block_size=BLOCK_SIZE, scheduler=scheduler)
+    engine = EngineConfig(dtype="float32", num_blocks=NUM_BLOCKS, block_size=BLOCK_SIZE, scheduler=scheduler,
+                          step_pace=step_pace)
     group = InstanceGroup(1, engine, num_cpus=1, num_threads=1)
     return Cluster.launch(LaunchConfig(name="simvsreal", model_dir=model_dir, mode="disaggregated",
                                        prefill=group, decode=group, transfer_backend=transport),
@@ -269,7 +276,8 @@ def describe(name: str, profile) -> str:
                        "prefill_rms_ms": round(1000 * e.prefill.rms, 1),
                        "decode_coef": [float(f"{c:.4g}") for c in e.decode.coef],
                        "decode_rms_ms": round(1000 * e.decode.rms, 1),
-                       "interference": None if slow is None else [round(slow.prefill, 3), round(slow.decode, 3)]})
+                       "interference": None if slow is None else [round(slow.prefill, 3), round(slow.decode, 3)],
+                       "router_delay_ms": None if profile.router_delay_s is None else round(1000 * profile.router_delay_s, 2)})
 
 
 def print_table(rows: list[dict], name: str) -> None:
@@ -334,7 +342,7 @@ async def main_async(args) -> None:
                 save_profile(profile, f"{args.save_profiles}/cluster-repeat{k}.json")
             inputs, outputs = [len(p) for _, p, _ in reqs], [o for _, _, o in reqs]
             sims = {name: simulate(step_model(p, model_dir, xfer["export"]), transfer, sent, inputs, outputs,
-                                   interference)
+                                   interference, p.router_delay_s or 0.0)
                     for name, p, interference in (("engine", engine, None), ("cluster", profile, None),
                                                   ("cluster_interference", profile, profile.interference))}
             foreign = {"before_run": quiet, "run": run_foreign, "probes_before_after": probe_foreign[-2:]}

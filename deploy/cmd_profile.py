@@ -66,7 +66,8 @@ def _profile_served(spec, args: argparse.Namespace) -> int:
     entry, slow = profile.entries[0], profile.interference
     print(f"wrote {args.out}: served 1P+1D probes; prefill rms {1000 * entry.prefill.rms:.1f} ms, "
           f"decode rms {1000 * entry.decode.rms:.1f} ms; on one node prefill runs "
-          f"{100 * slow.prefill:.0f}% slower beside decode, decode {100 * slow.decode:.0f}% beside prefill")
+          f"{100 * slow.prefill:.0f}% slower beside decode, decode {100 * slow.decode:.0f}% beside prefill; "
+          f"router delay {1000 * (profile.router_delay_s or 0.0):.1f} ms per request")
     return 0
 
 

@@ -18,6 +18,10 @@ the fit). So the profile also measures, A/B on the same shapes, a single prompt'
 beside a decoding batch, and that batch's TPOT alone and while single prompts keep the prefill
 instance busy; the slowdowns become the profile's ``interference``, which the simulator applies to
 instances sharing a node.
+
+Router delay: each single prompt's TTFT beyond its prefill step (router hops, step-loop wake-ups:
+~5 ms per request between this host's CPU actors) becomes the profile's ``router_delay_s``, which
+the simulator adds to every TTFT.
 """
 from __future__ import annotations
 
@@ -62,6 +66,12 @@ def prefill_seconds(result) -> float:
     return result.metrics["prefill_end"] - result.metrics["prefill_start"]
 
 
+def router_seconds(result) -> float:
+    """A lone request's time to first token outside its prefill step (dispatch, step-loop
+    wake-up, report): both terms are durations, each on one clock, so node clocks may differ."""
+    return max(1e-6, result.metrics["ttft"] - prefill_seconds(result))
+
+
 def _greedy(tokens: int):
     from engine.params import SamplingParams
 
@@ -78,6 +88,7 @@ async def probe(client, prefill, prompt, probes=PROBES, tokens: int = PROBE_TOKE
     for solo_len, batch, length in probes:
         solo = await client.agenerate(prompt(solo_len), one)
         samples.append(ProfileSample("prefill", 1, 1, (solo_len,), prefill_seconds(solo)))
+        samples.append(ProfileSample("router", 1, 1, (solo_len,), router_seconds(solo)))
         results = await _one_batch(client, prefill, [prompt(length) for _ in range(batch)], params)
         durations = {round(prefill_seconds(r), 6) for r in results}
         if len(durations) != 1:

@@ -21,6 +21,7 @@ from engine import hugepages
 from engine.block_manager import BlockManager
 from engine.config import ModelConfig, load_config
 from engine.outputs import TokenDelta
+from engine.pacing import PacedRunner, StepPace
 from engine.params import SamplingParams
 from engine.runner import ModelRunner, build_model, kv_cache_shape, resolve_dtype
 from engine.sampler import sample
@@ -41,6 +42,7 @@ class EngineConfig(msgspec.Struct, frozen=True, kw_only=True):
     kv_cache_bytes: int = DEFAULT_KV_CACHE_BYTES
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     scheduler: SchedulerConfig = SchedulerConfig()
+    step_pace: StepPace | None = None  # steps last at least this latency model's time (engine/pacing.py)
 
 
 def context_limit(model: ModelConfig, requested: int | None) -> int:
@@ -74,6 +76,8 @@ class Engine:
                 lambda shape, dtype: torch.zeros(shape, dtype=dtype, device=config.device))
         kv_cache = kv_allocator(tuple(shape), self.dtype)
         self.runner = ModelRunner(model, kv_cache, self.blocks)
+        if config.step_pace is not None:
+            self.runner = PacedRunner(self.runner, config.step_pace)
         self.scheduler = Scheduler(config.scheduler, self.blocks)
         self._ids = itertools.count()
         self._seeds = random.Random()

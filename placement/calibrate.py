@@ -10,19 +10,22 @@ being costed, falling back to the analytic model elsewhere.
 """
 from __future__ import annotations
 
+import statistics
 from pathlib import Path
-from typing import Iterable, Literal, Sequence
+from typing import Annotated, Iterable, Literal, Sequence
 
 import msgspec
 
 from .latency import StepModel
 from .sim_core import Interference
 
-Phase = Literal["prefill", "decode"]
+Phase = Literal["prefill", "decode", "router"]
 
 
 class ProfileSample(msgspec.Struct, frozen=True):
-    """One timed step: the batch's prompt (prefill) or context (decode) lengths and its seconds."""
+    """One timed step: the batch's prompt (prefill) or context (decode) lengths and its seconds.
+    A served profile's "router" samples are a lone request's time to first token outside its
+    prefill step (``lengths``: its prompt's): dispatch, step-loop wake-up, the first token's report."""
 
     phase: Phase
     tp: int
@@ -62,6 +65,9 @@ class CalibratedProfile(msgspec.Struct, frozen=True):
     dtype: str = ""
     version: int = 1
     interference: Interference | None = None
+    # Served profiles: median "router" sample, the time to first token a request spends outside
+    # the model steps even on idle instances. The simulator adds it to every TTFT.
+    router_delay_s: Annotated[float, msgspec.Meta(ge=0)] | None = None
 
     def entry(self, tp: int, pp: int) -> CalibratedEntry | None:
         for e in self.entries:
@@ -149,10 +155,14 @@ def fit_profile(samples: Iterable[ProfileSample], model: str = "", hardware: str
                 dtype: str = "") -> CalibratedProfile:
     """Fit every (tp, pp, phase) group in ``samples``; ValueError if a group cannot be fitted."""
     groups: dict[tuple[int, int, str], list[ProfileSample]] = {}
+    router: list[float] = []
     for s in samples:
         if s.seconds <= 0 or not s.lengths or min(s.lengths) < 1:
             raise ValueError(f"invalid sample {s!r}: needs seconds > 0 and lengths >= 1")
-        groups.setdefault((s.tp, s.pp, s.phase), []).append(s)
+        if s.phase == "router":
+            router.append(s.seconds)
+        else:
+            groups.setdefault((s.tp, s.pp, s.phase), []).append(s)
     if not groups:
         raise ValueError("no samples to fit")
     entries = []
@@ -161,7 +171,8 @@ def fit_profile(samples: Iterable[ProfileSample], model: str = "", hardware: str
                 for phase in ("prefill", "decode") if (tp, pp, phase) in groups}
         entries.append(CalibratedEntry(tp=tp, pp=pp, prefill=fits.get("prefill"),
                                        decode=fits.get("decode")))
-    return CalibratedProfile(entries=tuple(entries), model=model, hardware=hardware, dtype=dtype)
+    return CalibratedProfile(entries=tuple(entries), model=model, hardware=hardware, dtype=dtype,
+                             router_delay_s=statistics.median(router) if router else None)
 
 
 def save_profile(profile: CalibratedProfile, path: str | Path) -> None:

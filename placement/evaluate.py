@@ -53,6 +53,8 @@ class Evaluator:
     def __init__(self, problem: Problem) -> None:
         self.problem = problem
         self.simulations = 0
+        # A served calibration's time to first token outside the model steps (every TTFT pays it).
+        self.router_delay = (problem.calibration.router_delay_s or 0.0) if problem.calibration else 0.0
         s = problem.search
         self._full = sample_base(problem.workload, max(s.requests, s.max_requests), s.seed,
                                  problem.model.max_positions)
@@ -137,7 +139,9 @@ class Evaluator:
         trace = self.trace(p.search.requests)
         ok = 0
         for length, out in zip(trace.inputs, trace.outputs):
-            ttft = self.step(*prefill).prefill(1, length, length * length)[0] if prefill else 0.0
+            ttft = 0.0
+            if prefill:
+                ttft = self.router_delay + self.step(*prefill).prefill(1, length, length * length)[0]
             tpot = 0.0
             if decode and out > 1:
                 fixed, per_token = self.transfer(prefill[0] if prefill else decode[0], decode[0], local_kv)
@@ -160,9 +164,10 @@ class Evaluator:
         def run(rate: float) -> SimResult:
             trace, window = self.sized(rate, life)
             if kind == "colocated":
-                return simulate_colocated([inst], p.policy, trace, rate, p.slo, window)
+                return simulate_colocated([inst], p.policy, trace, rate, p.slo, window, self.router_delay)
             pre, dec = ([inst], []) if kind == "prefill" else ([], [inst])
-            return simulate_disaggregated(pre, dec, transfer, p.policy, trace, rate, p.slo, window)
+            return simulate_disaggregated(pre, dec, transfer, p.policy, trace, rate, p.slo, window,
+                                          router_delay=self.router_delay)
         return run
 
     def capacity(self, kind: str, shape: Shape, cross_node: bool, local_kv: bool = True) -> float:
@@ -211,7 +216,7 @@ class Evaluator:
         def run(rate: float) -> SimResult:
             trace, window = self.sized(rate, lifetime)
             return simulate_disaggregated(pre, dec, transfer, p.policy, trace, rate, p.slo, window,
-                                          affinity, interference, shared_node)
+                                          affinity, interference, shared_node, self.router_delay)
         return run
 
     def joint_capacity(self, dep: Deployment) -> float:
@@ -237,7 +242,7 @@ class Evaluator:
 
         def run(rate: float) -> SimResult:
             trace, window = self.sized(rate, lifetime)
-            return simulate_colocated(insts, p.policy, trace, rate, p.slo, window)
+            return simulate_colocated(insts, p.policy, trace, rate, p.slo, window, self.router_delay)
         return run
 
     def colocated_goodput(self, shape: Shape, replicas: int) -> Goodput:

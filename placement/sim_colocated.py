@@ -39,8 +39,9 @@ class ColocatedSim:
     """One simulation run of colocated instances; construct, then ``run()`` once."""
 
     def __init__(self, instances: Sequence[InstanceModel], policy: Policy, trace: BaseTrace,
-                 rate: float) -> None:
+                 rate: float, router_delay: float = 0.0) -> None:
         self.policy = policy
+        self.router_delay = router_delay
         self.instances = [_Instance(i, m, policy) for i, m in enumerate(instances)]
         self.rate = rate
         self.arrival = trace.arrivals(rate)
@@ -64,7 +65,7 @@ class ColocatedSim:
         if any(f < 0 for f in self.finish):
             raise SimulationError("some requests never finished: an instance has too little KV memory")
         return summarize(self.rate, arrival, self.first, self.finish, self.outputs, slo, window,
-                         self.preemptions)
+                         self.preemptions, self.router_delay)
 
     def _arrive(self, now: float, rid: int) -> None:
         inst = min(self.instances, key=lambda x: (x.queued_tokens, -x.batch.free_blocks))
@@ -131,8 +132,10 @@ class ColocatedSim:
 
 
 def simulate_colocated(instances: Sequence[InstanceModel], policy: Policy, trace: BaseTrace,
-                       rate: float, slo: Slo, window: tuple[int, int] | None = None) -> SimResult:
-    """Simulate ``trace`` at ``rate`` req/s over colocated instances, measuring ``window``."""
+                       rate: float, slo: Slo, window: tuple[int, int] | None = None,
+                       router_delay: float = 0.0) -> SimResult:
+    """Simulate ``trace`` at ``rate`` req/s over colocated instances, measuring ``window``;
+    ``router_delay`` is added to every TTFT (sim_core.summarize)."""
     if not instances:
         raise ValueError("need at least one instance")
-    return ColocatedSim(instances, policy, trace, rate).run(slo, window)
+    return ColocatedSim(instances, policy, trace, rate, router_delay).run(slo, window)

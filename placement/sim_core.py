@@ -81,13 +81,19 @@ class SimResult(msgspec.Struct, frozen=True):
 
 def summarize(rate: float, arrival: Sequence[float], first: Sequence[float],
               finish: Sequence[float], outputs: Sequence[int], slo: Slo,
-              window: tuple[int, int] | None = None, preemptions: int = 0) -> SimResult:
-    """Latencies of requests ``window[0] <= index < window[1]`` (all when None)."""
+              window: tuple[int, int] | None = None, preemptions: int = 0,
+              router_delay: float = 0.0) -> SimResult:
+    """Latencies of requests ``window[0] <= index < window[1]`` (all when None).
+
+    ``router_delay``: seconds a served request spends outside the model steps on its way to the
+    first token (dispatch to an instance, the first token's report). Every request pays it and
+    every later token is shifted by it too, so it adds to TTFT and leaves TPOT and the queues as
+    they are."""
     lo, hi = window if window is not None else (0, len(arrival))
     ttft, tpot = [], []
     both = ok_ttft = ok_tpot = 0
     for i in range(max(0, lo), min(hi, len(arrival))):
-        t = first[i] - arrival[i]
+        t = first[i] - arrival[i] + router_delay
         p = (finish[i] - first[i]) / (outputs[i] - 1) if outputs[i] > 1 else 0.0
         ttft.append(t)
         tpot.append(p)

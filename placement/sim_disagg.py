@@ -72,8 +72,9 @@ class DisaggSim:
                  trace: BaseTrace, rate: float,
                  affinity: Sequence[Sequence[int]] | None = None,
                  interference: Interference | None = None,
-                 shared_node: Sequence[Sequence[int]] | None = None) -> None:
+                 shared_node: Sequence[Sequence[int]] | None = None, router_delay: float = 0.0) -> None:
         self.policy = policy
+        self.router_delay = router_delay
         self.bs = policy.block_size
         self.prefills = [_Prefill(i, m) for i, m in enumerate(prefill)]
         self.decodes = [_Decode(i, m, policy) for i, m in enumerate(decode)]
@@ -120,7 +121,7 @@ class DisaggSim:
         if any(f < 0 for f in self.finish):
             raise SimulationError("some requests never finished: an instance has too little KV memory")
         return summarize(self.rate, arrival, self.first, self.finish, self.outputs, slo, window,
-                         self.preemptions)
+                         self.preemptions, self.router_delay)
 
     # prefill side ---------------------------------------------------------------------------
     def _arrive(self, now: float, rid: int) -> None:
@@ -275,14 +276,16 @@ def simulate_disaggregated(prefill: Sequence[InstanceModel], decode: Sequence[In
                            window: tuple[int, int] | None = None,
                            affinity: Sequence[Sequence[int]] | None = None,
                            interference: Interference | None = None,
-                           shared_node: Sequence[Sequence[int]] | None = None) -> SimResult:
+                           shared_node: Sequence[Sequence[int]] | None = None,
+                           router_delay: float = 0.0) -> SimResult:
     """Simulate ``trace`` at ``rate`` req/s; ``transfer[p][d]`` is the KV cost from p to d.
 
     Only requests with index in ``window`` (default: all) are measured, so callers can leave out
     the warm-up and the drain, when the system is emptier than in steady state. ``affinity[p]``
     lists the decode instances prefill instance p may send to (default: all). ``shared_node[p]``
     lists the decode instances on prefill instance p's node, which ``interference`` slows down
-    while both are busy (default: none share).
+    while both are busy (default: none share). ``router_delay`` is added to every TTFT
+    (sim_core.summarize).
     """
     if not prefill and not decode:
         raise ValueError("need at least one prefill or decode instance")
@@ -292,4 +295,4 @@ def simulate_disaggregated(prefill: Sequence[InstanceModel], decode: Sequence[In
                                     or any(not 0 <= j < len(decode) for g in shared_node for j in g)):
         raise ValueError("shared_node needs a list of decode indices per prefill instance")
     return DisaggSim(prefill, decode, transfer, policy, trace, rate, affinity, interference,
-                     shared_node).run(slo, window)
+                     shared_node, router_delay).run(slo, window)

@@ -48,6 +48,8 @@ def test_served_profile_fits_both_phases_and_stops_the_pair(ray_cluster, tiny_ll
     assert all(abs(c) < 10 for c in (*entry.prefill.coef, *entry.decode.coef))
     # Slowdowns are measured A/B on one host: never negative, and far from 10x.
     assert 0 <= profile.interference.prefill < 10 and 0 <= profile.interference.decode < 10
+    # Router hops and step-loop wake-ups between actors on one host: milliseconds, not seconds.
+    assert profile.router_delay_s is not None and 0 < profile.router_delay_s < 1
     assert _actor_names(ray_cluster) == before
 
 

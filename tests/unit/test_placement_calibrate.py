@@ -1,6 +1,7 @@
 """Calibration: least-squares fits of measured step times, the profile file, and its use."""
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 
@@ -128,8 +129,28 @@ def test_fit_errors_explain_what_is_missing() -> None:
         fit_profile([])
 
 
+def test_router_samples_give_the_median_delay_and_are_not_a_phase() -> None:
+    router = [ProfileSample("router", 1, 1, (n,), d) for n, d in ((64, 0.004), (256, 0.009), (128, 0.005))]
+    profile = fit_profile(_samples(1, 1) + router)
+    assert profile.router_delay_s == pytest.approx(0.005)
+    assert [(e.tp, e.pp) for e in profile.entries] == [(1, 1)]
+    assert profile.entries == fit_profile(_samples(1, 1)).entries  # the fits do not see them
+    assert fit_profile(_samples(1, 1)).router_delay_s is None  # a bare-engine profile has none
+
+
+def test_router_delay_lowers_a_tight_ttft_goodput(tmp_path: Path) -> None:
+    # A 600 ms router delay against a 500 ms TTFT target: no rate meets the SLO any more.
+    router = [ProfileSample("router", 1, 1, (256,), 0.6)] * 3
+    save_profile(fit_profile(_samples(1, 1) + router), tmp_path / "slow.json")
+    save_profile(fit_profile(_samples(1, 1)), tmp_path / "fast.json")
+    fast = Evaluator(_spec(str(tmp_path / "fast.json"))).phase_goodput("prefill", Shape(1, 1), False)
+    slow = Evaluator(_spec(str(tmp_path / "slow.json"))).phase_goodput("prefill", Shape(1, 1), False)
+    assert fast.rate > 0 and slow.rate == 0
+
+
 def test_profile_file_round_trip(tmp_path: Path) -> None:
-    profile = fit_profile(_samples(1, 1), model="opt-13b", hardware="A100-80GB", dtype="fp16")
+    router = [ProfileSample("router", 1, 1, (100,), 0.003)]
+    profile = fit_profile(_samples(1, 1) + router, model="opt-13b", hardware="A100-80GB", dtype="fp16")
     path = tmp_path / "profile.json"
     save_profile(profile, path)
     assert load_profile(path) == profile
@@ -138,6 +159,10 @@ def test_profile_file_round_trip(tmp_path: Path) -> None:
         load_profile(tmp_path / "bad.json")
     with pytest.raises(ValueError, match="cannot read"):
         load_profile(tmp_path / "missing.json")
+    negative = json.loads(path.read_text()) | {"router_delay_s": -0.001}
+    (tmp_path / "negative.json").write_text(json.dumps(negative))
+    with pytest.raises(ValueError, match="router_delay_s"):
+        load_profile(tmp_path / "negative.json")
 
 
 def test_calibrated_latency_uses_fit_and_falls_back() -> None:

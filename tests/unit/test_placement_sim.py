@@ -86,6 +86,18 @@ def test_transfer_time_shows_in_tpot() -> None:
     assert base.ttft_pct.p99 == 0.0  # isolated decode: requests arrive with their first token
 
 
+def test_router_delay_adds_to_every_ttft_and_nothing_else() -> None:
+    pre, dec, tr = _joint(1, 1)
+    base = DisaggSim(pre, dec, tr, POLICY, _trace(), 4.0).run(SLO)
+    late = DisaggSim(pre, dec, tr, POLICY, _trace(), 4.0, router_delay=0.25).run(SLO)
+    assert [b - a for a, b in zip(base.ttft, late.ttft)] == pytest.approx([0.25] * len(base.ttft))
+    assert late.tpot == base.tpot and late.throughput == base.throughput
+    colocated = [ColocatedSim([InstanceModel(STEP, 3000)], POLICY, _trace(), 4.0, router_delay=d).run(SLO)
+                 for d in (0.0, 0.25)]
+    assert [b - a for a, b in zip(colocated[0].ttft, colocated[1].ttft)] == pytest.approx([0.25] * 400)
+    assert colocated[1].tpot == colocated[0].tpot
+
+
 def test_decode_memory_limits_throughput_and_backs_up_into_prefill() -> None:
     trace = _trace(400)
     roomy = DisaggSim(*_joint(1, 1, blocks=4000), POLICY, trace, 1e9)

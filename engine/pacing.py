@@ -1,0 +1,57 @@
+"""Paced steps: every model step lasts at least the time a latency model gives its batch.
+
+Why: the simulator (placement/) is checked against the real cluster in the test suite, on a shared
+host whose speed drifts by tens of percent within minutes. With steps paced to known forms, the
+real cluster's router, step loops, KV transfers and policies all run for real while the model's
+own cost is the same run to run, so a mismatch between simulation and cluster is the simulator's.
+Also a way to rehearse a deployment at a slower device's speed on a fast one.
+
+The forms are those of placement/calibrate.py (DistServe's), in seconds:
+    prefill step = a + b * sum(prompt lengths) + c * sum(prompt lengths ** 2)
+    decode step  = a + b * batch size          + c * sum(context lengths)
+A step whose model work takes longer than its pace is not slowed further.
+"""
+from __future__ import annotations
+
+import time
+
+import msgspec
+
+from engine.scheduler import StepPlan
+
+
+class StepPace(msgspec.Struct, frozen=True):
+    prefill: tuple[float, float, float]
+    decode: tuple[float, float, float]
+
+    def __post_init__(self) -> None:
+        for name, coef in (("prefill", self.prefill), ("decode", self.decode)):
+            if len(coef) != 3 or any(c < 0 for c in coef):
+                raise ValueError(f"step pace {name} needs three coefficients >= 0, got {coef}")
+
+    def seconds(self, plan: StepPlan) -> float:
+        lengths = [s.num_tokens for s in plan.seqs]
+        if plan.kind == "prefill":
+            a, b, c = self.prefill
+            return a + b * sum(lengths) + c * sum(n * n for n in lengths)
+        a, b, c = self.decode
+        return a + b * len(lengths) + c * sum(lengths)
+
+
+class PacedRunner:
+    """Wraps a ModelRunner: runs the step, then sleeps out the rest of its pace."""
+
+    def __init__(self, runner, pace: StepPace) -> None:
+        self.inner = runner
+        self.pace = pace
+
+    def __getattr__(self, name: str):
+        return getattr(self.inner, name)  # kv_cache, model, blocks: the wrapped runner's
+
+    def run(self, plan: StepPlan):
+        deadline = time.perf_counter() + self.pace.seconds(plan)
+        logits = self.inner.run(plan)
+        remaining = deadline - time.perf_counter()
+        if remaining > 0:
+            time.sleep(remaining)
+        return logits

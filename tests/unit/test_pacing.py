@@ -1,0 +1,71 @@
+"""Paced engine steps (engine/pacing.py): a step lasts at least its pace, outputs do not change."""
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from engine import LLM, SamplingParams
+from engine.engine import Engine, EngineConfig
+from engine.pacing import PacedRunner, StepPace
+from engine.scheduler import StepPlan
+
+
+class _Seq:
+    def __init__(self, num_tokens: int) -> None:
+        self.num_tokens = num_tokens
+
+
+PACE = StepPace(prefill=(0.01, 1e-4, 1e-6), decode=(0.02, 1e-3, 1e-5))
+
+
+def test_pace_follows_the_calibration_forms() -> None:
+    prefill = StepPlan("prefill", (_Seq(100), _Seq(50)))
+    decode = StepPlan("decode", (_Seq(100), _Seq(50), _Seq(10)))
+    assert PACE.seconds(prefill) == pytest.approx(0.01 + 1e-4 * 150 + 1e-6 * (100**2 + 50**2))
+    assert PACE.seconds(decode) == pytest.approx(0.02 + 1e-3 * 3 + 1e-5 * 160)
+
+
+def test_bad_pace_names_the_phase() -> None:
+    with pytest.raises(ValueError, match="decode needs three coefficients >= 0"):
+        StepPace(prefill=(0.0, 0.0, 0.0), decode=(0.01, -1.0, 0.0))
+    with pytest.raises(ValueError, match="prefill"):
+        StepPace(prefill=(0.01, 0.0), decode=(0.0, 0.0, 0.0))
+
+
+def test_a_fast_step_is_held_to_its_pace_and_a_slow_one_is_not_slowed() -> None:
+    class Inner:
+        kv_cache = "the cache"
+
+        def __init__(self, seconds: float) -> None:
+            self.seconds = seconds
+
+        def run(self, plan):
+            time.sleep(self.seconds)
+            return "logits"
+
+    plan = StepPlan("decode", (_Seq(10),))  # paced at 21.1 ms
+    fast, slow = PacedRunner(Inner(0.0), PACE), PacedRunner(Inner(0.05), PACE)
+    assert fast.kv_cache == "the cache"
+    start = time.perf_counter()
+    assert fast.run(plan) == "logits"
+    assert time.perf_counter() - start >= PACE.seconds(plan)
+    start = time.perf_counter()
+    slow.run(plan)
+    # Lower bound only (what is guaranteed): the pace's 21 ms was not added to the 50 ms step.
+    assert 0.05 <= time.perf_counter() - start
+
+
+def test_a_paced_engine_gives_the_same_tokens(tiny_llama_dir) -> None:
+    prompts = [[5, 6, 7, 8] * 3, [9, 10, 11]]
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    plain = LLM(tiny_llama_dir, dtype="float32", num_blocks=32).generate(prompts, params)
+    paced_llm = LLM(tiny_llama_dir, dtype="float32", num_blocks=32)
+    pace = StepPace(prefill=(0.005, 0.0, 0.0), decode=(0.005, 0.0, 0.0))
+    paced_llm.engine = Engine(tiny_llama_dir, EngineConfig(dtype="float32", num_blocks=32, step_pace=pace))
+    assert isinstance(paced_llm.engine.runner, PacedRunner)
+    start = time.perf_counter()
+    paced = paced_llm.generate(prompts, params)
+    assert [c.token_ids for c in paced] == [c.token_ids for c in plain]
+    assert time.perf_counter() - start >= 6 * 0.005  # one prefill and five decode steps
+    assert paced_llm.engine.blocks.num_free == 32
