@@ -64,6 +64,13 @@ class RotaryEmbedding(nn.Module):
         return self.cos[positions].to(dtype).unsqueeze(1), self.sin[positions].to(dtype).unsqueeze(1)
 
 
+# Most bytes of fused gate/up activation one MLP pass makes (counted in fp32, which the CPU paths
+# compute in): a large prefill's (50 MB for 4096 SmolLM2 tokens) is beyond the largest block glibc's
+# malloc recycles (32 MB), so it was a fresh mmap every layer, faulted in page by page; in chunks it
+# is recycled. Measured, a 32 x 128-token prefill: 6% faster in fp32, 2% in bf16 (RESULTS.md).
+MLP_CHUNK_BYTES = 24 << 20
+
+
 class SwiGLU(nn.Module):
     """gate and up projections fused into one matmul; silu(gate) * up, then down."""
 
@@ -72,8 +79,16 @@ class SwiGLU(nn.Module):
         self.intermediate = intermediate
         self.gate_up_proj = nn.Linear(hidden, 2 * intermediate, bias=False)
         self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+        self.chunk_rows = max(1, MLP_CHUNK_BYTES // (2 * intermediate * 4))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = self.chunk_rows
+        if x.shape[0] <= rows:
+            return self._rows(x)
+        # Each token's MLP is independent of the others': row chunks change nothing but memory.
+        return torch.cat([self._rows(x[start:start + rows]) for start in range(0, x.shape[0], rows)])
+
+    def _rows(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(silu_mul(self.gate_up_proj(x)))
 
 
