@@ -17,6 +17,7 @@ POOLS = {"short": (16, 96), "long": (16, 256)}
 DECODE_GRID = (("short", 1), ("short", 4), ("short", 16), ("long", 1), ("long", 4), ("long", 8),
                ("long", 16))
 DECODE_STEPS = 6  # decode steps timed per shape (median)
+CALL_TIMEOUT_S = 300.0  # bound on every remote call (a profiler's shape takes seconds)
 
 
 # -- engine profile ------------------------------------------------------------------------------
@@ -86,13 +87,14 @@ def engine_profile(model_dir: str, repeats: int):
     profiler = ray.remote(num_cpus=1)(_Profiler).remote(model_dir)
     samples = []
     try:
-        ray.get(profiler.time_prefill.remote(1, 32))  # warm-up
+        ray.get(profiler.time_prefill.remote(1, 32), timeout=CALL_TIMEOUT_S)  # warm-up
         for _ in range(repeats):
             for batch, length in PREFILL_GRID:
-                seconds = ray.get(profiler.time_prefill.remote(batch, length))
+                seconds = ray.get(profiler.time_prefill.remote(batch, length), timeout=CALL_TIMEOUT_S)
                 samples.append(ProfileSample("prefill", 1, 1, (length,) * batch, seconds))
         for pool, batch in DECODE_GRID:
-            ctx, seconds = ray.get(profiler.time_decode.remote(pool, batch, DECODE_STEPS))
+            ctx, seconds = ray.get(profiler.time_decode.remote(pool, batch, DECODE_STEPS),
+                                   timeout=CALL_TIMEOUT_S)
             samples.append(ProfileSample("decode", 1, 1, ctx, seconds))
     finally:
         ray.kill(profiler)
@@ -143,11 +145,11 @@ def measure_transfer(model_dir: str) -> dict[str, tuple[float, float]]:
             return 0
 
     ping = ray.remote(num_cpus=0)(Ping).remote()
-    ray.get(ping.ping.remote())
+    ray.get(ping.ping.remote(), timeout=CALL_TIMEOUT_S)
     hops = []
     for _ in range(30):
         start = time.perf_counter()
-        ray.get(ping.ping.remote())
+        ray.get(ping.ping.remote(), timeout=CALL_TIMEOUT_S)
         hops.append(time.perf_counter() - start)
     ray.kill(ping)
     return {"export": _line(export), "fetch": _line(fetch), "hops": (statistics.median(hops), 0.0)}

@@ -20,6 +20,7 @@ from benchmarks.sim_vs_real import (cluster_profile, compare, launch, run_real, 
 from benchmarks.sim_vs_real_costs import measure_transfer, transfer_cost
 from deploy.served_profile import PROBE_TOKENS, PROBES, probe
 from engine.pacing import StepPace
+from tests.integration.conftest import assert_all_blocks_free
 
 # Decode-bound like the real model: 160-token prompts prefill in ~150 ms, a step of 8 sequences
 # at ~200 tokens of context takes ~100 ms. Long enough that the Python and Ray work around each
@@ -46,11 +47,12 @@ def test_simulated_percentiles_match_the_paced_cluster(paced_pair, tiny_llama_di
     def prompt(n: int) -> list[int]:
         return [rng.randrange(10, 256) for _ in range(n)]
 
+    xfer = measure_transfer(model_dir)  # the ray transport's export/fetch and the actor hops
+
     async def measure():
         await run_real(client, workload(4, 4.0, seed=99, vocab=256))  # warm-up
         samples = await probe(client, prefill, prompt, PROBES, PROBE_TOKENS)
         profile = cluster_profile(samples)
-        xfer = measure_transfer(model_dir)
         step, transfer = step_model(profile, model_dir, xfer["export"]), transfer_cost(xfer)
         rate = LOAD * saturation_rate(step, transfer)
         reqs = workload(REQUESTS, rate, seed=11, vocab=256)
@@ -63,3 +65,4 @@ def test_simulated_percentiles_match_the_paced_cluster(paced_pair, tiny_llama_di
     print(f"rate {rate:.2f} req/s", row)  # shown with -s; the tolerance below is what counts
     errors = {key: cell["sim_err"] for key, cell in row.items()}
     assert all(abs(e) <= TOLERANCE for e in errors.values()), errors
+    assert_all_blocks_free(paced_pair)
