@@ -21,6 +21,8 @@ from engine.scheduler import StepPlan
 
 
 class StepPace(msgspec.Struct, frozen=True):
+    """(a, b, c) per phase, seconds, in the forms above."""
+
     prefill: tuple[float, float, float]
     decode: tuple[float, float, float]
 

@@ -33,7 +33,24 @@ def test_bad_pace_names_the_phase() -> None:
         StepPace(prefill=(0.01, 0.0), decode=(0.0, 0.0, 0.0))
 
 
-def test_a_fast_step_is_held_to_its_pace_and_a_slow_one_is_not_slowed() -> None:
+class _Clock:
+    """Stands in for the time module: steps advance it, sleeps are recorded (no real waiting)."""
+
+    def __init__(self) -> None:
+        self.now, self.sleeps = 100.0, []
+
+    def perf_counter(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += seconds
+
+
+def test_a_fast_step_is_held_to_its_pace_and_a_slow_one_is_not_slowed(monkeypatch) -> None:
+    clock = _Clock()
+    monkeypatch.setattr("engine.pacing.time", clock)
+
     class Inner:
         kv_cache = "the cache"
 
@@ -41,19 +58,16 @@ def test_a_fast_step_is_held_to_its_pace_and_a_slow_one_is_not_slowed() -> None:
             self.seconds = seconds
 
         def run(self, plan):
-            time.sleep(self.seconds)
+            clock.now += self.seconds  # the model's own work
             return "logits"
 
     plan = StepPlan("decode", (_Seq(10),))  # paced at 21.1 ms
-    fast, slow = PacedRunner(Inner(0.0), PACE), PacedRunner(Inner(0.05), PACE)
-    assert fast.kv_cache == "the cache"
-    start = time.perf_counter()
+    fast, slow = PacedRunner(Inner(0.005), PACE), PacedRunner(Inner(0.05), PACE)
+    assert fast.kv_cache == "the cache"  # the wrapped runner's attributes show through
     assert fast.run(plan) == "logits"
-    assert time.perf_counter() - start >= PACE.seconds(plan)
-    start = time.perf_counter()
+    assert clock.sleeps == [pytest.approx(PACE.seconds(plan) - 0.005)]
     slow.run(plan)
-    # Lower bound only (what is guaranteed): the pace's 21 ms was not added to the 50 ms step.
-    assert 0.05 <= time.perf_counter() - start
+    assert len(clock.sleeps) == 1  # 50 ms of work already outlasted the pace
 
 
 def test_a_paced_engine_gives_the_same_tokens(tiny_llama_dir) -> None:
