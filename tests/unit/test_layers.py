@@ -23,6 +23,13 @@ def test_swiglu_in_row_chunks_is_the_mlp_of_every_row(rows) -> None:
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
 
 
-def test_swiglu_chunks_keep_the_gate_up_activation_under_glibcs_recycled_size() -> None:
-    # SmolLM2's MLP: 2048 rows of 2 x 1536 fp32 (24 MB) per pass, not 4096 rows at once (50 MB).
-    assert SwiGLU(576, 1536).chunk_rows == 2048
+def test_a_large_batch_makes_no_gate_up_activation_above_glibcs_recycled_size() -> None:
+    # SmolLM2's MLP: 4097 rows would be 50 MB of fp32 gate/up at once; glibc recycles <= 32 MB.
+    mlp = SwiGLU(576, 1536)
+    passes = []
+    inner = mlp.gate_up_proj.forward
+    mlp.gate_up_proj.forward = lambda x: passes.append(x.shape[0]) or inner(x)
+    with torch.no_grad():
+        out = mlp(torch.randn(4097, 576))
+    assert out.shape == (4097, 576) and sum(passes) == 4097 and len(passes) > 1
+    assert max(passes) * 2 * 1536 * 4 <= 32 << 20
