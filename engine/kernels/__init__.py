@@ -6,7 +6,8 @@ of ``engine.fused`` (``elementwise.cpp``) and the small-M GEMM behind
 the C++ sources are compiled on first use into one library in a per-user cache
 (``~/.cache/tandem/kernels``, keyed by sources, flags and CPU), which takes a few seconds. Where no
 compiler is present the engine keeps its pure-torch path and logs why, once.
-Set ``TANDEM_NATIVE_KERNELS=0`` to force the torch path.
+Set ``TANDEM_NATIVE_KERNELS=0`` to force the torch path. Kernels split their work over torch's
+OpenMP threads (``pool.h``), so set ``OMP_WAIT_POLICY=ACTIVE`` where the engine owns its cores.
 """
 from __future__ import annotations
 
@@ -26,7 +27,13 @@ _SOURCES = tuple(Path(__file__).with_name(name) for name in ("paged_attention.cp
                                                                   "elementwise.cpp"))
 _HEADERS = tuple(Path(__file__).with_name(name) for name in ("numeric.h", "pool.h"))
 _FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-shared", "-fPIC", "-std=c++17", "-pthread")
+# Kernels split their work over OpenMP threads: torch's own runtime (its bundled libgomp.so.1, already
+# loaded, satisfies the library's libgomp.so.1), so kernels and torch ops share one pool of threads,
+# which a spinning wait policy keeps awake between calls. Without OpenMP: pool.h's own threads.
+_OPENMP = ("-fopenmp",)
 _VECTOR_MATH = ("-lmvec", "-lm")  # glibc's vector expf, where the C library has it
+# Tried in order until one builds: no OpenMP, or no glibc vector math (scalar expf), here.
+_VARIANTS = ((*_OPENMP, *_VECTOR_MATH), _OPENMP + ("-DTANDEM_NO_MVEC",), _VECTOR_MATH, ("-DTANDEM_NO_MVEC",))
 
 
 class KernelUnavailable(RuntimeError):
@@ -52,7 +59,7 @@ def _cpu_signature() -> str:
 def _library_path(compiler: str) -> Path:
     key = hashlib.sha256()
     texts = [path.read_bytes() for path in (*_SOURCES, *_HEADERS)]
-    for part in (*texts, " ".join(_FLAGS).encode(), compiler.encode(), _cpu_signature().encode()):
+    for part in (*texts, repr((_FLAGS, _VARIANTS)).encode(), compiler.encode(), _cpu_signature().encode()):
         key.update(part)
     return cache_dir() / f"tandem-kernels-{key.hexdigest()[:16]}.so"
 
@@ -64,11 +71,11 @@ def _build(target: Path, compiler: str) -> None:
     os.close(fd)
     try:
         sources = [str(src) for src in _SOURCES]
-        done = subprocess.run([compiler, *_FLAGS, *sources, *_VECTOR_MATH, "-o", tmp],
-                              capture_output=True, text=True, timeout=300)
-        if done.returncode != 0:  # no glibc vector math here: scalar expf
-            done = subprocess.run([compiler, *_FLAGS, "-DTANDEM_NO_MVEC", *sources, "-o", tmp],
+        for extra in _VARIANTS:
+            done = subprocess.run([compiler, *_FLAGS, *sources, *extra, "-o", tmp],
                                   capture_output=True, text=True, timeout=300)
+            if done.returncode == 0:
+                break
         if done.returncode != 0:
             names = ", ".join(src.name for src in _SOURCES)
             raise KernelUnavailable(f"{compiler} failed to build {names}: {done.stderr[-2000:]}")
@@ -110,6 +117,7 @@ def load() -> ctypes.CDLL:
     gemm.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
                      ctypes.c_void_p] + [ctypes.c_int64] * 4
     lib.small_gemm_supported.restype = ctypes.c_int
+    lib.kernels_use_openmp.restype = ctypes.c_int
     _declare_elementwise(lib)
     return lib
 

@@ -146,3 +146,12 @@ extern "C" int fused_silu_mul(const void* gate_up, void* out, int64_t rows, int6
         silu_mul(static_cast<const float*>(gate_up), static_cast<float*>(out), rows, inter, threads);
     return 0;
 }
+
+// 1 when the library splits work over OpenMP threads (pool.h), 0 when over its own pool.
+extern "C" int kernels_use_openmp() {
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
+}

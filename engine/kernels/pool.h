@@ -1,12 +1,19 @@
-// A small persistent thread pool shared by every kernel in the library.
+// How the kernels split a call's work over threads: OpenMP where the library is built with it,
+// else (and in a forked child) a small persistent pool of their own.
 //
-// Why: a decode step calls ~150 kernels, most of them tens of microseconds long; starting and
-// joining a std::thread per call cost about as much as the work. Workers are started once, sleep
-// on a condition variable between calls (never spin: torch's own OpenMP threads need the cores
-// between kernels), and the calling thread always runs share 0 itself.
+// OpenMP first: built with -fopenmp, the library's libgomp.so.1 is torch's own runtime (already
+// loaded), so kernels and torch ops share one team of threads, and a spinning wait policy
+// (OMP_WAIT_POLICY=ACTIVE, or libgomp's default spin before sleeping) hands a call to an awake
+// thread in a microsecond. A sleeping thread costs ~50 us to wake on this project's VMs, paid by
+// each of a decode step's ~180 kernel calls: measured, batch-1 decode steps 48-52 -> 25-35 ms.
 //
-// One call runs at a time (callers queue on `calls_`); a forked child starts with no workers and
-// builds its own on first use (pthread_atfork), since a fork copies only the forking thread.
+// libgomp does not survive a fork (a child's first parallel region waits forever for the parent's
+// threads; torch's own ops hang the same way), so a forked child uses the pool below instead.
+//
+// The pool: workers are started once, sleep on a condition variable between calls and the calling
+// thread always runs share 0 itself; one call runs at a time (callers queue on `calls_`); a forked
+// child starts with no workers and builds its own on first use, since a fork copies only the
+// forking thread.
 #pragma once
 
 #include <pthread.h>
@@ -17,6 +24,10 @@
 #include <mutex>
 #include <new>
 #include <thread>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 namespace tandem {
 
@@ -88,21 +99,34 @@ class Pool {
 };
 
 inline Pool& pool() {
-    static Pool* instance = [] {
-        Pool* p = new Pool();  // never destroyed: detached workers may outlive static destructors
-        pthread_atfork(nullptr, nullptr, [] { pool().reset_after_fork(); });
-        return p;
-    }();
+    static Pool* instance = new Pool();  // never destroyed: detached workers may outlive static destructors
     return *instance;
 }
+
+// Set in a forked child (registered when the library loads, before any fork it could miss).
+inline bool forked_child = false;
+inline const bool fork_handler_registered = [] {
+    pthread_atfork(nullptr, nullptr, [] {
+        forked_child = true;
+        pool().reset_after_fork();
+    });
+    return true;
+}();
 
 // Runs fn(first, last) over [0, items) split into `shares` contiguous ranges.
 inline void parallel_ranges(int64_t items, int64_t shares, const std::function<void(int64_t, int64_t)>& fn) {
     if (shares > items) shares = items;
     if (shares < 1) shares = 1;
-    pool().run(shares, [&](int64_t share, int64_t total) {
-        fn(items * share / total, items * (share + 1) / total);
-    });
+    const auto range = [&](int64_t share, int64_t total) { fn(items * share / total, items * (share + 1) / total); };
+    if (shares == 1) return range(0, 1);
+#ifdef _OPENMP
+    if (!forked_child) {
+#pragma omp parallel num_threads(shares)
+        range(omp_get_thread_num(), omp_get_num_threads());
+        return;
+    }
+#endif
+    pool().run(shares, range);
 }
 
 }  // namespace tandem

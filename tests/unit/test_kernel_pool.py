@@ -1,5 +1,5 @@
-"""The kernels' persistent thread pool survives a fork: the child (which inherits no workers)
-must start its own instead of waiting forever for the parent's."""
+"""How the kernels run on several threads: torch's OpenMP runtime, and their own pool in a forked
+child, which inherits neither OpenMP's threads nor the pool's and must not wait for them forever."""
 from __future__ import annotations
 
 import os
@@ -42,3 +42,14 @@ def test_a_forked_child_runs_multithreaded_kernels() -> None:
     os.kill(pid, 9)
     os.waitpid(pid, 0)
     pytest.fail("the forked child's kernel call did not finish in 60 s (pool deadlock after fork)")
+
+
+def test_kernels_share_torchs_openmp_runtime() -> None:
+    """Built with OpenMP, the kernel library must bind to the libgomp torch already loaded, not
+    load a second runtime beside it (two teams of threads would compete for the same cores)."""
+    from engine import kernels
+
+    assert kernels.load().kernels_use_openmp() == 1  # g++ here has OpenMP
+    with open("/proc/self/maps") as maps:
+        runtimes = {line.split()[-1] for line in maps if "libgomp" in line}
+    assert len(runtimes) == 1, runtimes
