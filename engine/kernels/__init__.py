@@ -32,7 +32,8 @@ _FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-shared", "-fPIC", "-std
 # which a spinning wait policy keeps awake between calls. Without OpenMP: pool.h's own threads.
 _OPENMP = ("-fopenmp",)
 _VECTOR_MATH = ("-lmvec", "-lm")  # glibc's vector expf, where the C library has it
-# Tried in order until one builds: no OpenMP, or no glibc vector math (scalar expf), here.
+# Tried in order until one builds: a toolchain without OpenMP or without glibc's vector math
+# (then scalar expf) gets the variants without them.
 _VARIANTS = ((*_OPENMP, *_VECTOR_MATH), _OPENMP + ("-DTANDEM_NO_MVEC",), _VECTOR_MATH, ("-DTANDEM_NO_MVEC",))
 
 

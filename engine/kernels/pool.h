@@ -5,7 +5,7 @@
 // loaded), so kernels and torch ops share one team of threads, and a spinning wait policy
 // (OMP_WAIT_POLICY=ACTIVE, or libgomp's default spin before sleeping) hands a call to an awake
 // thread in a microsecond. A sleeping thread costs ~50 us to wake on this project's VMs, paid by
-// each of a decode step's ~180 kernel calls: measured, batch-1 decode steps 48-52 -> 25-35 ms.
+// each of a decode step's ~180 kernel calls: measured, batch-1 decode steps 43-52 -> 25-35 ms (RESULTS.md).
 //
 // libgomp does not survive a fork (a child's first parallel region waits forever for the parent's
 // threads; torch's own ops hang the same way), so a forked child uses the pool below instead.
