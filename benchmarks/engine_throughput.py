@@ -136,6 +136,23 @@ def load_hf(path: Path, dtype: str):
     return AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).eval()
 
 
+def alternate_repeats(llm: LLM, hf, prompts, max_tokens: int, repeats: int) -> tuple[list[float], list[float]]:
+    """Output tokens/s of the engine and of transformers (none when ``hf`` is None), per repeat.
+
+    Repeats alternate between the two: this host's speed drifts over minutes, and a slow stretch
+    should fall on both rather than on whichever ran then."""
+    out_tokens = len(prompts) * max_tokens
+    time_engine(llm, prompts[:4], 4)  # warm-ups
+    if hf is not None:
+        time_hf(hf, prompts[:4], 4)
+    ours, theirs = [], []
+    for _ in range(repeats):
+        ours.append(out_tokens / time_engine(llm, prompts, max_tokens))
+        if hf is not None:
+            theirs.append(out_tokens / time_hf(hf, prompts, max_tokens))
+    return ours, theirs
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="smollm2")
@@ -158,18 +175,8 @@ def main() -> None:
             peer = time_vllm(args.vllm_python, path, prompts, args.output_len, args.dtype, args.repeats)
         torch.set_num_threads(2)
         llm = LLM(path, dtype=args.dtype, kv_cache_bytes=1 << 30)
-        out_tokens = args.prompts * args.output_len
         hf = None if args.skip_hf else load_hf(path, args.dtype)
-        time_engine(llm, prompts[:4], 4)  # warm-ups
-        if hf is not None:
-            time_hf(hf, prompts[:4], 4)
-        # Repeats alternate between the engines: this host's speed drifts over minutes, and a slow
-        # stretch should fall on both rather than on whichever ran then.
-        ours, theirs = [], []
-        for _ in range(args.repeats):
-            ours.append(out_tokens / time_engine(llm, prompts, args.output_len))
-            if hf is not None:
-                theirs.append(out_tokens / time_hf(hf, prompts, args.output_len))
+        ours, theirs = alternate_repeats(llm, hf, prompts, args.output_len, args.repeats)
         del hf
         # OpenMP's wait policy moves every engine's speed (transformers': 1.5x between PASSIVE and
         # ACTIVE here), so the result records the one it ran under.
@@ -184,6 +191,7 @@ def main() -> None:
         result["decode_step_ms"] = {b: round(decode_step_ms(llm, b, args.input_len), 1) for b in (1, 8, 32)}
         result["prefill_ms"] = {n: round(prefill_ms(llm, n), 1) for n in (128, 512, 2048)}
         print(json.dumps(result, indent=1))
+
 
 if __name__ == "__main__":
     main()
