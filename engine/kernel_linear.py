@@ -3,7 +3,7 @@
 At decode batch sizes MKL's fp32 GEMM runs well below this CPU's FMA peak and memory bandwidth,
 and on a CPU without bf16 arithmetic (no AVX512_BF16 or AMX) oneDNN emulates bf16 GEMMs at about a
 quarter of fp32 speed. ``KernelLinear`` keeps each weight in the model's dtype packed in the
-kernel's panels (``[ceil(out / 32), in, 32]``), and runs
+kernel's panels (``[ceil(out / width), in, width]``), and runs
 
 - rows <= ``SMALL_M`` (decode): the native kernel, fp32 math, reading bf16 weights directly;
 - larger batches (prefill): MKL's fp32 GEMM, on the original weight for fp32 models (exactly
@@ -26,7 +26,6 @@ from engine import hugepages, kernels
 # Up to here the native kernel is at least as fast as MKL (fp32) and far faster than emulated bf16
 # on this project's CPU (benchmarks/decode_linears.py, RESULTS.md).
 SMALL_M = 256
-PANEL = 32  # output columns per panel (small_gemm.cpp's NB)
 
 
 def native_bf16_cpu() -> bool:
@@ -35,9 +34,15 @@ def native_bf16_cpu() -> bool:
 
 
 @functools.cache
+def panel_width() -> int:
+    """Output columns per packed panel (small_gemm.cpp's NB: 32 on AVX-512, 16 on AVX2), or 0
+    where the kernels did not build or this CPU has neither instruction set."""
+    return kernels.load().small_gemm_panel_width() if kernels.available() else 0
+
+
 def small_gemm_available() -> bool:
-    """The kernels built and this CPU has the instructions the small GEMM needs (AVX-512 F/BW)."""
-    return kernels.available() and kernels.load().small_gemm_supported() == 1
+    """The kernels built and this CPU has what the small GEMM needs (AVX-512 F/BW, or AVX2 + FMA)."""
+    return panel_width() > 0
 
 
 def kernel_linears_apply(dtype: torch.dtype, device: str) -> bool:
@@ -50,22 +55,24 @@ def kernel_linears_apply(dtype: torch.dtype, device: str) -> bool:
 
 
 def pack_panels(weight: torch.Tensor) -> torch.Tensor:
-    """``[out, in]`` -> ``[ceil(out / PANEL), in, PANEL]``, the last panel zero-padded."""
+    """``[out, in]`` -> ``[ceil(out / width), in, width]`` (the kernel's ``panel_width()``), the
+    last panel zero-padded."""
+    width = panel_width()
     out_features, in_features = weight.shape
-    panels = -(-out_features // PANEL)
-    padded = weight.new_zeros(panels * PANEL, in_features)
+    panels = -(-out_features // width)
+    padded = weight.new_zeros(panels * width, in_features)
     padded[:out_features] = weight
-    return hugepages.copy_of(padded.view(panels, PANEL, in_features).transpose(1, 2))
+    return hugepages.copy_of(padded.view(panels, width, in_features).transpose(1, 2))
 
 
 def unpack_panels(panels: torch.Tensor, out_features: int, dtype: torch.dtype,
                   into: torch.Tensor | None = None) -> torch.Tensor:
     """The inverse of ``pack_panels``, converted to ``dtype`` in the same pass (into ``into``,
-    a ``[panels, PANEL, in]`` buffer, when given)."""
-    count, in_features, _ = panels.shape
-    weight = torch.empty(count, PANEL, in_features, dtype=dtype) if into is None else into
+    a ``[panels, width, in]`` buffer, when given)."""
+    count, in_features, width = panels.shape
+    weight = torch.empty(count, width, in_features, dtype=dtype) if into is None else into
     weight.copy_(panels.transpose(1, 2))
-    return weight.view(count * PANEL, in_features)[:out_features]
+    return weight.view(count * width, in_features)[:out_features]
 
 
 # bf16 weights unpacked for the large-batch path land in a per-thread buffer per shape, reused
@@ -77,10 +84,10 @@ _scratch = threading.local()
 
 def _scratch_for(panels: torch.Tensor) -> torch.Tensor:
     buffers = _scratch.__dict__.setdefault("buffers", {})
-    count, in_features, _ = panels.shape
+    count, in_features, width = panels.shape
     key = (count, in_features)
     if key not in buffers:
-        buffers[key] = torch.empty(count, PANEL, in_features, dtype=torch.float32)
+        buffers[key] = torch.empty(count, width, in_features, dtype=torch.float32)
     return buffers[key]
 
 

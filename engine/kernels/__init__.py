@@ -117,7 +117,7 @@ def load() -> ctypes.CDLL:
     gemm.restype = ctypes.c_int
     gemm.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
                      ctypes.c_void_p] + [ctypes.c_int64] * 4
-    lib.small_gemm_supported.restype = ctypes.c_int
+    lib.small_gemm_panel_width.restype = ctypes.c_int
     lib.kernels_use_openmp.restype = ctypes.c_int
     _declare_elementwise(lib)
     return lib

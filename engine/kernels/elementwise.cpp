@@ -86,11 +86,11 @@ void rope(E* x, int64_t row_stride, int64_t rows, int64_t heads, int64_t dim, co
 inline void silu_inplace(float* g, int64_t n) {
     int64_t i = 0;
 #ifdef TANDEM_VECTOR_EXPF
-    const __m512 one = _mm512_set1_ps(1.0f);
-    for (; i + 16 <= n; i += 16) {
-        const __m512 v = _mm512_loadu_ps(g + i);
-        const __m512 e = _ZGVeN16v_expf(_mm512_sub_ps(_mm512_setzero_ps(), v));
-        _mm512_storeu_ps(g + i, _mm512_div_ps(v, _mm512_add_ps(one, e)));
+    using L = tandem::ExpLanes;
+    const L::V one = L::set1(1.0f), zero = L::set1(0.0f);
+    for (; i + L::LANES <= n; i += L::LANES) {
+        const L::V v = L::load(g + i);
+        L::store(g + i, L::div(v, L::add(one, L::exp(L::sub(zero, v)))));
     }
 #endif
     for (; i < n; ++i) g[i] = g[i] / (1.0f + std::exp(-g[i]));

@@ -57,20 +57,21 @@ inline void axpy(float w, const E* row, float* acc, int64_t dim) {
     for (; d < dim; ++d) acc[d] += w * widen(row[d]);
 }
 
-// s[t] = exp(s[t] - peak) for t < len; returns their sum. Vector expf on 16 lanes at a time where
+// s[t] = exp(s[t] - peak) for t < len; returns their sum. Vector expf (16 or 8 lanes) where
 // the build has it: a scalar expf per score was a fifth of the kernel's time.
 inline float exp_shifted(float* s, int64_t len, float peak) {
     int64_t t = 0;
     float total = 0.0f;
 #ifdef TANDEM_VECTOR_EXPF
-    const __m512 shift = _mm512_set1_ps(peak);
-    __m512 sum = _mm512_setzero_ps();
-    for (; t + 16 <= len; t += 16) {
-        const __m512 e = _ZGVeN16v_expf(_mm512_sub_ps(_mm512_loadu_ps(s + t), shift));
-        _mm512_storeu_ps(s + t, e);
-        sum = _mm512_add_ps(sum, e);
+    using L = tandem::ExpLanes;
+    const L::V shift = L::set1(peak);
+    L::V sum = L::set1(0.0f);
+    for (; t + L::LANES <= len; t += L::LANES) {
+        const L::V e = L::exp(L::sub(L::load(s + t), shift));
+        L::store(s + t, e);
+        sum = L::add(sum, e);
     }
-    total = _mm512_reduce_add_ps(sum);
+    total = L::sum(sum);
 #endif
     for (; t < len; ++t) {
         s[t] = std::exp(s[t] - peak);

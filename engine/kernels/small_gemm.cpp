@@ -1,18 +1,21 @@
 // out[M, N] = x[M, K] @ w[K, N] (+ bias) for the small M of decode steps (engine.kernel_linear
 // sends it up to 256 rows).
 //
-// Why a kernel: at decode batch sizes MKL's sgemm runs at a third of this CPU's FMA peak and, at
+// Why a kernel: at decode batch sizes MKL's sgemm runs at a third of the FMA peak and, at
 // M = 8..32, reads each weight at well under the memory bandwidth; oneDNN's bf16 GEMM on a CPU
 // without bf16 instructions (no AVX512_BF16/AMX) is emulated and slower still. Here every thread
-// owns whole 32-column panels of w, so each weight byte is read from memory exactly once per call
-// (one contiguous stream per panel, with software prefetch), and 12 rows of x at a time are
-// multiplied against it in registers (24 accumulators), which keeps both FMA ports busy.
+// owns whole panels of w (two vector registers wide), so each weight byte is read from memory
+// exactly once per call (one contiguous stream per panel, with software prefetch), and MR rows of
+// x at a time are multiplied against it in registers (2 x MR accumulators), which keeps both FMA
+// ports busy. Two builds of one kernel: AVX-512 (32-column panels, 12 rows: 24 of 32 registers)
+// and AVX2 + FMA (16-column panels, 6 rows: 12 of 16 registers), e.g. for AMD Zen 2/3.
 //
 // Types: x and out are both fp32 or both bf16; w is fp32 or bf16 (widened exactly to fp32); the
-// bias, when given, is fp32. All math is fp32: each output is one fp32 FMA chain in k order; bf16
-// outputs are rounded to nearest even. w is packed in panels: [ceil(N / 32)][K][32], the last
-// panel zero-padded (a row-major [K, N] would put each panel row a page apart: TLB misses and no
-// hardware prefetch, half the speed).
+// bias, when given, is fp32. All math is fp32: each output is one fp32 FMA chain in k order (the
+// same on either build); bf16 outputs are rounded to nearest even. w is packed in panels:
+// [ceil(N / NB)][K][NB], the last panel zero-padded (a row-major [K, N] would put each panel row a
+// page apart: TLB misses and no hardware prefetch, half the speed). small_gemm_panel_width() says
+// which NB this build packs for.
 #include <cstdint>
 #include <utility>
 #include <vector>
@@ -21,60 +24,149 @@
 #include "pool.h"
 
 #if defined(__AVX512F__) && defined(__AVX512BW__)
-#define TANDEM_SMALL_GEMM 1
+#define TANDEM_SMALL_GEMM 512
+#elif defined(__AVX2__) && defined(__FMA__)
+#define TANDEM_SMALL_GEMM 256
 #endif
 
 #ifdef TANDEM_SMALL_GEMM
 namespace {
 
-constexpr int NB = 32;        // columns per panel: two zmm registers
-constexpr int MR = 12;        // rows of x per register tile
 constexpr int PREFETCH = 32;  // rows of w ahead of the one in use
 
-using tandem::load16;
+#if TANDEM_SMALL_GEMM == 512
+struct Simd {
+    using V = __m512;
+    static constexpr int LANES = 16;
+    static V zero() { return _mm512_setzero_ps(); }
+    static V set1(float f) { return _mm512_set1_ps(f); }
+    static V load(const float* p) { return tandem::load16(p); }
+    static V load(const uint16_t* p) { return tandem::load16(p); }
+    static V add(V a, V b) { return _mm512_add_ps(a, b); }
+    static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+    static void store(float* p, V v) { _mm512_storeu_ps(p, v); }
+    static void store(uint16_t* p, V v) {  // rounded to nearest even; NaN stays NaN, never inf
+        const __m512i bits = _mm512_castps_si512(v);
+        const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+        __m512i r = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
+        r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7fc0));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(r));
+    }
+};
+constexpr int MR = 12;  // rows of x per register tile
+// Whole-K passes, no prefetch of the next block: on the AVX-512 Xeon this project measured, the
+// FMA units keep up with memory and spreading the next panel's prefetch over the passes changed
+// nothing (0.96-1.03x, RESULTS.md session 7).
+constexpr int64_t BLOCK_BYTES = INT64_MAX;
+constexpr bool PREFETCH_NEXT_BLOCK = false;
+#else
+struct Simd {
+    using V = __m256;
+    static constexpr int LANES = 8;
+    static V zero() { return _mm256_setzero_ps(); }
+    static V set1(float f) { return _mm256_set1_ps(f); }
+    static V load(const float* p) { return _mm256_loadu_ps(p); }
+    static V load(const uint16_t* p) {
+        const __m128i half = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+        return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(half), 16));
+    }
+    static V add(V a, V b) { return _mm256_add_ps(a, b); }
+    static V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+    static void store(float* p, V v) { _mm256_storeu_ps(p, v); }
+    static void store(uint16_t* p, V v) {  // rounded to nearest even; NaN stays NaN, never inf
+        const __m256i bits = _mm256_castps_si256(v);
+        const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+        __m256i r = _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff))), 16);
+        const __m256 nan = _mm256_cmp_ps(v, v, _CMP_UNORD_Q);
+        r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7fc0), _mm256_castps_si256(nan));
+        // 32 -> 16 bits (values fit, so unsigned saturation is exact); packus works per 128-bit
+        // lane, so gather the two lanes' halves into the low 128 bits.
+        const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08);
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
+    }
+};
+constexpr int MR = 6;
+// With half the FMA width, a panel's later passes are compute-bound and its first memory-bound:
+// k-blocks of 16 KB stay in L1 across the passes, and the later passes fetch the next block.
+constexpr int64_t BLOCK_BYTES = 16 << 10;
+constexpr bool PREFETCH_NEXT_BLOCK = true;
+#endif
+using V = Simd::V;
+constexpr int NB = 2 * Simd::LANES;  // columns per panel: two vector registers
 
-inline void store_out(float* p, __m512 v, __mmask16 m) { _mm512_mask_storeu_ps(p, m, v); }
-inline void store_out(uint16_t* p, __m512 v, __mmask16 m) {
-    const __m512i bits = _mm512_castps_si512(v);
-    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
-    const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);  // rounding must not turn NaN into inf
-    r = _mm512_mask_mov_epi32(r, nan, _mm512_set1_epi32(0x7fc0));
-    _mm256_mask_storeu_epi16(p, m, _mm512_cvtepi32_epi16(r));
+// One row of a tile's results (+ bias) into `out`, its first `ncols` columns: a full panel in two
+// vector stores, the last, partial one through a buffer (same rounding, scalar).
+template <typename O>
+inline void store_row(V lo, V hi, const float* bias, O* out, int64_t ncols) {
+    if (bias && ncols == NB) {
+        lo = Simd::add(lo, Simd::load(bias));
+        hi = Simd::add(hi, Simd::load(bias + Simd::LANES));
+    }
+    if (ncols == NB) {
+        Simd::store(out, lo);
+        Simd::store(out + Simd::LANES, hi);
+        return;
+    }
+    alignas(64) float row[NB];
+    Simd::store(row, lo);
+    Simd::store(row + Simd::LANES, hi);
+    for (int64_t c = 0; c < ncols; ++c) out[c] = tandem::narrow<O>(bias ? row[c] + bias[c] : row[c]);
 }
 
-inline __mmask16 lane_mask(int64_t n) {
-    return n >= 16 ? static_cast<__mmask16>(0xffff) : n <= 0 ? 0 : static_cast<__mmask16>((1u << n) - 1);
-}
+// Weight lines to prefetch during one tile pass, one every `every` k steps: the next k-block's,
+// so that its first pass finds it in cache while this block's later passes compute.
+struct Ahead {
+    const char* next;
+    const char* end;
+    int64_t every;
+};
 
+// Rows [0, R) of x (row stride ldx) times k-block [0, kc) of one panel. The running sums start
+// at zero on the first block and otherwise come from `partial` (fp32, row stride NB); after the
+// last block they go (+ bias) to `out`, otherwise back to `partial`. Saving and reloading a sum
+// changes nothing: each output is still one fp32 FMA chain in k order.
 template <int R, typename W, typename O>
-void tile(const float* x, int64_t K, const W* panel, int64_t ncols, const float* bias, O* out,
-          int64_t ldo) {
-    const __mmask16 m0 = lane_mask(ncols), m1 = lane_mask(ncols - 16);
-    __m512 acc[R][2];
-    for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
-    for (int64_t k = 0; k < K; ++k) {
-        const W* row = panel + k * NB;
-        // Prefetching past the panel's end is harmless (a hint, never a fault).
+void tile(const float* x, int64_t ldx, const W* block, int64_t kc, float* partial, bool first, bool last,
+          const float* bias, O* out, int64_t ldo, int64_t ncols, Ahead ahead) {
+    V acc[R][2];
+    for (int r = 0; r < R; ++r) {
+        acc[r][0] = first ? Simd::zero() : Simd::load(partial + r * NB);
+        acc[r][1] = first ? Simd::zero() : Simd::load(partial + r * NB + Simd::LANES);
+    }
+    int64_t countdown = ahead.every;
+    for (int64_t k = 0; k < kc; ++k) {
+        const W* row = block + k * NB;
+        // Prefetching past the weight's end is harmless (a hint, never a fault).
         _mm_prefetch(reinterpret_cast<const char*>(row + PREFETCH * NB), _MM_HINT_T0);
-        _mm_prefetch(reinterpret_cast<const char*>(row + PREFETCH * NB) + 64, _MM_HINT_T0);
-        const __m512 w0 = load16(row), w1 = load16(row + 16);
+        if constexpr (NB * sizeof(W) > 64)
+            _mm_prefetch(reinterpret_cast<const char*>(row + PREFETCH * NB) + 64, _MM_HINT_T0);
+        if (--countdown == 0) {
+            countdown = ahead.every;
+            if (ahead.next < ahead.end) {
+                _mm_prefetch(ahead.next, _MM_HINT_T0);
+                ahead.next += 64;
+            }
+        }
+        const V w0 = Simd::load(row), w1 = Simd::load(row + Simd::LANES);
         for (int r = 0; r < R; ++r) {
-            const __m512 a = _mm512_set1_ps(x[r * K + k]);
-            acc[r][0] = _mm512_fmadd_ps(a, w0, acc[r][0]);
-            acc[r][1] = _mm512_fmadd_ps(a, w1, acc[r][1]);
+            const V a = Simd::set1(x[r * ldx + k]);
+            acc[r][0] = Simd::fma(a, w0, acc[r][0]);
+            acc[r][1] = Simd::fma(a, w1, acc[r][1]);
         }
     }
-    const __m512 b0 = bias ? _mm512_maskz_loadu_ps(m0, bias) : _mm512_setzero_ps();
-    const __m512 b1 = bias ? _mm512_maskz_loadu_ps(m1, bias + 16) : _mm512_setzero_ps();
     for (int r = 0; r < R; ++r) {
-        store_out(out + r * ldo, _mm512_add_ps(acc[r][0], b0), m0);
-        store_out(out + r * ldo + 16, _mm512_add_ps(acc[r][1], b1), m1);
+        if (last) {
+            store_row(acc[r][0], acc[r][1], bias, out + r * ldo, ncols);
+        } else {
+            Simd::store(partial + r * NB, acc[r][0]);
+            Simd::store(partial + r * NB + Simd::LANES, acc[r][1]);
+        }
     }
 }
 
 template <typename W, typename O>
-using TileFn = void (*)(const float*, int64_t, const W*, int64_t, const float*, O*, int64_t);
+using TileFn = void (*)(const float*, int64_t, const W*, int64_t, float*, bool, bool, const float*, O*,
+                        int64_t, int64_t, Ahead);
 
 template <typename W, typename O, int... Rs>
 constexpr TileFn<W, O> tile_for(int rows, std::integer_sequence<int, Rs...>) {
@@ -86,17 +178,48 @@ struct Shape {
     int64_t M, K, N;
 };
 
-// Panels [p0, p1) of w against all of x (fp32, [M, K]).
+// Equal k-blocks of at most BLOCK_BYTES of a panel each: [blocks, rows per block].
+template <typename W>
+std::pair<int64_t, int64_t> k_blocks(int64_t K) {
+    const int64_t most = BLOCK_BYTES / (NB * static_cast<int64_t>(sizeof(W)));
+    const int64_t blocks = most >= K ? 1 : (K + most - 1) / most;
+    return {blocks, (K + blocks - 1) / blocks};
+}
+
+// Panels [p0, p1) of w against all of x (fp32, [M, K]). Each k-block of a panel is read from
+// memory by the first row tile's pass and from L1 by the others', which meanwhile prefetch the
+// next block (of this panel or the next: the packed weight is one contiguous stream). The rows
+// are split into equal passes (32 rows: 6+6+5+5+5+5, not 6 x 5 + 2): a tile of very few rows has
+// too few independent FMA chains to hide their latency.
 template <typename W, typename O>
 void run_panels(const float* x, const Shape& s, const W* w, const float* bias, O* out, int64_t p0, int64_t p1) {
-    const auto rows = std::make_integer_sequence<int, MR>{};
+    const auto tiles = std::make_integer_sequence<int, MR>{};
+    const auto [blocks, block_rows] = k_blocks<W>(s.K);
+    const int64_t passes = (s.M + MR - 1) / MR;
+    const int64_t block_bytes = block_rows * NB * static_cast<int64_t>(sizeof(W));
+    const char* range_end = reinterpret_cast<const char*>(w + p1 * s.K * NB);
+    std::vector<float> partial(blocks > 1 ? s.M * NB : 0);
     for (int64_t p = p0; p < p1; ++p) {
         const int64_t n0 = p * NB, ncols = s.N - n0 < NB ? s.N - n0 : NB;
         const W* panel = w + p * s.K * NB;
         const float* b = bias ? bias + n0 : nullptr;
-        for (int64_t m = 0; m < s.M; m += MR) {
-            const int r = static_cast<int>(s.M - m < MR ? s.M - m : MR);
-            tile_for<W, O>(r, rows)(x + m * s.K, s.K, panel, ncols, b, out + m * s.N + n0, s.N);
+        for (int64_t k0 = 0; k0 < s.K; k0 += block_rows) {
+            const int64_t kc = s.K - k0 < block_rows ? s.K - k0 : block_rows;
+            const char* next = reinterpret_cast<const char*>(panel + (k0 + kc) * NB);
+            const int64_t share = PREFETCH_NEXT_BLOCK && passes > 1 ? ((block_bytes / 64 + passes - 2) / (passes - 1)) * 64 : 0;
+            const int64_t every = share ? (kc * 64 / share > 1 ? kc * 64 / share : 1) : 1;
+            for (int64_t pass = 0, m = 0; pass < passes; ++pass) {
+                const int rows = static_cast<int>(s.M / passes + (pass < s.M % passes ? 1 : 0));
+                Ahead ahead{range_end, range_end, 1};
+                if (pass > 0 && share) {
+                    const char* from = next + (pass - 1) * share;
+                    ahead = {from, from + share < range_end ? from + share : range_end, every};
+                }
+                tile_for<W, O>(rows, tiles)(x + m * s.K + k0, s.K, panel + k0 * NB, kc,
+                                            partial.data() + m * NB, k0 == 0, k0 + kc >= s.K, b,
+                                            out + m * s.N + n0, s.N, ncols, ahead);
+                m += rows;
+            }
         }
     }
 }
@@ -126,9 +249,10 @@ int gemm(const X* x, const W* w, const float* bias, X* out, const Shape& s, int6
 }  // namespace
 #endif
 
-extern "C" int small_gemm_supported() {
+// Columns per packed panel of w (NB), or 0 where this build has no small GEMM (no AVX2/AVX-512).
+extern "C" int small_gemm_panel_width() {
 #ifdef TANDEM_SMALL_GEMM
-    return 1;
+    return NB;
 #else
     return 0;
 #endif

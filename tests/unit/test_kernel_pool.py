@@ -12,7 +12,7 @@ from torch.nn import functional as F
 
 from engine.kernel_linear import KernelLinear, small_gemm_available
 
-pytestmark = pytest.mark.skipif(not small_gemm_available(), reason="no AVX-512 small GEMM here")
+pytestmark = pytest.mark.skipif(not small_gemm_available(), reason="no small GEMM here (needs AVX-512 or AVX2)")
 
 
 def test_a_forked_child_runs_multithreaded_kernels() -> None:
