@@ -6,8 +6,9 @@ quarter of fp32 speed. ``KernelLinear`` keeps each weight in the model's dtype p
 kernel's panels (``[ceil(out / width), in, width]``), and runs
 
 - rows <= ``SMALL_M`` (decode): the native kernel, fp32 math, reading bf16 weights directly;
-- larger batches (prefill): MKL's fp32 GEMM, on the original weight for fp32 models (exactly
-  ``F.linear``) and on the weight unpacked and widened to fp32 for the call for bf16 ones (one
+- larger batches (prefill): an fp32 GEMM: for fp32 models on a copy of the weight kept for it
+  (MKL's, as ``F.linear``, or where it is faster, oneDNN's on a prepacked copy: see
+  ``onednn_prefill``), for bf16 ones on the weight unpacked and widened to fp32 for the call (one
   pass over the weight, small next to a prefill-sized GEMM).
 
 bf16 models on CPUs *with* bf16 arithmetic keep oneDNN's prepacked path (``packed_linear``).
@@ -38,6 +39,16 @@ def panel_width() -> int:
     """Output columns per packed panel (small_gemm.cpp's NB: 32 on AVX-512, 16 on AVX2), or 0
     where the kernels did not build or this CPU has neither instruction set."""
     return kernels.load().small_gemm_panel_width() if kernels.available() else 0
+
+
+@functools.cache
+def onednn_prefill() -> bool:
+    """Whether fp32 prefill GEMMs go to oneDNN (weights prepacked) rather than MKL: on CPUs
+    without AVX-512 (AVX2 builds, e.g. AMD Zen 3), where oneDNN measured 10-25% faster than MKL on
+    SmolLM2's prefill shapes (benchmarks/RESULTS.md). AVX-512 CPUs keep MKL, measured there at
+    ~250 GF/s in-engine (70% of the FMA peak)."""
+    return (panel_width() == 16 and torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
 
 
 def small_gemm_available() -> bool:
@@ -101,10 +112,14 @@ class KernelLinear(nn.Module):
         # Buffers, not parameters: a packed copy taken after loading (ties are not followed).
         weight = linear.weight.detach()
         self.register_buffer("panels", pack_panels(weight), persistent=False)
-        # fp32 keeps its original weight too, for large batches: unpacking per call (a pass over
-        # every weight, ~130 ms per step for SmolLM2) cost 15-30% at 256-1024 rows. bf16 must be
-        # widened per call anyway (CPU without bf16 arithmetic), so it keeps only the panels.
-        self.register_buffer("weight", weight if weight.dtype == torch.float32 else None, persistent=False)
+        # fp32 keeps a second copy for large batches: unpacking per call (a pass over every
+        # weight, ~130 ms per step for SmolLM2) cost 15-30% at 256-1024 rows. bf16 must be widened
+        # per call anyway (CPU without bf16 arithmetic), so it keeps only the panels. The copy is
+        # the original weight for MKL or an opaque oneDNN tensor (not a buffer: meaningless to
+        # state_dict or .to()).
+        fp32 = weight.dtype == torch.float32
+        self.onednn_weight = torch.ops.mkldnn._reorder_linear_weight(weight, None) if fp32 and onednn_prefill() else None
+        self.register_buffer("weight", weight if fp32 and self.onednn_weight is None else None, persistent=False)
         bias = None if linear.bias is None else linear.bias.detach().float().contiguous()
         self.register_buffer("bias_f32", bias, persistent=False)
 
@@ -132,7 +147,16 @@ class KernelLinear(nn.Module):
         return out
 
     def _large(self, x: torch.Tensor) -> torch.Tensor:
+        if self.onednn_weight is not None and x.dtype == torch.float32:
+            return torch.ops.mkldnn._linear_pointwise(x, self.onednn_weight, self.bias_f32, "none", [], "")
         if self.weight is not None and x.dtype == torch.float32:
             return F.linear(x, self.weight, self.bias_f32)
         weight = unpack_panels(self.panels, self.out_features, torch.float32, _scratch_for(self.panels))
-        return F.linear(x.float(), weight, self.bias_f32).to(x.dtype)
+        return dense_fp32(x.float(), weight, self.bias_f32).to(x.dtype)
+
+
+def dense_fp32(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``F.linear`` in fp32 through the faster library here (``onednn_prefill``)."""
+    if onednn_prefill():
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    return F.linear(x, weight, bias)
