@@ -46,7 +46,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     if not small_gemm_available():
-        raise SystemExit("the native small GEMM is not available here (no compiler or no AVX-512)")
+        raise SystemExit("the native small GEMM is not available here (no compiler, or neither AVX-512 nor AVX2)")
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     linears = build(args.model, dtype)
