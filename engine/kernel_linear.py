@@ -104,7 +104,7 @@ def _scratch_for(panels: torch.Tensor) -> torch.Tensor:
 
 class KernelLinear(nn.Module):
     """Inference-only stand-in for ``nn.Linear``: the weight in the kernel's panels (and, for
-    fp32, the original weight for large batches)."""
+    fp32, a copy for large batches: the original weight, or oneDNN's prepacked one)."""
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
@@ -118,7 +118,8 @@ class KernelLinear(nn.Module):
         # the original weight for MKL or an opaque oneDNN tensor (not a buffer: meaningless to
         # state_dict or .to()).
         fp32 = weight.dtype == torch.float32
-        self.onednn_weight = torch.ops.mkldnn._reorder_linear_weight(weight, None) if fp32 and onednn_prefill() else None
+        self.onednn_weight = (torch.ops.mkldnn._reorder_linear_weight(weight, None)
+                              if fp32 and onednn_prefill() else None)
         self.register_buffer("weight", weight if fp32 and self.onednn_weight is None else None, persistent=False)
         bias = None if linear.bias is None else linear.bias.detach().float().contiguous()
         self.register_buffer("bias_f32", bias, persistent=False)

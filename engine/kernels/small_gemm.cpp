@@ -206,7 +206,10 @@ void run_panels(const float* x, const Shape& s, const W* w, const float* bias, O
         for (int64_t k0 = 0; k0 < s.K; k0 += block_rows) {
             const int64_t kc = s.K - k0 < block_rows ? s.K - k0 : block_rows;
             const char* next = reinterpret_cast<const char*>(panel + (k0 + kc) * NB);
-            const int64_t share = PREFETCH_NEXT_BLOCK && passes > 1 ? ((block_bytes / 64 + passes - 2) / (passes - 1)) * 64 : 0;
+            // Bytes of the next block each later pass prefetches (whole lines), one line every
+            // `every` k steps.
+            const int64_t share =
+                PREFETCH_NEXT_BLOCK && passes > 1 ? (block_bytes / 64 + passes - 2) / (passes - 1) * 64 : 0;
             const int64_t every = share ? (kc * 64 / share > 1 ? kc * 64 / share : 1) : 1;
             for (int64_t pass = 0, m = 0; pass < passes; ++pass) {
                 const int rows = static_cast<int>(s.M / passes + (pass < s.M % passes ? 1 : 0));
@@ -215,9 +218,9 @@ void run_panels(const float* x, const Shape& s, const W* w, const float* bias, O
                     const char* from = next + (pass - 1) * share;
                     ahead = {from, from + share < range_end ? from + share : range_end, every};
                 }
-                tile_for<W, O>(rows, tiles)(x + m * s.K + k0, s.K, panel + k0 * NB, kc,
-                                            partial.data() + m * NB, k0 == 0, k0 + kc >= s.K, b,
-                                            out + m * s.N + n0, s.N, ncols, ahead);
+                float* sums = blocks > 1 ? partial.data() + m * NB : nullptr;  // whole K: in registers
+                tile_for<W, O>(rows, tiles)(x + m * s.K + k0, s.K, panel + k0 * NB, kc, sums, k0 == 0,
+                                            k0 + kc >= s.K, b, out + m * s.N + n0, s.N, ncols, ahead);
                 m += rows;
             }
         }
