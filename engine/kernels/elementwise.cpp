@@ -86,7 +86,7 @@ void rope(E* x, int64_t row_stride, int64_t rows, int64_t heads, int64_t dim, co
 inline void silu_inplace(float* g, int64_t n) {
     int64_t i = 0;
 #ifdef TANDEM_VECTOR_EXPF
-    using L = tandem::ExpLanes;
+    using L = tandem::Lanes;
     const L::V one = L::set1(1.0f), zero = L::set1(0.0f);
     for (; i + L::LANES <= n; i += L::LANES) {
         const L::V v = L::load(g + i);

@@ -63,7 +63,7 @@ inline float exp_shifted(float* s, int64_t len, float peak) {
     int64_t t = 0;
     float total = 0.0f;
 #ifdef TANDEM_VECTOR_EXPF
-    using L = tandem::ExpLanes;
+    using L = tandem::Lanes;
     const L::V shift = L::set1(peak);
     L::V sum = L::set1(0.0f);
     for (; t + L::LANES <= len; t += L::LANES) {

@@ -23,36 +23,13 @@
 #include "numeric.h"
 #include "pool.h"
 
-#if defined(__AVX512F__) && defined(__AVX512BW__)
-#define TANDEM_SMALL_GEMM 512
-#elif defined(__AVX2__) && defined(__FMA__)
-#define TANDEM_SMALL_GEMM 256
-#endif
-
-#ifdef TANDEM_SMALL_GEMM
+#ifdef TANDEM_LANES  // numeric.h: AVX-512 or AVX2 + FMA
 namespace {
 
 constexpr int PREFETCH = 32;  // rows of w ahead of the one in use
 
-#if TANDEM_SMALL_GEMM == 512
-struct Simd {
-    using V = __m512;
-    static constexpr int LANES = 16;
-    static V zero() { return _mm512_setzero_ps(); }
-    static V set1(float f) { return _mm512_set1_ps(f); }
-    static V load(const float* p) { return tandem::load16(p); }
-    static V load(const uint16_t* p) { return tandem::load16(p); }
-    static V add(V a, V b) { return _mm512_add_ps(a, b); }
-    static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
-    static void store(float* p, V v) { _mm512_storeu_ps(p, v); }
-    static void store(uint16_t* p, V v) {  // rounded to nearest even; NaN stays NaN, never inf
-        const __m512i bits = _mm512_castps_si512(v);
-        const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-        __m512i r = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
-        r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7fc0));
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(r));
-    }
-};
+using Simd = tandem::Lanes;
+#if TANDEM_LANES == 16
 constexpr int MR = 12;  // rows of x per register tile
 // Whole-K passes, no prefetch of the next block: on the AVX-512 Xeon this project measured, the
 // FMA units keep up with memory and spreading the next panel's prefetch over the passes changed
@@ -60,31 +37,6 @@ constexpr int MR = 12;  // rows of x per register tile
 constexpr int64_t BLOCK_BYTES = INT64_MAX;
 constexpr bool PREFETCH_NEXT_BLOCK = false;
 #else
-struct Simd {
-    using V = __m256;
-    static constexpr int LANES = 8;
-    static V zero() { return _mm256_setzero_ps(); }
-    static V set1(float f) { return _mm256_set1_ps(f); }
-    static V load(const float* p) { return _mm256_loadu_ps(p); }
-    static V load(const uint16_t* p) {
-        const __m128i half = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-        return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(half), 16));
-    }
-    static V add(V a, V b) { return _mm256_add_ps(a, b); }
-    static V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
-    static void store(float* p, V v) { _mm256_storeu_ps(p, v); }
-    static void store(uint16_t* p, V v) {  // rounded to nearest even; NaN stays NaN, never inf
-        const __m256i bits = _mm256_castps_si256(v);
-        const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
-        __m256i r = _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff))), 16);
-        const __m256 nan = _mm256_cmp_ps(v, v, _CMP_UNORD_Q);
-        r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7fc0), _mm256_castps_si256(nan));
-        // 32 -> 16 bits (values fit, so unsigned saturation is exact); packus works per 128-bit
-        // lane, so gather the two lanes' halves into the low 128 bits.
-        const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08);
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
-    }
-};
 constexpr int MR = 6;
 // With half the FMA width, a panel's later passes are compute-bound and its first memory-bound:
 // k-blocks of 16 KB stay in L1 across the passes, and the later passes fetch the next block.
@@ -98,11 +50,11 @@ constexpr int NB = 2 * Simd::LANES;  // columns per panel: two vector registers
 // vector stores, the last, partial one through a buffer (same rounding, scalar).
 template <typename O>
 inline void store_row(V lo, V hi, const float* bias, O* out, int64_t ncols) {
-    if (bias && ncols == NB) {
-        lo = Simd::add(lo, Simd::load(bias));
-        hi = Simd::add(hi, Simd::load(bias + Simd::LANES));
-    }
     if (ncols == NB) {
+        if (bias) {
+            lo = Simd::add(lo, Simd::load(bias));
+            hi = Simd::add(hi, Simd::load(bias + Simd::LANES));
+        }
         Simd::store(out, lo);
         Simd::store(out + Simd::LANES, hi);
         return;
@@ -130,8 +82,8 @@ void tile(const float* x, int64_t ldx, const W* block, int64_t kc, float* partia
           const float* bias, O* out, int64_t ldo, int64_t ncols, Ahead ahead) {
     V acc[R][2];
     for (int r = 0; r < R; ++r) {
-        acc[r][0] = first ? Simd::zero() : Simd::load(partial + r * NB);
-        acc[r][1] = first ? Simd::zero() : Simd::load(partial + r * NB + Simd::LANES);
+        acc[r][0] = first ? Simd::set1(0.0f) : Simd::load(partial + r * NB);
+        acc[r][1] = first ? Simd::set1(0.0f) : Simd::load(partial + r * NB + Simd::LANES);
     }
     int64_t countdown = ahead.every;
     for (int64_t k = 0; k < kc; ++k) {
@@ -254,7 +206,7 @@ int gemm(const X* x, const W* w, const float* bias, X* out, const Shape& s, int6
 
 // Columns per packed panel of w (NB), or 0 where this build has no small GEMM (no AVX2/AVX-512).
 extern "C" int small_gemm_panel_width() {
-#ifdef TANDEM_SMALL_GEMM
+#ifdef TANDEM_LANES  // numeric.h: AVX-512 or AVX2 + FMA
     return NB;
 #else
     return 0;
@@ -264,7 +216,7 @@ extern "C" int small_gemm_panel_width() {
 // x_bf16 / w_bf16 select the element types (0: fp32, 1: bf16); out has x's type.
 extern "C" int small_gemm(const void* x, int64_t x_bf16, const void* w, int64_t w_bf16, const float* bias,
                           void* out, int64_t M, int64_t K, int64_t N, int64_t threads) {
-#ifdef TANDEM_SMALL_GEMM
+#ifdef TANDEM_LANES  // numeric.h: AVX-512 or AVX2 + FMA
     const Shape s{M, K, N};
     using u16 = uint16_t;
     if (x_bf16 && w_bf16) return gemm(static_cast<const u16*>(x), static_cast<const u16*>(w), bias, static_cast<u16*>(out), s, threads);
