@@ -74,7 +74,9 @@ struct Lanes {
     static V sub(V a, V b) { return _mm512_sub_ps(a, b); }
     static V div(V a, V b) { return _mm512_div_ps(a, b); }
     static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+    static V max(V a, V b) { return _mm512_max_ps(a, b); }  // b where either is NaN
     static float sum(V v) { return _mm512_reduce_add_ps(v); }
+    static float largest(V v) { return _mm512_reduce_max_ps(v); }
 #ifdef TANDEM_VECTOR_EXPF
     static V exp(V v) { return _ZGVeN16v_expf(v); }
 #endif
@@ -106,10 +108,16 @@ struct Lanes {
     static V sub(V a, V b) { return _mm256_sub_ps(a, b); }
     static V div(V a, V b) { return _mm256_div_ps(a, b); }
     static V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+    static V max(V a, V b) { return _mm256_max_ps(a, b); }  // b where either is NaN
     static float sum(V v) {  // lanes added pairwise, high half onto low
         __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
         h = _mm_add_ps(h, _mm_movehl_ps(h, h));
         return _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
+    }
+    static float largest(V v) {
+        __m128 h = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+        return _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
     }
 #ifdef TANDEM_VECTOR_EXPF
     static V exp(V v) { return _ZGVdN8v_expf(v); }

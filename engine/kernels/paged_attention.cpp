@@ -86,7 +86,7 @@ constexpr int64_t AHEAD = 4;
 
 template <typename E>
 inline void prefetch_row(const E* row, int64_t dim) {
-#if defined(__AVX512F__)
+#ifdef TANDEM_LANES
     const char* bytes = reinterpret_cast<const char*>(row);
     for (int64_t off = 0; off < dim * static_cast<int64_t>(sizeof(E)); off += 64)
         _mm_prefetch(bytes + off, _MM_HINT_T0);
@@ -121,12 +121,26 @@ inline void store_outputs(const Problem<E>& p, int64_t b, int64_t first, int64_t
     for (int64_t i = 0; i < count * p.dim; ++i) dst[i] = narrow<E>(acc[i]);
 }
 
+// The largest of s[0..len), NaNs skipped; -inf when all are NaN. A vector at a time where the
+// build has vectors: the scalar loop's dependent compares were a third of the score phase.
+inline float largest(const float* s, int64_t len) {
+    int64_t t = 0;
+    float peak = -INFINITY;
+#ifdef TANDEM_LANES
+    using L = tandem::Lanes;
+    L::V peaks = L::set1(-INFINITY);
+    for (; t + L::LANES <= len; t += L::LANES) peaks = L::max(L::load(s + t), peaks);
+    peak = L::largest(peaks);
+#endif
+    for (; t < len; ++t) peak = s[t] > peak ? s[t] : peak;
+    return peak;
+}
+
 // Each of the `rows` rows of `len` scores becomes its max-subtracted softmax, in place.
 inline void softmax_rows(float* scores, int64_t rows, int64_t len) {
     for (int64_t h = 0; h < rows; ++h) {
         float* s = scores + h * len;
-        float peak = -INFINITY;
-        for (int64_t t = 0; t < len; ++t) peak = s[t] > peak ? s[t] : peak;
+        const float peak = largest(s, len);
         const float inv = 1.0f / exp_shifted(s, len, peak);
         for (int64_t t = 0; t < len; ++t) s[t] *= inv;
     }
@@ -162,14 +176,19 @@ void attend(const Problem<E>& p, int64_t b, int64_t h0, int64_t h1, std::vector<
     store_outputs(p, b, h0 * group, nq, acc);
 }
 
-#if defined(__AVX512F__)
-// The fast path for head dims of 16, 32, 64 or 128 (DV = dim / 16 vectors): scores 16 tokens at
-// a time, each token's q.k partial products kept as one vector and the 16 vectors summed in one
-// transposing tree (45 shuffles/adds for 16 scores, against a horizontal sum per score); the
-// weighted sum of V keeps a group of heads' outputs in registers, each V row read once per KV head.
+#ifdef TANDEM_LANES  // numeric.h: AVX-512 (16 lanes) or AVX2 + FMA (8 lanes)
+// The fast path for head dims of 1, 2, 4, 8 or 16 vectors (DV = dim / LANES): scores LANES tokens at
+// a time, each token's q.k partial products kept as one vector and the LANES vectors summed in one
+// transposing tree (against a horizontal sum per score: on AVX2, with the cache in L3, the portable
+// loop took twice as long); the weighted sum of V keeps a group of heads' outputs in registers.
+using L = tandem::Lanes;
+constexpr int CHUNK = L::LANES;  // tokens scored together
 
-// Lane t of the result is the sum of the lanes of the vector at index (t % 4) * 4 + t / 4.
-inline __m512 transpose_sum16(const __m512 (&v)[16]) {
+#if TANDEM_LANES == 16
+// Chunk token t's partial products go to vector slot_of(t); lane t of the result is their sum.
+constexpr int slot_of(int t) { return (t & 3) * 4 + (t >> 2); }
+
+inline __m512 transpose_sum(const __m512 (&v)[16]) {
     __m512 w[8], x[4], y[2];
     for (int i = 0; i < 8; ++i)  // vector 2i's partials in 128-bit chunks 0-1, 2i+1's in 2-3
         w[i] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0x44),
@@ -184,57 +203,78 @@ inline __m512 transpose_sum16(const __m512 (&v)[16]) {
     return _mm512_add_ps(_mm512_shuffle_ps(y[0], y[1], _MM_SHUFFLE(2, 0, 2, 0)),
                          _mm512_shuffle_ps(y[0], y[1], _MM_SHUFFLE(3, 1, 3, 1)));
 }
+#else
+constexpr int slot_of(int t) { return t; }
 
-constexpr int CHUNK = 16;  // tokens scored together
+inline __m256 transpose_sum(const __m256 (&v)[8]) {
+    // Pairwise sums within 128-bit halves: lanes of v0..v3 then v4..v7, low half and high half.
+    const __m256 a = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));
+    const __m256 b = _mm256_hadd_ps(_mm256_hadd_ps(v[4], v[5]), _mm256_hadd_ps(v[6], v[7]));
+    return _mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31));
+}
+#endif
 
-// out[t] = q . rows[t] for t < n (n <= 16); q is fp32 (already scaled), rows point at one head.
-template <int DV, typename E>
-inline void score_chunk(const float* q, const E* const* rows, int n, float* out) {
-    __m512 qv[DV], v[CHUNK];
-    for (int d = 0; d < DV; ++d) qv[d] = _mm512_loadu_ps(q + 16 * d);
-    for (int t = 0; t < CHUNK; ++t) {
-        __m512 acc = _mm512_setzero_ps();
-        if (t < n)
-            for (int d = 0; d < DV; ++d) acc = _mm512_fmadd_ps(qv[d], load16(rows[t] + 16 * d), acc);
-        v[(t & 3) * 4 + (t >> 2)] = acc;
-    }
-    _mm512_mask_storeu_ps(out, n >= CHUNK ? 0xffff : static_cast<__mmask16>((1u << n) - 1), transpose_sum16(v));
+// The chunk of cached rows (`span` elements from `off` on) of tokens [t0, t0 + CHUNK) below len.
+template <typename E>
+inline void prefetch_rows(const E* cache, const int64_t* slots, int64_t t0, int64_t len, int64_t row_stride,
+                          int64_t off, int64_t span) {
+    for (int64_t t = t0; t < t0 + CHUNK && t < len; ++t) prefetch_row(cache + slots[t] * row_stride + off, span);
 }
 
-// acc[g] = sum_t p[g * len + t] * v_t for G query heads sharing one KV head (rows at `off`).
-template <int DV, int G, typename E>
-void weighted_sum(const float* p, int64_t len, const E* v, const int64_t* slots, int64_t row_stride,
-                  int64_t off, float* acc_out) {
-    __m512 acc[G][DV];
+// out[t] = q . rows[t] for t < n (n <= CHUNK); q is fp32 (already scaled), rows point at one head.
+template <int DV, typename E>
+inline void score_chunk(const float* q, const E* const* rows, int n, float* out) {
+    L::V qv[DV], v[CHUNK];
+    for (int d = 0; d < DV; ++d) qv[d] = L::load(q + L::LANES * d);
+    for (int t = 0; t < CHUNK; ++t) {
+        L::V acc = L::set1(0.0f);
+        if (t < n)
+            for (int d = 0; d < DV; ++d) acc = L::fma(qv[d], L::load(rows[t] + L::LANES * d), acc);
+        v[slot_of(t)] = acc;
+    }
+    if (n == CHUNK) return L::store(out, transpose_sum(v));
+    float sums[CHUNK];
+    L::store(sums, transpose_sum(v));
+    for (int t = 0; t < n; ++t) out[t] = sums[t];
+}
+
+// Accumulators one weighted_sum call keeps in registers (of 32 or 16), G heads x DS vectors.
+constexpr int ACC_VECTORS = TANDEM_LANES == 16 ? 16 : 8;
+
+// acc[g][slice] += sum_{t < n} p[g * len + t] * rows[t][off + slice] for G query heads sharing one
+// KV head, over the DS vectors of the row from `off` on; head g's output at acc + g * dim.
+template <int DS, int G, typename E>
+void weighted_sum(const float* p, int64_t len, const E* const* rows, int n, int64_t off, int64_t dim, float* acc) {
+    L::V sums[G][DS];
     for (int g = 0; g < G; ++g)
-        for (int d = 0; d < DV; ++d) acc[g][d] = _mm512_setzero_ps();
-    for (int64_t t = 0; t < len; ++t) {
-        const E* row = v + slots[t] * row_stride + off;
-        if (t + AHEAD < len) prefetch_row(v + slots[t + AHEAD] * row_stride + off, DV * 16);
-        __m512 vv[DV];
-        for (int d = 0; d < DV; ++d) vv[d] = load16(row + 16 * d);
+        for (int d = 0; d < DS; ++d) sums[g][d] = L::load(acc + g * dim + L::LANES * d);
+    for (int t = 0; t < n; ++t) {
+        L::V vv[DS];
+        for (int d = 0; d < DS; ++d) vv[d] = L::load(rows[t] + off + L::LANES * d);
         for (int g = 0; g < G; ++g) {
-            const __m512 w = _mm512_set1_ps(p[g * len + t]);
-            for (int d = 0; d < DV; ++d) acc[g][d] = _mm512_fmadd_ps(w, vv[d], acc[g][d]);
+            const L::V w = L::set1(p[g * len + t]);
+            for (int d = 0; d < DS; ++d) sums[g][d] = L::fma(w, vv[d], sums[g][d]);
         }
     }
     for (int g = 0; g < G; ++g)
-        for (int d = 0; d < DV; ++d) _mm512_storeu_ps(acc_out + g * DV * 16 + 16 * d, acc[g][d]);
+        for (int d = 0; d < DS; ++d) L::store(acc + g * dim + L::LANES * d, sums[g][d]);
 }
 
-constexpr int MAX_G = 4;  // query heads per weighted_sum call: G x DV accumulators in registers
+// A row slice of DS vectors and up to MAX_G(DS) heads fill the accumulators.
+template <int DV> constexpr int SLICE = DV < ACC_VECTORS ? DV : ACC_VECTORS;
+template <int DS> constexpr int MAX_G = ACC_VECTORS / DS < 4 ? ACC_VECTORS / DS : 4;
 
-template <int DV, typename E, int... Gs>
+template <int DS, typename E, int... Gs>
 constexpr auto weighted_sum_for(int g, std::integer_sequence<int, Gs...>) {
-    using Fn = void (*)(const float*, int64_t, const E*, const int64_t*, int64_t, int64_t, float*);
-    constexpr Fn table[] = {nullptr, &weighted_sum<DV, Gs + 1, E>...};
+    using Fn = void (*)(const float*, int64_t, const E* const*, int, int64_t, int64_t, float*);
+    constexpr Fn table[] = {nullptr, &weighted_sum<DS, Gs + 1, E>...};
     return table[g];
 }
 
 template <int DV, typename E>
 void attend_vec(const Problem<E>& p, int64_t b, int64_t h0, int64_t h1, std::vector<float>& scores,
                 std::vector<float>& acc, std::vector<float>& query) {
-    constexpr int64_t dim = DV * 16;
+    constexpr int64_t dim = DV * L::LANES;
     const int64_t group = p.heads / p.kv_heads, len = p.lens[b];
     const int64_t nq = (h1 - h0) * group, row_stride = p.kv_heads * dim;
     const int64_t* slots = p.slots + b * p.width;
@@ -245,8 +285,7 @@ void attend_vec(const Problem<E>& p, int64_t b, int64_t h0, int64_t h1, std::vec
     for (int64_t t0 = 0; t0 < len; t0 += CHUNK) {
         const int n = static_cast<int>(len - t0 < CHUNK ? len - t0 : CHUNK);
         for (int t = 0; t < n; ++t) rows[t] = p.k + slots[t0 + t] * row_stride;
-        for (int64_t t = t0 + CHUNK; t < t0 + 2 * CHUNK && t < len; ++t)  // the next chunk's rows
-            prefetch_row(p.k + slots[t] * row_stride + h0 * dim, (h1 - h0) * dim);
+        prefetch_rows(p.k, slots, t0 + CHUNK, len, row_stride, h0 * dim, (h1 - h0) * dim);
         for (int64_t kvh = h0; kvh < h1; ++kvh) {
             const E* heads[CHUNK];
             for (int t = 0; t < n; ++t) heads[t] = rows[t] + kvh * dim;
@@ -256,15 +295,26 @@ void attend_vec(const Problem<E>& p, int64_t b, int64_t h0, int64_t h1, std::vec
             }
         }
     }
+    prefetch_rows(p.v, slots, 0, len, row_stride, h0 * dim, (h1 - h0) * dim);
     softmax_rows(scores.data(), nq, len);
-    const auto gs = std::make_integer_sequence<int, MAX_G>{};
-    for (int64_t kvh = h0; kvh < h1; ++kvh)
-        for (int64_t g0 = 0; g0 < group; g0 += MAX_G) {
-            const int g = static_cast<int>(group - g0 < MAX_G ? group - g0 : MAX_G);
-            const int64_t h = (kvh - h0) * group + g0;
-            weighted_sum_for<DV, E>(g, gs)(scores.data() + h * len, len, p.v, slots, row_stride, kvh * dim,
-                                          acc.data() + h * dim);
-        }
+    // V a chunk of tokens at a time, each chunk's rows (all these heads) read from memory once and
+    // then from L1 by every head: a walk per KV head instead read a third of every row per pass.
+    constexpr int DS = SLICE<DV>, GMAX = MAX_G<DS>;
+    const auto gs = std::make_integer_sequence<int, GMAX>{};
+    acc.assign(nq * dim, 0.0f);
+    for (int64_t t0 = 0; t0 < len; t0 += CHUNK) {
+        const int n = static_cast<int>(len - t0 < CHUNK ? len - t0 : CHUNK);
+        for (int t = 0; t < n; ++t) rows[t] = p.v + slots[t0 + t] * row_stride;
+        prefetch_rows(p.v, slots, t0 + CHUNK, len, row_stride, h0 * dim, (h1 - h0) * dim);
+        for (int64_t kvh = h0; kvh < h1; ++kvh)
+            for (int64_t g0 = 0; g0 < group; g0 += GMAX) {
+                const int g = static_cast<int>(group - g0 < GMAX ? group - g0 : GMAX);
+                const int64_t h = (kvh - h0) * group + g0;
+                for (int64_t slice = 0; slice < dim; slice += DS * L::LANES)
+                    weighted_sum_for<DS, E>(g, gs)(scores.data() + h * len + t0, len, rows, n, kvh * dim + slice, dim,
+                                                   acc.data() + h * dim + slice);
+            }
+    }
     store_outputs(p, b, h0 * group, nq, acc);
 }
 #endif
@@ -272,12 +322,13 @@ void attend_vec(const Problem<E>& p, int64_t b, int64_t h0, int64_t h1, std::vec
 template <typename E>
 void attend_any(const Problem<E>& p, int64_t b, int64_t h0, int64_t h1, std::vector<float>& scores,
                 std::vector<float>& acc, std::vector<float>& query) {
-#if defined(__AVX512F__)
-    switch (p.dim) {
-        case 16: return attend_vec<1>(p, b, h0, h1, scores, acc, query);
-        case 32: return attend_vec<2>(p, b, h0, h1, scores, acc, query);
-        case 64: return attend_vec<4>(p, b, h0, h1, scores, acc, query);
-        case 128: return attend_vec<8>(p, b, h0, h1, scores, acc, query);
+#ifdef TANDEM_LANES
+    switch (p.dim / L::LANES * (p.dim % L::LANES == 0)) {
+        case 1: return attend_vec<1>(p, b, h0, h1, scores, acc, query);
+        case 2: return attend_vec<2>(p, b, h0, h1, scores, acc, query);
+        case 4: return attend_vec<4>(p, b, h0, h1, scores, acc, query);
+        case 8: return attend_vec<8>(p, b, h0, h1, scores, acc, query);
+        case 16: return attend_vec<16>(p, b, h0, h1, scores, acc, query);
         default: break;
     }
 #endif

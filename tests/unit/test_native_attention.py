@@ -52,6 +52,8 @@ def _reference(q, kv, meta, scale):
     (8, 1, 128, [300]),                       # multi-query, one long context
     (10, 2, 16, [1, 40]),                     # 5 heads per KV head: a register group of 4, then 1
     (12, 2, 128, [33, 16]),                   # 6 per KV head at the widest register tile
+    (4, 2, 8, [9, 30]),                       # one AVX2 vector per row
+    (4, 1, 256, [20]),                        # 16 AVX-512 vectors per row; AVX2: the generic loop
     (6, 1, 24, [7, 50]),                      # a head dim off the vector paths: the generic loop
 ])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
