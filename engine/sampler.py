@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from engine.fused import argmax_rows
 from engine.sequence import Sequence
 
 
@@ -15,7 +16,7 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[
     """logits: fp32 ``[B, vocab]``. Returns the chosen token per row and, if any request asked,
     the model's log-probability of each chosen token."""
     logits = logits.cpu()
-    tokens = logits.argmax(dim=-1)
+    tokens = argmax_rows(logits)
     random_rows = [i for i, s in enumerate(seqs) if not s.params.greedy]
     if random_rows:
         tokens[random_rows] = _sample_rows(logits[random_rows], [seqs[i] for i in random_rows])

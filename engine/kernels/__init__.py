@@ -92,6 +92,7 @@ def _declare_elementwise(lib: ctypes.CDLL) -> None:
         "fused_add_rms_norm": [ptr, ptr, ptr, ptr, i64, i64, ctypes.c_float, i64, i64],
         "fused_rope": [ptr, i64, i64, i64, i64, ptr, ptr, i64, i64],
         "fused_silu_mul": [ptr, ptr, i64, i64, i64, i64],
+        "argmax_rows": [ptr, i64, i64, ptr, i64],
     }
     for name, argtypes in signatures.items():
         fn = getattr(lib, name)

@@ -81,3 +81,25 @@ def test_other_dtypes_and_strided_inputs_take_the_torch_path() -> None:
     gate, up = strided.double().split(16, dim=-1)
     torch.testing.assert_close(fused.silu_mul(strided).double(), gate / (1 + torch.exp(-gate)) * up,
                                rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("cols", [1, 7, 8, 255, 256, 257, 49152])
+def test_argmax_rows_matches_torch_argmax(cols) -> None:
+    gen = torch.Generator().manual_seed(cols)
+    logits = torch.randn(6, cols, generator=gen)
+    logits[1] = 0.0  # all tied: the first index
+    if cols > 3:
+        logits[2, cols // 2] = logits[2, cols - 1] = 1e3  # a tie across blocks: the first wins
+        logits[3, 1] = logits[3, 3] = float("nan")  # torch's rule: the first NaN, however large the rest
+        logits[3, 2] = 1e30
+        logits[4, cols - 2] = float("inf")
+    logits[5] = float("-inf")
+    got = fused.argmax_rows(logits)
+    assert got.dtype == torch.int64
+    assert torch.equal(got, logits.argmax(dim=-1))
+
+
+def test_argmax_rows_keeps_torch_for_other_inputs() -> None:
+    logits = torch.randn(3, 40)
+    assert torch.equal(fused.argmax_rows(logits.t()), logits.t().argmax(dim=-1))  # not contiguous
+    assert torch.equal(fused.argmax_rows(logits.double()), logits.argmax(dim=-1))
