@@ -298,7 +298,8 @@ void attend_vec(const Problem<E>& p, int64_t b, int64_t h0, int64_t h1, std::vec
     prefetch_rows(p.v, slots, 0, len, row_stride, h0 * dim, (h1 - h0) * dim);
     softmax_rows(scores.data(), nq, len);
     // V a chunk of tokens at a time, each chunk's rows (all these heads) read from memory once and
-    // then from L1 by every head: a walk per KV head instead read a third of every row per pass.
+    // then from L1 by every head (a walk over all tokens per KV head read 1/Hkv of every row per pass,
+    // the rest of each line waiting in cache, or not, for the next head's pass).
     constexpr int DS = SLICE<DV>, GMAX = MAX_G<DS>;
     const auto gs = std::make_integer_sequence<int, GMAX>{};
     acc.assign(nq * dim, 0.0f);
