@@ -23,6 +23,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from engine import hugepages, kernels
+from engine.packed_linear import onednn_linear
 
 # Up to here the native kernel is at least as fast as MKL (fp32) and far faster than emulated bf16
 # on this project's CPU (benchmarks/decode_linears.py, RESULTS.md).
@@ -149,7 +150,7 @@ class KernelLinear(nn.Module):
 
     def _large(self, x: torch.Tensor) -> torch.Tensor:
         if self.onednn_weight is not None and x.dtype == torch.float32:
-            return torch.ops.mkldnn._linear_pointwise(x, self.onednn_weight, self.bias_f32, "none", [], "")
+            return onednn_linear(x, self.onednn_weight, self.bias_f32)
         if self.weight is not None and x.dtype == torch.float32:
             return F.linear(x, self.weight, self.bias_f32)
         weight = unpack_panels(self.panels, self.out_features, torch.float32, _scratch_for(self.panels))
@@ -158,6 +159,5 @@ class KernelLinear(nn.Module):
 
 def dense_fp32(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """``F.linear`` in fp32 through the faster library here (``onednn_prefill``)."""
-    if onednn_prefill():
-        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
-    return F.linear(x, weight, bias)
+    return onednn_linear(x, weight, bias) if onednn_prefill() else F.linear(x, weight, bias)
+

@@ -12,6 +12,12 @@ import torch
 from torch import nn
 
 
+def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """oneDNN's ``x @ weight.T + bias``; ``weight`` plain ``[out, in]`` or prepacked
+    (``torch.ops.mkldnn._reorder_linear_weight``)."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
 def packing_available(dtype: torch.dtype, device: str) -> bool:
     """Whether prepacking applies: bf16 on a CPU whose torch has oneDNN with bf16 support."""
     if dtype != torch.bfloat16 or device != "cpu" or not torch.backends.mkldnn.is_available():
@@ -30,4 +36,4 @@ class PackedLinear(nn.Module):
         self.bias = None if linear.bias is None else linear.bias.detach()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        return onednn_linear(x, self.packed, self.bias)

@@ -30,14 +30,6 @@ template <> inline uint16_t narrow<uint16_t>(float f) {
     return static_cast<uint16_t>(bits >> 16);
 }
 
-#if defined(__AVX512F__)
-inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load16(const uint16_t* p) {
-    const __m256i half = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
-}
-#endif
-
 }  // namespace tandem
 
 // glibc's vector expf (libmvec, within 4 ulp); the build defines TANDEM_NO_MVEC where the C
@@ -60,8 +52,11 @@ struct Lanes {
     using V = __m512;
     static constexpr int LANES = 16;
     static V set1(float f) { return _mm512_set1_ps(f); }
-    static V load(const float* p) { return load16(p); }
-    static V load(const uint16_t* p) { return load16(p); }
+    static V load(const float* p) { return _mm512_loadu_ps(p); }
+    static V load(const uint16_t* p) {
+        const __m256i half = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
+    }
     static void store(float* p, V v) { _mm512_storeu_ps(p, v); }
     static void store(uint16_t* p, V v) {
         const __m512i bits = _mm512_castps_si512(v);

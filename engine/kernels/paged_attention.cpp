@@ -21,26 +21,18 @@ namespace {
 
 using tandem::narrow;
 using tandem::widen;
-#if defined(__AVX512F__)
-using tandem::load16;
-#endif
 
-// dot(q, row) and acc += w * row over `dim` elements. The AVX-512 path loads 16 values at a time;
-// the portable path keeps 16 partial sums so the compiler may vectorize without reassociating a
-// single running sum.
+// dot(q, row) and acc += w * row over `dim` elements, a vector at a time where the build has
+// vectors, the tail (or everything, elsewhere) scalar.
 template <typename E>
 inline float dot(const float* q, const E* row, int64_t dim) {
     int64_t d = 0;
     float sum = 0.0f;
-#if defined(__AVX512F__)
-    __m512 acc = _mm512_setzero_ps();
-    for (; d + 16 <= dim; d += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + d), load16(row + d), acc);
-    sum = _mm512_reduce_add_ps(acc);
-#else
-    float lanes[16] = {0};
-    for (; d + 16 <= dim; d += 16)
-        for (int l = 0; l < 16; ++l) lanes[l] += q[d + l] * widen(row[d + l]);
-    for (int l = 0; l < 16; ++l) sum += lanes[l];
+#ifdef TANDEM_LANES
+    using L = tandem::Lanes;
+    L::V acc = L::set1(0.0f);
+    for (; d + L::LANES <= dim; d += L::LANES) acc = L::fma(L::load(q + d), L::load(row + d), acc);
+    sum = L::sum(acc);
 #endif
     for (; d < dim; ++d) sum += q[d] * widen(row[d]);
     return sum;
@@ -49,10 +41,10 @@ inline float dot(const float* q, const E* row, int64_t dim) {
 template <typename E>
 inline void axpy(float w, const E* row, float* acc, int64_t dim) {
     int64_t d = 0;
-#if defined(__AVX512F__)
-    const __m512 wv = _mm512_set1_ps(w);
-    for (; d + 16 <= dim; d += 16)
-        _mm512_storeu_ps(acc + d, _mm512_fmadd_ps(wv, load16(row + d), _mm512_loadu_ps(acc + d)));
+#ifdef TANDEM_LANES
+    using L = tandem::Lanes;
+    const L::V wv = L::set1(w);
+    for (; d + L::LANES <= dim; d += L::LANES) L::store(acc + d, L::fma(wv, L::load(row + d), L::load(acc + d)));
 #endif
     for (; d < dim; ++d) acc[d] += w * widen(row[d]);
 }

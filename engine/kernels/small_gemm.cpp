@@ -151,6 +151,9 @@ void run_panels(const float* x, const Shape& s, const W* w, const float* bias, O
     const int64_t block_bytes = block_rows * NB * static_cast<int64_t>(sizeof(W));
     const char* range_end = reinterpret_cast<const char*>(w + p1 * s.K * NB);
     std::vector<float> partial(blocks > 1 ? s.M * NB : 0);
+    // Bytes of the next block each later pass prefetches (whole lines).
+    const int64_t share =
+        PREFETCH_NEXT_BLOCK && passes > 1 ? (block_bytes / 64 + passes - 2) / (passes - 1) * 64 : 0;
     for (int64_t p = p0; p < p1; ++p) {
         const int64_t n0 = p * NB, ncols = s.N - n0 < NB ? s.N - n0 : NB;
         const W* panel = w + p * s.K * NB;
@@ -158,10 +161,7 @@ void run_panels(const float* x, const Shape& s, const W* w, const float* bias, O
         for (int64_t k0 = 0; k0 < s.K; k0 += block_rows) {
             const int64_t kc = s.K - k0 < block_rows ? s.K - k0 : block_rows;
             const char* next = reinterpret_cast<const char*>(panel + (k0 + kc) * NB);
-            // Bytes of the next block each later pass prefetches (whole lines), one line every
-            // `every` k steps.
-            const int64_t share =
-                PREFETCH_NEXT_BLOCK && passes > 1 ? (block_bytes / 64 + passes - 2) / (passes - 1) * 64 : 0;
+            // One line of the share every `every` k steps of this block.
             const int64_t every = share ? (kc * 64 / share > 1 ? kc * 64 / share : 1) : 1;
             for (int64_t pass = 0, m = 0; pass < passes; ++pass) {
                 const int rows = static_cast<int>(s.M / passes + (pass < s.M % passes ? 1 : 0));
