@@ -65,14 +65,14 @@ async def probe_cluster(client, prefill, rng: random.Random, interference_passes
     Tried and dropped: taking the prefill samples while background requests kept the decode
     instance busy (as in a run). On 2 cores the extra streams also load the router and the driver;
     the prefill fits got 4-30x noisier (rms 200-300 ms) and TTFT errors worse (+11..+46%)."""
-    from deploy.served_profile import PROBE_TOKENS, PROBES, interference_tokens, probe, probe_interference
+    from deploy.served_profile import PROBE_TOKENS, PROBES, probe, probe_interference
 
     def prompt(n: int) -> list[int]:
         return [rng.randrange(10, VOCAB) for _ in range(n)]
 
     samples = await probe(client, prefill, prompt, PROBES, PROBE_TOKENS)
-    tokens = interference_tokens(cluster_profile(samples))
-    ab = [await probe_interference(client, prefill, prompt, tokens) for _ in range(interference_passes)]
+    profile = cluster_profile(samples)
+    ab = [await probe_interference(client, prefill, prompt, profile) for _ in range(interference_passes)]
     return ([s for s in samples if s.phase != "decode"], [s for s in samples if s.phase == "decode"], ab)
 
 

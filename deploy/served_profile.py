@@ -29,6 +29,7 @@ import asyncio
 import math
 import random
 import statistics
+import time
 
 import msgspec
 
@@ -136,15 +137,19 @@ class InterferenceSample(msgspec.Struct, frozen=True):
     tpot_beside: float
 
 
-async def probe_interference(client, prefill, prompt, decode_tokens: int,
-                             shape=INTERFERENCE_SHAPE, solo_repeats: int = 3) -> InterferenceSample:
+async def probe_interference(client, prefill, prompt, profile, shape=INTERFERENCE_SHAPE,
+                             limit: int | None = None, solo_repeats: int = 3) -> InterferenceSample:
     """Time each phase alone, then both at once. Beside: a lockstep batch decodes while single
     prompts are prefilled one after another; a prefill that was still running when the batch
     finished is left out (it was not beside decode the whole time). The prefills alone run both
-    before and after that (``solo_repeats`` each): the host's speed drifts within a pass too."""
+    before and after that (``solo_repeats`` each): the host's speed drifts within a pass too.
+    The batch decodes long enough for several lone requests, timed end to end just before it."""
     batch, length, solo_len = shape
-    one, params = _greedy(1), _greedy(decode_tokens)
-    alone = [prefill_seconds(await client.agenerate(prompt(solo_len), one)) for _ in range(solo_repeats)]
+    one = _greedy(1)
+    firsts = [await _timed(client.agenerate(prompt(solo_len), one)) for _ in range(solo_repeats)]
+    alone = [prefill_seconds(result) for result, _ in firsts]
+    request_s = statistics.median(seconds for _, seconds in firsts)
+    params = _greedy(interference_tokens(profile, shape, limit, request_s=request_s))
     tpot_alone = _median_tpot(await _one_batch(client, prefill, [prompt(length) for _ in range(batch)], params))
     decoding = await _start_batch(client, prefill, [prompt(length) for _ in range(batch)], params)
     # Its KV pulled by the decode instance: from here on decode is busy until the batch finishes.
@@ -160,17 +165,26 @@ async def probe_interference(client, prefill, prompt, decode_tokens: int,
     return InterferenceSample(tuple(alone), tuple(beside), tpot_alone, tpot_beside)
 
 
+async def _timed(call):
+    """``(result, seconds)`` of an awaitable, on this process's clock."""
+    start = time.monotonic()
+    result = await call
+    return result, time.monotonic() - start
+
+
 def _median_tpot(results) -> float:
     return statistics.median(r.metrics["tpot"] for r in results)
 
 
 def interference_tokens(profile, shape=INTERFERENCE_SHAPE, limit: int | None = None,
-                        prefills: int = 8) -> int:
+                        prefills: int = 8, request_s: float = 0.0) -> int:
     """Decode tokens for the interference batch: long enough for ``prefills`` single prefills
-    beside it, by the profile's fits; at least PROBE_TOKENS, within the context ``limit``."""
+    beside it, each costing its prefill step by the profile's fit or ``request_s`` (a lone
+    request's measured round trip: router hops and the reply too) if longer; at least
+    PROBE_TOKENS, within the context ``limit``."""
     batch, length, solo_len = shape
     entry = profile.entry(1, 1)
-    prefill_s = entry.prefill.at(solo_len, solo_len * solo_len)
+    prefill_s = max(entry.prefill.at(solo_len, solo_len * solo_len), request_s)
     step_s = entry.decode.at(batch, batch * (length + PROBE_TOKENS))
     tokens = max(PROBE_TOKENS, math.ceil(prefills * prefill_s / step_s))
     return tokens if limit is None else max(2, min(tokens, limit - length - 1))
@@ -222,8 +236,8 @@ def profile_served(spec, repeats: int = 2, seed: int = 0, probes=PROBES, tokens:
                 samples += await probe(client, prefill, prompt, shapes, tokens)
             profile = _fit(samples, spec)
             shape = fit_interference_shape(interference_shape, limit)
-            decode_tokens = interference_tokens(profile, shape, _batch_room(pair, shape[0], limit))
-            passes = [await probe_interference(client, prefill, prompt, decode_tokens, shape)
+            room = _batch_room(pair, shape[0], limit)
+            passes = [await probe_interference(client, prefill, prompt, profile, shape, room)
                       for _ in range(repeats)]
             return msgspec.structs.replace(profile, interference=fit_interference(passes))
 

@@ -119,7 +119,8 @@ def test_ray_fetch_from_a_source_that_dies_fails(ray_cluster, make_pair):
 def test_shm_pool_of_a_killed_instance_is_swept(ray_cluster, make_pair, peer_cls):
     ray = ray_cluster
     source, dest = make_pair("shm")
-    info = ray.get(source.info.remote())
+    # Both pools made (each new pool sweeps): a destination still starting would sweep too early.
+    info, _ = ray.get([source.info.remote(), dest.info.remote()])
     handle = ray.get(source.export.remote("r1", [1, 2], 8))
     ray.kill(source)  # SIGKILL: no atexit, the pool file stays behind...
     wait_until(lambda: not pid_alive(info["pid"]), 30)

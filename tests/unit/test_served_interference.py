@@ -48,6 +48,13 @@ def test_probe_batch_decodes_long_enough_for_the_prefills_beside_it() -> None:
     assert interference_tokens(_profile(0.3, 0.05), (8, 96, 192), limit=120) == 120 - 96 - 1
 
 
+def test_probe_batch_leaves_room_for_each_prefills_round_trip() -> None:
+    # A lone request's 0.5 s end to end (router hops, reply) beyond its 0.3 s step: 80 tokens; a
+    # round trip shorter than the fitted step changes nothing.
+    assert interference_tokens(_profile(0.3, 0.05), (8, 96, 192), request_s=0.5) == 80
+    assert interference_tokens(_profile(0.3, 0.05), (8, 96, 192), request_s=0.1) == 48
+
+
 def test_probe_shape_shrinks_to_small_contexts() -> None:
     assert fit_interference_shape((8, 96, 192), 4096) == (8, 96, 192)
     assert fit_interference_shape((8, 96, 192), 128) == (8, 64, 126)
