@@ -42,14 +42,24 @@ def panel_width() -> int:
     return kernels.load().small_gemm_panel_width() if kernels.available() else 0
 
 
+def _cpu_vendor() -> str:
+    """``vendor_id`` of /proc/cpuinfo (e.g. GenuineIntel, AuthenticAMD); "" where unreadable."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            return next((line.split(":", 1)[1].strip() for line in info if line.startswith("vendor_id")), "")
+    except OSError:
+        return ""
+
+
 @functools.cache
 def onednn_prefill() -> bool:
-    """Whether fp32 prefill GEMMs go to oneDNN (weights prepacked) rather than MKL: on CPUs
-    without AVX-512 (AVX2 builds, e.g. AMD Zen 3), where oneDNN measured 10-25% faster than MKL on
-    SmolLM2's prefill shapes (benchmarks/RESULTS.md). AVX-512 CPUs keep MKL, measured there at
-    ~250 GF/s in-engine (70% of the FMA peak)."""
-    return (panel_width() == 16 and torch.backends.mkldnn.is_available()
-            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
+    """Whether fp32 prefill GEMMs go to oneDNN (weights prepacked) rather than MKL: everywhere but
+    on Intel CPUs. oneDNN picks its code by instruction set, MKL by vendor too: on AMD, MKL ran
+    SmolLM2's prefill shapes at 140-200 GF/s on Zen 5 (AVX-512) against oneDNN's 380-460, and 10-25%
+    behind oneDNN on Zen 3 (AVX2); on Intel (AVX-512, AMX), MKL ran them at ~250-300 GF/s, near the
+    FMA peak (benchmarks/RESULTS.md)."""
+    return (small_gemm_available() and _cpu_vendor() != "GenuineIntel"
+            and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
 
 
 def small_gemm_available() -> bool:

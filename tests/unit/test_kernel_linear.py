@@ -47,7 +47,7 @@ def test_kernel_linear_matches_float64(dtype, in_features, out_features, bias) -
 @needs_kernel
 def test_prefill_sized_fp32_batches_are_the_dense_gemm_bit_for_bit() -> None:
     """Beyond SMALL_M rows the fp32 path is a library GEMM, not the kernel: MKL, exactly
-    ``F.linear`` (transformers' own prefill numerics), or where oneDNN is faster (AVX2 CPUs), its
+    ``F.linear`` (transformers' own prefill numerics), or where oneDNN is faster (CPUs not Intel's), its
     GEMM: the prepacked copy gives what oneDNN gives on the plain weight. (Accuracy against float64
     on both sides of SMALL_M: test_kernel_linear_matches_float64.)"""
     torch.manual_seed(1)
