@@ -1,6 +1,7 @@
 """Native CPU kernels, built once with the system C++ compiler and called through ctypes.
 
-Kernels: paged decode attention (bf16/fp32, ``paged_attention.cpp``), the fused elementwise steps
+Kernels: paged decode attention (bf16/fp32, ``paged_attention.cpp``), causal prefill attention
+(``prefill_attention.cpp``), the fused elementwise steps
 of ``engine.fused`` (``elementwise.cpp``) and the small-M GEMM behind
 ``engine.kernel_linear`` (``small_gemm.cpp``). No torch headers and no build step at install time:
 the C++ sources are compiled on first use into one library in a per-user cache
@@ -23,8 +24,8 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-_SOURCES = tuple(Path(__file__).with_name(name) for name in ("paged_attention.cpp", "small_gemm.cpp",
-                                                                  "elementwise.cpp"))
+_SOURCES = tuple(Path(__file__).with_name(name) for name in ("paged_attention.cpp", "prefill_attention.cpp",
+                                                                  "small_gemm.cpp", "elementwise.cpp"))
 _HEADERS = tuple(Path(__file__).with_name(name) for name in ("numeric.h", "pool.h"))
 _FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-shared", "-fPIC", "-std=c++17", "-pthread")
 # Kernels split their work over OpenMP threads: torch's own runtime (its bundled libgomp.so.1, already
@@ -119,6 +120,10 @@ def load() -> ctypes.CDLL:
     gemm.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
                      ctypes.c_void_p] + [ctypes.c_int64] * 4
     lib.small_gemm_panel_width.restype = ctypes.c_int
+    prefill = lib.prefill_attention
+    prefill.restype = ctypes.c_int
+    prefill.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 6 + [ctypes.c_float, ctypes.c_int64, ctypes.c_int64]
+    lib.prefill_attention_lanes.restype = ctypes.c_int
     lib.kernels_use_openmp.restype = ctypes.c_int
     _declare_elementwise(lib)
     return lib

@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
+from engine import attention, kernels
 from engine.attention import prefill_attention
 
 
@@ -33,3 +35,64 @@ def test_runs_of_equal_lengths_and_single_sequences_attend_only_to_their_own_pre
     got = prefill_attention(q, k, v, lens, dim**-0.5)
     assert got.shape == (sum(lens), heads, dim)
     torch.testing.assert_close(got.double(), _reference(q, k, v, lens, dim**-0.5), rtol=1e-5, atol=1e-5)
+
+
+def _fused(lens, heads, kv_heads, dim, dtype=torch.float32, seed=0):
+    """q, k, v as strided views of one fused projection, as the model has them."""
+    gen = torch.Generator().manual_seed(seed)
+    fused = torch.randn(sum(lens), (heads + 2 * kv_heads) * dim, generator=gen).to(dtype)
+    q = fused[:, :heads * dim].view(-1, heads, dim)
+    k = fused[:, heads * dim:(heads + kv_heads) * dim].view(-1, kv_heads, dim)
+    v = fused[:, (heads + kv_heads) * dim:].view(-1, kv_heads, dim)
+    return q, k, v
+
+
+needs_kernel = pytest.mark.skipif(not kernels.available() or attention._prefill_lanes() == 0,
+                                  reason="no native prefill kernel here (no compiler or no AVX2/AVX-512)")
+
+
+@needs_kernel
+@pytest.mark.parametrize("heads,kv_heads,dim,lens", [
+    (9, 3, 64, (128, 1, 31, 32, 33, 5)),    # SmolLM2's heads; lengths around the 32-token blocks
+    (4, 4, 32, (100, 2)),                   # no grouping
+    (8, 2, 128, (70,)),                     # 4 query heads per KV head, 8 or 16 vectors a row
+    (2, 1, 16, (257, 64)),                  # a long prompt: many key blocks, a ragged last one
+])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_native_kernel_matches_float64_attention(heads, kv_heads, dim, lens, dtype) -> None:
+    q, k, v = _fused(lens, heads, kv_heads, dim, dtype)
+    assert attention.native_prefill_applies(q, k, v)
+    got = prefill_attention(q, k, v, lens, dim**-0.5)
+    assert got.dtype == dtype and got.shape == q.shape
+    want = _reference(q, k, v, lens, dim**-0.5)
+    # fp32: sums of a few hundred terms and a vector expf within 4 ulp; bf16: one rounding of the
+    # output (|v| <= ~4.5).
+    tolerance = 2e-5 if dtype == torch.float32 else 4 * 2 ** -8
+    assert (got.double() - want).abs().max().item() <= tolerance
+
+
+@needs_kernel
+def test_a_nan_stays_in_its_own_sequence_and_kv_head() -> None:
+    lens = (40, 40)
+    q, k, v = _fused(lens, 4, 2, 32)
+    v[45, 1, 3] = float("nan")  # the second sequence's token 5, KV head 1 (query heads 2 and 3)
+    got = prefill_attention(q, k, v, lens, 0.2)
+    assert not got[:40].isnan().any() and not got[40:, :2].isnan().any()
+    assert got[45:, 2:, 3].isnan().all()  # (its tokens 0-4 too, as in SDPA: 0 * NaN)
+
+
+@needs_kernel
+def test_native_kernel_rejects_lengths_that_do_not_cover_the_batch() -> None:
+    q, k, v = _fused((10, 6), 4, 2, 32)
+    with pytest.raises(ValueError, match="sum to 15, q has 16 tokens"):
+        prefill_attention(q, k, v, (10, 5), 0.2)
+
+
+def test_fp16_mixed_dtypes_and_odd_head_dims_keep_the_sdpa_path() -> None:
+    q, k, v = _fused((5, 3), 4, 2, 32)
+    assert not attention.native_prefill_applies(q.half(), k.half(), v.half())
+    assert not attention.native_prefill_applies(q, k.bfloat16(), v.bfloat16())
+    q, k, v = _fused((5, 3), 4, 2, 24)
+    assert not attention.native_prefill_applies(q, k, v)
+    torch.testing.assert_close(prefill_attention(q, k, v, (5, 3), 0.2).double(),
+                               _reference(q, k, v, (5, 3), 0.2), rtol=1e-5, atol=1e-5)
