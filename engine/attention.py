@@ -5,9 +5,10 @@ A token's *slot* is ``block_id * block_size + offset``; the scheduler's block ta
 indices once per step (``AttentionMetadata``) and every layer reuses them.
 
 Prefill attends over the step's own fresh K/V (a sequence's whole prompt is prefilled in one step),
-so it never reads the cache: on CPU with the native kernel, otherwise SDPA. Decode reads each sequence's context through its slots: on CPU (bf16
-or fp32) with the native kernel (``engine.kernels``), which reads every cached row once; otherwise
-by gathering the context (index_select) and running SDPA.
+so it never reads the cache: on CPU with the native kernel, otherwise SDPA. Decode reads each
+sequence's context through its slots: on CPU (bf16 or fp32) with the native kernel
+(``engine.kernels``), which reads every cached row once; otherwise by gathering the context
+(index_select) and running SDPA.
 """
 from __future__ import annotations
 
@@ -129,8 +130,6 @@ def decode_attention(
         q.unsqueeze(2), keys, values, attn_mask=meta.context_mask, scale=scale, enable_gqa=True
     )
     return out.squeeze(2)
-
-
 
 
 def native_decode_applies(q: torch.Tensor, kv_layer: torch.Tensor, meta: AttentionMetadata) -> bool:

@@ -42,15 +42,6 @@ def panel_width() -> int:
     return kernels.load().small_gemm_panel_width() if kernels.available() else 0
 
 
-def _cpu_vendor() -> str:
-    """``vendor_id`` of /proc/cpuinfo (e.g. GenuineIntel, AuthenticAMD); "" where unreadable."""
-    try:
-        with open("/proc/cpuinfo") as info:
-            return next((line.split(":", 1)[1].strip() for line in info if line.startswith("vendor_id")), "")
-    except OSError:
-        return ""
-
-
 @functools.cache
 def onednn_prefill() -> bool:
     """Whether fp32 prefill GEMMs go to oneDNN (weights prepacked) rather than MKL: everywhere but
@@ -58,7 +49,7 @@ def onednn_prefill() -> bool:
     SmolLM2's prefill shapes at 140-200 GF/s on Zen 5 (AVX-512) against oneDNN's 380-460, and 10-25%
     behind oneDNN on Zen 3 (AVX2); on Intel (AVX-512, AMX), MKL ran them at ~250-300 GF/s, near the
     FMA peak (benchmarks/RESULTS.md)."""
-    return (small_gemm_available() and _cpu_vendor() != "GenuineIntel"
+    return (small_gemm_available() and kernels.cpuinfo_field("vendor_id") != "GenuineIntel"
             and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
 
 

@@ -48,14 +48,18 @@ def cache_dir() -> Path:
     return cache_root() / "kernels"
 
 
+def cpuinfo_field(name: str) -> str:
+    """The value of /proc/cpuinfo's first ``name`` line (e.g. vendor_id, flags); "" where absent."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return ""
+    return next((line.split(":", 1)[1].strip() for line in lines if line.split(":", 1)[0].strip() == name), "")
+
+
 def _cpu_signature() -> str:
     # -march=native code must not be reused on a CPU with fewer instruction sets (shared home dirs).
-    try:
-        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines()
-                     if line.startswith("flags"))
-    except (OSError, StopIteration):
-        flags = os.uname().machine
-    return flags
+    return cpuinfo_field("flags") or os.uname().machine
 
 
 def _library_path(compiler: str) -> Path:
