@@ -19,8 +19,8 @@ import torch
 from torch import nn
 
 from benchmarks.linear_shapes import median_seconds as median_of
-from engine.kernel_linear import KernelLinear, small_gemm_available
-from engine.packed_linear import PackedLinear, packing_available
+from tandem.engine.kernel_linear import KernelLinear, small_gemm_available
+from tandem.engine.packed_linear import PackedLinear, packing_available
 
 median_seconds = partial(median_of, repeats=7)
 

@@ -29,8 +29,8 @@ from pathlib import Path
 
 import torch
 
-from engine import LLM, SamplingParams
-from engine.config import load_config
+from tandem.engine import LLM, SamplingParams
+from tandem.engine.config import load_config
 
 LLAMA_155M = dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16,
                   num_key_value_heads=4, vocab_size=32000, max_position_embeddings=4096)
@@ -44,7 +44,7 @@ def model_dir(name: str, workdir: Path) -> Path:
         path = workdir / "llama155m"
         LlamaForCausalLM(LlamaConfig(**LLAMA_155M)).save_pretrained(path)
         return path
-    from engine.prepare import prepare_model, resolve_model
+    from tandem.engine.prepare import prepare_model, resolve_model
 
     return prepare_model(name) if name == "smollm2" else resolve_model(name)
 

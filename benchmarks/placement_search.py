@@ -15,7 +15,7 @@ import json
 import platform
 import time
 
-from placement import problem_from_dict, search
+from tandem.placement import problem_from_dict, search
 
 SLOS = {"opt-13b": (250, 100), "opt-66b": (2500, 150)}
 WORKLOAD = {

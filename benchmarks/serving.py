@@ -44,10 +44,10 @@ def workload(n: int, rate: float, vocab: int, seed: int = 0):
 
 
 def launch(mode: str, model_dir: str, name: str):
-    from cluster.launcher import Cluster
-    from cluster.launcher_config import InstanceGroup, LaunchConfig
-    from engine.engine import EngineConfig
-    from engine.scheduler import SchedulerConfig
+    from tandem.cluster.launcher import Cluster
+    from tandem.cluster.launcher_config import InstanceGroup, LaunchConfig
+    from tandem.engine.engine import EngineConfig
+    from tandem.engine.scheduler import SchedulerConfig
 
     engine = EngineConfig(dtype="float32", num_blocks=2048, block_size=16,
                           scheduler=SchedulerConfig(max_num_seqs=128, max_num_batched_tokens=2048))
@@ -58,7 +58,7 @@ def launch(mode: str, model_dir: str, name: str):
 
 
 async def run_rate(client, requests) -> list:
-    from engine.params import SamplingParams
+    from tandem.engine.params import SamplingParams
 
     start = time.perf_counter()
 
@@ -88,7 +88,7 @@ def summarize(results, ttft_slo: float, tpot_slo: float) -> dict:
 async def serving(args) -> None:
     import ray
 
-    from engine.prepare import prepare_model
+    from tandem.engine.prepare import prepare_model
 
     model_dir = str(prepare_model("smollm2"))
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
@@ -116,7 +116,7 @@ async def control_plane(args) -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from engine.params import SamplingParams
+    from tandem.engine.params import SamplingParams
 
     with tempfile.TemporaryDirectory() as tmp:
         torch.manual_seed(0)

@@ -65,7 +65,7 @@ async def probe_cluster(client, prefill, rng: random.Random, interference_passes
     Tried and dropped: taking the prefill samples while background requests kept the decode
     instance busy (as in a run). On 2 cores the extra streams also load the router and the driver;
     the prefill fits got 4-30x noisier (rms 200-300 ms) and TTFT errors worse (+11..+46%)."""
-    from deploy.served_profile import PROBE_TOKENS, PROBES, probe, probe_interference
+    from tandem.deploy.served_profile import PROBE_TOKENS, PROBES, probe, probe_interference
 
     def prompt(n: int) -> list[int]:
         return [rng.randrange(10, VOCAB) for _ in range(n)]
@@ -81,8 +81,8 @@ def cluster_profile(samples: list, interference_passes: list | None = None):
     outside what this workload's prefill batches reach; they are left out of the prefill form."""
     import msgspec
 
-    from deploy.served_profile import fit_interference
-    from placement.calibrate import fit_profile
+    from tandem.deploy.served_profile import fit_interference
+    from tandem.placement.calibrate import fit_profile
 
     kept = [s for s in samples if s.phase == "decode" or sum(s.lengths) <= 1024]
     profile = fit_profile(kept, model="smollm2", hardware="cpu x1 thread, deployed 1P+1D", dtype="fp32")
@@ -105,10 +105,10 @@ def workload(n: int, rate: float, seed: int, vocab: int = VOCAB) -> list[tuple[f
 
 
 def step_model(profile, model_dir: str, export: tuple[float, float]):
-    from placement.calibrate import CalibratedLatency
-    from placement.hardware import get_profile
-    from placement.latency import AnalyticLatency
-    from placement.model_spec import load_model
+    from tandem.placement.calibrate import CalibratedLatency
+    from tandem.placement.hardware import get_profile
+    from tandem.placement.latency import AnalyticLatency
+    from tandem.placement.model_spec import load_model
 
     fallback = AnalyticLatency(load_model(model_dir), get_profile("cpu"), "fp32", 1, 1)  # unused: both fitted
     return WithExport(CalibratedLatency(profile.entry(1, 1), fallback), export)
@@ -116,10 +116,10 @@ def step_model(profile, model_dir: str, export: tuple[float, float]):
 
 def simulate(step, transfer: tuple[float, float], arrivals, inputs, outputs, interference=None,
              router_delay: float = 0.0):
-    from placement.policy import Policy
-    from placement.sim_core import InstanceModel, Slo
-    from placement.sim_disagg import DisaggSim
-    from placement.workload import BaseTrace
+    from tandem.placement.policy import Policy
+    from tandem.placement.sim_core import InstanceModel, Slo
+    from tandem.placement.sim_disagg import DisaggSim
+    from tandem.placement.workload import BaseTrace
 
     # The real decode admission takes blocks while any are free: no watermark.
     policy = Policy(prefill_token_budget=PREFILL_BUDGET, prefill_max_batch=MAX_SEQS,
@@ -204,10 +204,10 @@ def start_ray() -> None:
 def launch(model_dir: str, transport: str, step_pace=None):
     """1 prefill + 1 decode instance (one core, one torch thread each); ``step_pace``: an
     engine.pacing.StepPace for the instances' model steps (the test suite's check)."""
-    from cluster.launcher import Cluster
-    from cluster.launcher_config import InstanceGroup, LaunchConfig
-    from engine.engine import EngineConfig
-    from engine.scheduler import SchedulerConfig
+    from tandem.cluster.launcher import Cluster
+    from tandem.cluster.launcher_config import InstanceGroup, LaunchConfig
+    from tandem.engine.engine import EngineConfig
+    from tandem.engine.scheduler import SchedulerConfig
 
     scheduler = SchedulerConfig(max_num_seqs=MAX_SEQS, max_num_batched_tokens=PREFILL_BUDGET)
     engine = EngineConfig(dtype="float32", num_blocks=NUM_BLOCKS, block_size=BLOCK_SIZE, scheduler=scheduler,
@@ -220,7 +220,7 @@ def launch(model_dir: str, transport: str, step_pace=None):
 
 async def run_real(client, reqs) -> tuple[list[float], list]:
     """Drive the trace; returns each request's actual send time (s from start) and its Completion."""
-    from engine.params import SamplingParams
+    from tandem.engine.params import SamplingParams
 
     start = time.perf_counter()
     sent = [0.0] * len(reqs)
@@ -254,7 +254,7 @@ def prefill_over_fit(results, profile) -> float:
 
 def compare(results, sims: dict) -> dict:
     """Real vs each simulation: p50/p90 of TTFT and TPOT in ms, relative error of the simulation."""
-    from placement.sim_core import percentiles
+    from tandem.placement.sim_core import percentiles
 
     real = {"ttft": percentiles([r.metrics["ttft"] for r in results]),
             "tpot": percentiles([r.metrics["tpot"] for r in results])}
@@ -296,7 +296,7 @@ def print_table(rows: list[dict], name: str) -> None:
 async def main_async(args) -> None:
     import ray
 
-    from engine.prepare import prepare_model
+    from tandem.engine.prepare import prepare_model
 
     model_dir = str(prepare_model("smollm2"))
     t0 = time.perf_counter()
@@ -338,7 +338,7 @@ async def main_async(args) -> None:
             profile = cluster_profile(before[0] + after[0] + before[1] + after[1], before[2] + after[2])
             before = after
             if args.save_profiles:
-                from placement.calibrate import save_profile
+                from tandem.placement.calibrate import save_profile
                 save_profile(profile, f"{args.save_profiles}/cluster-repeat{k}.json")
             inputs, outputs = [len(p) for _, p, _ in reqs], [o for _, _, o in reqs]
             sims = {name: simulate(step_model(p, model_dir, xfer["export"]), transfer, sent, inputs, outputs,

@@ -24,14 +24,15 @@ CALL_TIMEOUT_S = 300.0  # bound on every remote call (a profiler's shape takes s
 
 class _Profiler:
     """Runs in a Ray actor like an instance (one torch thread, Ray's worker priority) and times
-    engine steps. Decode shapes draw from pools of sequences prefilled once and detached (blocks
-    kept), so the profile takes seconds instead of re-prefilling every shape."""
+    engine steps. Decode shapes draw from pools of sequences prefilled once and exported (blocks
+    kept), resumed for each decode sample, so the profile takes seconds instead of re-prefilling
+    every shape."""
 
     def __init__(self, model_dir: str) -> None:
-        from cluster.actor_common import build_engine
-        from engine.engine import EngineConfig
-        from engine.params import SamplingParams
-        from engine.scheduler import SchedulerConfig
+        from tandem.engine.engine import EngineConfig
+        from tandem.engine.params import SamplingParams
+        from tandem.engine.scheduler import SchedulerConfig
+        from tandem.transfer.hosting import build_engine
 
         config = EngineConfig(dtype="float32", num_blocks=NUM_BLOCKS, block_size=BLOCK_SIZE,
                               scheduler=SchedulerConfig(max_num_seqs=MAX_SEQS, max_num_batched_tokens=8192))
@@ -40,19 +41,16 @@ class _Profiler:
         self.pools = {}
         params = SamplingParams(max_tokens=1000, temperature=0, ignore_eos=True)
         for name, (count, ctx) in POOLS.items():
-            for _ in range(count):
-                self.engine.add_request(self._prompt(ctx), params)
-            while self.engine.scheduler.waiting:
+            ids = [self.engine.add_request(self._prompt(ctx), params) for _ in range(count)]
+            while self.engine.stats()["waiting"]:
                 self.engine.step()
-            self.pools[name] = list(self.engine.scheduler.running)
-            for seq in self.pools[name]:
-                self.engine.scheduler.detach(seq)
+            self.pools[name] = [self.engine.export(rid) for rid in ids]
 
     def _prompt(self, n: int) -> list[int]:
         return [self.rng.randrange(10, VOCAB) for _ in range(n)]
 
     def time_prefill(self, batch: int, length: int) -> float:
-        from engine.params import SamplingParams
+        from tandem.engine.params import SamplingParams
 
         params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
         ids = [self.engine.add_request(self._prompt(length), params) for _ in range(batch)]
@@ -65,24 +63,25 @@ class _Profiler:
 
     def time_decode(self, pool: str, batch: int, steps: int) -> tuple[tuple[int, ...], float]:
         """(context lengths at the median step, median seconds of `steps` decode steps)."""
-        seqs = self.pools[pool][:batch]
-        for seq in seqs:
-            self.engine.scheduler.add_running(seq)
+        ids = [export.state.request_id for export in self.pools[pool][:batch]]
+        for rid in ids:
+            self.engine.resume(rid)
         times = []
         for _ in range(steps):
             start = time.perf_counter()
             self.engine.step()
             times.append(time.perf_counter() - start)
-        for seq in seqs:
-            self.engine.scheduler.detach(seq)
-        return tuple(s.num_tokens - steps + steps // 2 for s in seqs), statistics.median(times)
+        exports = [self.engine.export(rid) for rid in ids]
+        self.pools[pool][:batch] = exports
+        lengths = tuple(len(e.state.token_ids) - steps + steps // 2 for e in exports)
+        return lengths, statistics.median(times)
 
 
 def engine_profile(model_dir: str, repeats: int):
     """The engine timed alone (no cluster running), fitted like `tandem profile`."""
     import ray
 
-    from placement.calibrate import ProfileSample, fit_profile
+    from tandem.placement.calibrate import ProfileSample, fit_profile
 
     profiler = ray.remote(num_cpus=1)(_Profiler).remote(model_dir)
     samples = []
@@ -118,9 +117,9 @@ def measure_transfer(model_dir: str) -> dict[str, tuple[float, float]]:
     import ray
     import torch
 
-    from engine.config import load_config
-    from engine.runner import kv_cache_shape
-    from transfer.ray_transport import RayObjectTransport
+    from tandem.engine.config import load_config
+    from tandem.engine.runner import kv_cache_shape
+    from tandem.transfer.ray_transport import RayObjectTransport
 
     shape = kv_cache_shape(load_config(Path(model_dir)), 32, BLOCK_SIZE)
     src, dst = torch.randn(shape), torch.zeros(shape)

@@ -35,7 +35,7 @@ class Peer:
 
     def __init__(self, backend: str) -> None:
         torch.set_num_threads(1)  # as an instance actor with one CPU
-        from transfer.registry import make_transport
+        from tandem.transfer.registry import make_transport
 
         self.transport = make_transport(backend)
         allocate = getattr(self.transport, "allocate", None)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import importlib
 
-_PUBLIC = {"Cluster": "cluster.launcher", "connect": "cluster.launcher", "Client": "cluster.client"}
+_PUBLIC = {"Cluster": "tandem.cluster.launcher", "connect": "cluster.launcher", "Client": "cluster.client"}
 __all__ = list(_PUBLIC)
 
 

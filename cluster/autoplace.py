@@ -22,14 +22,14 @@ from typing import Any, Mapping, Sequence
 
 import msgspec
 
-from cluster.spec_check import check_model, check_spec
-from cluster.spec_types import ClusterSpec, PlanningCluster, PlanningSpec, SpecError
-from placement.candidates import required_kv_blocks
-from placement.plan import Plan, SearchResult
-from placement.problem import Problem, problem_from_dict
-from placement.problem import SpecError as ProblemError
-from placement.search import PlacementError, search
-from placement.sim_core import SimulationError
+from tandem.cluster.spec_check import check_model, check_spec
+from tandem.cluster.spec_types import ClusterSpec, PlanningCluster, PlanningSpec, SpecError
+from tandem.placement.candidates import required_kv_blocks
+from tandem.placement.plan import Plan, SearchResult
+from tandem.placement.problem import Problem, problem_from_dict
+from tandem.placement.problem import SpecError as ProblemError
+from tandem.placement.search import PlacementError, search
+from tandem.placement.sim_core import SimulationError
 
 # The engine runs single-device instances only (cluster/deployment.py refuses tp or pp > 1), so
 # the planner must not propose anything larger. Raise these when parallel instances exist.

@@ -7,9 +7,9 @@ from collections.abc import AsyncIterator, Iterator, Sequence
 
 import ray
 
-from cluster.requests import StreamChunk
-from engine.outputs import Completion
-from engine.params import SamplingParams
+from tandem.transfer.protocol import StreamChunk
+from tandem.engine.outputs import Completion
+from tandem.engine.params import SamplingParams
 
 POLL_S = 10.0  # one poll waits at most this long on the router for new tokens
 

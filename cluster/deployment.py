@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import os
 
-from cluster.launcher_config import InstanceGroup, LaunchConfig
-from cluster.spec_types import ClusterSpec, InstanceSpec, SpecError
-from engine.engine import EngineConfig
-from engine.scheduler import SchedulerConfig
+from tandem.cluster.launcher_config import InstanceGroup, LaunchConfig
+from tandem.cluster.spec_types import ClusterSpec, InstanceSpec, SpecError
+from tandem.engine.engine import EngineConfig
+from tandem.engine.scheduler import SchedulerConfig
 
 
 def host_memory_bytes() -> int:
@@ -32,7 +32,7 @@ def _group(section: str, inst: InstanceSpec, dtype: str) -> InstanceGroup:
 
 def model_directory(spec: ClusterSpec):
     """The local HF directory the spec's model refers to (a prepared name or a path)."""
-    from engine.prepare import resolve_model
+    from tandem.engine.prepare import resolve_model
 
     try:
         return resolve_model(spec.model.path or spec.model.name)
@@ -60,7 +60,7 @@ def launch_config(spec: ClusterSpec, model_dir: str) -> LaunchConfig:
 
 def _check_nccl_here() -> None:
     # parse_spec cannot know where a spec will run; launching it is the first point that does.
-    from transfer.nccl_runtime import UNAVAILABLE, unavailable_reason
+    from tandem.transfer.nccl_runtime import UNAVAILABLE, unavailable_reason
 
     reason = unavailable_reason()
     if reason is not None:

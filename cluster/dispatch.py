@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import itertools
 
-from engine.block_manager import blocks_needed
+from tandem.engine.block_manager import blocks_needed
 
 PREFILL_POLICIES = ("least_tokens", "round_robin")
 DECODE_POLICIES = ("most_free_blocks", "round_robin")

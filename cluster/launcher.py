@@ -13,12 +13,12 @@ import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from cluster.client import Client
-from cluster.launcher_config import InstanceGroup, LaunchConfig
-from cluster.router import Router
-from decode.actor import DecodeActor
-from engine.engine import EngineConfig
-from prefill.actor import PrefillActor
+from tandem.cluster.client import Client
+from tandem.cluster.launcher_config import InstanceGroup, LaunchConfig
+from tandem.cluster.router import Router
+from tandem.decode.actor import DecodeActor
+from tandem.engine.engine import EngineConfig
+from tandem.prefill.actor import PrefillActor
 
 NAMESPACE = "tandem"
 
@@ -95,7 +95,7 @@ class Cluster:
     def from_spec(cls, spec, *, detach: bool = False, timeout_s: float = 300.0) -> "Cluster":
         """Launch a validated ClusterSpec (see cluster/spec.py). An auto spec is planned first,
         against this Ray cluster's size (``plan_on_ray``); no actor starts if that fails."""
-        from cluster.deployment import launch_config, model_directory
+        from tandem.cluster.deployment import launch_config, model_directory
 
         planned = plan_on_ray(spec) if spec.needs_planning else None
         if planned is not None:
@@ -129,7 +129,7 @@ def plan_on_ray(spec):
     """Plan an auto ClusterSpec for the connected Ray cluster (unless ``planning.cluster`` says
     otherwise): a PlannedSpec whose ``spec`` is explicit. Logs the plan in one line; SpecError
     (naming the field, or ``placement`` with the planner's reason) when nothing can serve it."""
-    from cluster.autoplace import cluster_from_nodes, needs_cluster_size, plan_spec, summary
+    from tandem.cluster.autoplace import cluster_from_nodes, needs_cluster_size, plan_spec, summary
 
     size = None
     if needs_cluster_size(spec):

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import msgspec
 
-from engine.engine import EngineConfig
+from tandem.engine.engine import EngineConfig
 
 
 class InstanceGroup(msgspec.Struct, frozen=True):

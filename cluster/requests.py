@@ -9,25 +9,9 @@ import asyncio
 import time
 from dataclasses import dataclass, field
 
-import msgspec
-
-from engine.outputs import Completion, TokenDelta
-from engine.params import SamplingParams
-
-
-class StreamChunk(msgspec.Struct, frozen=True):
-    """Everything a request produced since the client's previous read."""
-
-    request_id: str
-    token_ids: list[int]
-    text: str
-    finish_reason: str | None = None
-    error: str | None = None
-    metrics: dict[str, float] | None = None
-
-    @property
-    def finished(self) -> bool:
-        return self.finish_reason is not None
+from tandem.engine.outputs import Completion, TokenDelta
+from tandem.engine.params import SamplingParams
+from tandem.transfer.protocol import StreamChunk
 
 
 @dataclass(eq=False)

@@ -18,16 +18,15 @@ from pathlib import Path
 
 import ray
 
-from cluster.dispatch import Dispatcher
-from cluster.requests import RequestRecord, StreamChunk
-from decode.instance import StepReport
-from engine.config import load_config
-from engine.engine import context_limit
-from engine.outputs import Completion
-from engine.params import SamplingParams
-from engine.tokenizer import Tokenizer
-from engine.validation import validate_request
-from prefill.instance import PrefillResult
+from tandem.cluster.dispatch import Dispatcher
+from tandem.cluster.requests import RequestRecord
+from tandem.engine.config import load_config
+from tandem.engine.engine import context_limit
+from tandem.engine.outputs import Completion
+from tandem.engine.params import SamplingParams
+from tandem.engine.tokenizer import Tokenizer
+from tandem.engine.validation import validate_request
+from tandem.transfer.protocol import PrefillResult, StepReport, StreamChunk
 
 log = logging.getLogger(__name__)
 

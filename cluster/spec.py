@@ -24,12 +24,12 @@ from typing import Any, Literal, Union
 import msgspec
 import yaml
 
-from cluster.autoplace import check_planning
-from cluster.spec_check import check_model, check_spec
-from cluster.spec_types import (
+from tandem.cluster.autoplace import check_planning
+from tandem.cluster.spec_check import check_model, check_spec
+from tandem.cluster.spec_types import (
     INTERNAL_FIELDS, ClusterSpec, InstanceSpec, ModelCheck, ModelRef, PlanningCluster, PlanningSpec,
     RouterSpec, SloSpec, SpecError, TransferSpec)
-from cluster.spec_yaml import line_of, read_yaml
+from tandem.cluster.spec_yaml import line_of, read_yaml
 
 __all__ = [
     "ClusterSpec", "InstanceSpec", "ModelCheck", "ModelRef", "PlanningCluster", "PlanningSpec",

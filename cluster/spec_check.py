@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from cluster.spec_types import ClusterSpec, InstanceSpec, ModelCheck, ModelRef, SpecError
+from tandem.cluster.spec_types import ClusterSpec, InstanceSpec, ModelCheck, ModelRef, SpecError
 
 # RFC 1123 label: the name becomes part of Ray actor, placement group and job names.
 _DNS_LABEL = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
@@ -169,7 +169,7 @@ def _find_config(model: ModelRef) -> tuple[Path | None, str | None]:
         return directory / "config.json", None
     try:
         # Lazy: engine.prepare is only needed when a spec names a prepared model.
-        from engine.prepare import resolve_model
+        from tandem.engine.prepare import resolve_model
 
         directory = resolve_model(model.name or "")
     except (ImportError, FileNotFoundError) as exc:

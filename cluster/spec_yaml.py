@@ -8,7 +8,7 @@ from typing import Any
 
 import yaml
 
-from cluster.spec_types import SpecError
+from tandem.cluster.spec_types import SpecError
 
 KeyPath = tuple[str, ...]
 

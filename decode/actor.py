@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import ray
 
-from cluster.actor_common import build_engine, close_transports, on_loop, serve_transfer
-from decode.instance import DecodeInstance, StepReport
-from engine.engine import EngineConfig
-from engine.loop import StepLoop
-from engine.params import SamplingParams
-from transfer.messages import KVHandle, RequestState
-from transfer.registry import make_transport
+from tandem.decode.instance import DecodeInstance
+from tandem.engine.engine import EngineConfig
+from tandem.engine.loop import StepLoop
+from tandem.engine.params import SamplingParams
+from tandem.transfer.hosting import build_engine, close_transports, on_loop, serve_transfer
+from tandem.transfer.protocol import KVHandle, RequestState, StepReport
+from tandem.transfer.registry import make_transport
 
 
 @ray.remote(max_restarts=0)
@@ -49,7 +49,7 @@ class DecodeActor:
         await on_loop(self.loop.call(lambda: setattr(self.loop, "paused", paused)))
 
     async def kv_source(self, transport: str, op: str, *args):
-        """A destination's request to this instance's transport as a source (live migration)."""
+        """A destination's request to this instance's transport as a source (auto across nodes, nccl)."""
         return await serve_transfer(self.transports, transport, op, args)
 
     async def shutdown(self) -> None:

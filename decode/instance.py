@@ -2,35 +2,22 @@
 
 Admission: reserve blocks for the request's KV (or queue the admission, FIFO, until blocks free
 up), pull the KV through the transport into them, then join the running batch. A failed pull
-frees the reservation and is reported, never retried here (the router decides).
+releases the reservation and is reported, never retried here (the router decides).
 The engine keeps prefill enabled only so that preempted requests can be recomputed; colocated
-mode also submits raw prompts here.
+mode also submits raw prompts here. Uses only the engine's step and hand-over API.
 """
 from __future__ import annotations
 
 from collections import deque
 
-import msgspec
-
-from engine.engine import Engine
-from engine.outputs import TokenDelta
-from engine.params import SamplingParams
-from transfer.base import TransferError, Transport
-from transfer.messages import KVHandle, RequestState
-from transfer.state import sequence_from
-
-
-class StepReport(msgspec.Struct, frozen=True):
-    """One message per step: every running request's new tokens plus admission outcomes."""
-
-    deltas: list[TokenDelta]
-    admitted: list[str]
-    failed: list[tuple[str, str]]  # (request id, error)
-    free_blocks: int
+from tandem.engine.handover import HandoverEngine
+from tandem.engine.params import SamplingParams
+from tandem.transfer.base import TransferError, Transport
+from tandem.transfer.protocol import KVHandle, RequestState, StepReport
 
 
 class DecodeInstance:
-    def __init__(self, engine: Engine, transports: dict[str, Transport], timeout_s: float = 30.0) -> None:
+    def __init__(self, engine: HandoverEngine, transports: dict[str, Transport], timeout_s: float = 30.0) -> None:
         self.engine = engine
         self.transports = transports
         self.timeout_s = timeout_s
@@ -51,22 +38,23 @@ class DecodeInstance:
     def step(self) -> StepReport:
         admitted, failed = self._admit_pending()
         deltas = self.engine.step()
-        return StepReport(deltas, admitted, failed, self.engine.blocks.num_free)
+        return StepReport(deltas, admitted, failed, self.engine.num_free_blocks)
 
     def _admit_pending(self) -> tuple[list[str], list[tuple[str, str]]]:
         admitted, failed = [], []
-        blocks = self.engine.blocks
-        while self.pending and blocks.can_allocate(self.pending[0][1].num_tokens):
-            state, handle = self.pending.popleft()
-            table = blocks.allocate(state.request_id, handle.num_tokens)
+        while self.pending:
+            state, handle = self.pending[0]
+            table = self.engine.reserve(state.request_id, handle.num_tokens)
+            if table is None:
+                break  # FIFO: wait for blocks to free up
+            self.pending.popleft()
             try:
-                self.transports[handle.transport].fetch(handle, self.engine.runner.kv_cache, table,
-                                                        self.timeout_s)
+                self.transports[handle.transport].fetch(handle, self.engine.kv_cache, table, self.timeout_s)
             except TransferError as exc:
-                blocks.free(state.request_id)
+                self.engine.release(state.request_id)
                 failed.append((state.request_id, str(exc)))
                 continue
-            self.engine.scheduler.add_running(sequence_from(state))
+            self.engine.admit(state)
             admitted.append(state.request_id)
         return admitted, failed
 

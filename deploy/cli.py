@@ -10,11 +10,11 @@ import importlib
 import sys
 
 COMMAND_MODULES = (
-    "deploy.cmd_models",
-    "deploy.cmd_placement",
-    "deploy.cmd_serve",
-    "deploy.cmd_profile",
-    "deploy.cmd_demo",
+    "tandem.deploy.cmd_models",
+    "tandem.deploy.cmd_placement",
+    "tandem.deploy.cmd_serve",
+    "tandem.deploy.cmd_profile",
+    "tandem.deploy.cmd_demo",
 )
 
 
@@ -50,6 +50,6 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     # Re-import so CommandError raised by subcommands is the class main() catches.
-    from deploy.cli import main as _main
+    from tandem.deploy.cli import main as _main
 
     sys.exit(_main())

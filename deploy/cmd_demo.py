@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from deploy.cli import CommandError
+from tandem.deploy.cli import CommandError
 
 SPEC = Path(__file__).parent / "specs" / "smollm2-cpu.yaml"
 QUESTIONS = (
@@ -28,11 +28,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from cluster.launcher import Cluster, LaunchError
-    from deploy.cmd_serve import load_spec_or_fail
-    from deploy.ray_session import connect_ray
-    from engine.params import SamplingParams
-    from engine.prepare import prepare_model, render_chat
+    from tandem.cluster.launcher import Cluster, LaunchError
+    from tandem.deploy.cmd_serve import load_spec_or_fail
+    from tandem.deploy.ray_session import connect_ray
+    from tandem.engine.params import SamplingParams
+    from tandem.engine.prepare import prepare_model, render_chat
 
     model_dir = prepare_model("smollm2")
     spec = load_spec_or_fail(args.spec)

@@ -5,7 +5,7 @@ import argparse
 import sys
 import time
 
-from deploy.cli import CommandError
+from tandem.deploy.cli import CommandError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -24,7 +24,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _prepare(args: argparse.Namespace) -> int:
-    from engine.prepare import prepare_model
+    from tandem.engine.prepare import prepare_model
 
     start = time.monotonic()
     try:
@@ -41,7 +41,7 @@ def _prepare(args: argparse.Namespace) -> int:
 
 
 def _list(args: argparse.Namespace) -> int:
-    from engine.prepare import list_models
+    from tandem.engine.prepare import list_models
 
     for model, path, prepared in list_models():
         state = str(path) if prepared else f"not prepared (run: tandem models prepare {model.name})"

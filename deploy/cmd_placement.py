@@ -18,14 +18,14 @@ from pathlib import Path
 import msgspec
 import yaml
 
-from deploy.cli import CommandError
-from placement.candidates import (Shape, divisibility_error, kv_blocks, pack_high_affinity,
+from tandem.deploy.cli import CommandError
+from tandem.placement.candidates import (Shape, divisibility_error, kv_blocks, pack_high_affinity,
                                   required_kv_blocks)
-from placement.evaluate import Deployment, Evaluator
-from placement.plan import Plan, format_result
-from placement.problem import Problem, SpecError, load_problem
-from placement.search import PlacementError, search
-from placement.sim_core import SimResult, SimulationError
+from tandem.placement.evaluate import Deployment, Evaluator
+from tandem.placement.plan import Plan, format_result
+from tandem.placement.problem import Problem, SpecError, load_problem
+from tandem.placement.search import PlacementError, search
+from tandem.placement.sim_core import SimResult, SimulationError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -49,7 +49,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _load(path: str) -> Problem:
     if is_cluster_spec(path):
-        from cluster.autoplace import planning_problem
+        from tandem.cluster.autoplace import planning_problem
 
         spec = _load_cluster_spec(path)
         return _cluster_step(planning_problem, spec, _offline_size(spec))
@@ -69,8 +69,8 @@ def is_cluster_spec(path: str) -> bool:
 
 
 def _load_cluster_spec(path: str):  # type: ignore[no-untyped-def]
-    from cluster.spec import load_spec
-    from cluster.spec_types import SpecError as ClusterSpecError
+    from tandem.cluster.spec import load_spec
+    from tandem.cluster.spec_types import SpecError as ClusterSpecError
 
     try:
         spec = load_spec(path)
@@ -82,14 +82,14 @@ def _load_cluster_spec(path: str):  # type: ignore[no-untyped-def]
 
 
 def _offline_size(spec):  # type: ignore[no-untyped-def]
-    from cluster.autoplace import host_cluster, needs_cluster_size
+    from tandem.cluster.autoplace import host_cluster, needs_cluster_size
 
     return _cluster_step(host_cluster, spec) if needs_cluster_size(spec) else None
 
 
 def _cluster_step(step, *args):  # type: ignore[no-untyped-def]
     """Run one cluster.autoplace step, its SpecError (which names the field) as a CommandError."""
-    from cluster.spec_types import SpecError as ClusterSpecError
+    from tandem.cluster.spec_types import SpecError as ClusterSpecError
 
     try:
         return step(*args)
@@ -107,7 +107,7 @@ def _search(problem: Problem):  # type: ignore[no-untyped-def]
 def cmd_plan(args: argparse.Namespace) -> int:
     planned = None
     if is_cluster_spec(args.spec):
-        from cluster.autoplace import plan_spec
+        from tandem.cluster.autoplace import plan_spec
 
         spec = _load_cluster_spec(args.spec)
         planned = _cluster_step(plan_spec, spec, _offline_size(spec))
@@ -127,8 +127,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def _write_spec(planned, source: str, out: Path, report) -> None:  # type: ignore[no-untyped-def]
-    from cluster.autoplace import summary
-    from cluster.spec import dump_spec
+    from tandem.cluster.autoplace import summary
+    from tandem.cluster.spec import dump_spec
 
     line = summary(planned.spec.name, planned.result)
     header = f"# Written by `tandem plan {source}`:\n# {line}\n"

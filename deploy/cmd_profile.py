@@ -29,10 +29,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _profile(args: argparse.Namespace) -> int:
     import torch
 
-    from cluster.deployment import model_directory
-    from deploy.cmd_serve import load_spec_or_fail
-    from engine.engine import Engine, EngineConfig
-    from placement.calibrate import fit_profile, save_profile
+    from tandem.cluster.deployment import model_directory
+    from tandem.deploy.cmd_serve import load_spec_or_fail
+    from tandem.engine.engine import Engine, EngineConfig
+    from tandem.placement.calibrate import fit_profile, save_profile
 
     spec = load_spec_or_fail(args.spec)
     if args.served:
@@ -50,12 +50,12 @@ def _profile(args: argparse.Namespace) -> int:
 
 
 def _profile_served(spec, args: argparse.Namespace) -> int:
-    from cluster.launcher import LaunchError
-    from cluster.spec_types import SpecError
-    from deploy.cli import CommandError
-    from deploy.ray_session import connect_ray
-    from deploy.served_profile import profile_served
-    from placement.calibrate import save_profile
+    from tandem.cluster.launcher import LaunchError
+    from tandem.cluster.spec_types import SpecError
+    from tandem.deploy.cli import CommandError
+    from tandem.deploy.ray_session import connect_ray
+    from tandem.deploy.served_profile import profile_served
+    from tandem.placement.calibrate import save_profile
 
     connect_ray(args.address)
     try:
@@ -73,7 +73,7 @@ def _profile_served(spec, args: argparse.Namespace) -> int:
 
 def _timed(engine, lengths: list[int], decode: bool, repeats: int) -> tuple[list[int], float]:
     """Median seconds of one prefill (or one decode step) over `lengths` requests (as run)."""
-    from engine.params import SamplingParams
+    from tandem.engine.params import SamplingParams
 
     vocab = engine.model_config.vocab_size
     lengths = [min(n, engine.max_model_len - 8) for n in lengths]  # small models: short contexts
@@ -82,7 +82,7 @@ def _timed(engine, lengths: list[int], decode: bool, repeats: int) -> tuple[list
         params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
         ids = [engine.add_request([(7 * i + 13 * r + j) % (vocab - 10) + 5 for j in range(n)], params)
                for i, n in enumerate(lengths)]
-        while decode and engine.scheduler.waiting:
+        while decode and engine.stats()["waiting"]:
             engine.step()  # the prefill, in as many steps as the token budget needs
         start = time.perf_counter()
         engine.step()
@@ -93,7 +93,7 @@ def _timed(engine, lengths: list[int], decode: bool, repeats: int) -> tuple[list
 
 
 def prefill_samples(engine, repeats: int):
-    from placement.calibrate import ProfileSample
+    from tandem.placement.calibrate import ProfileSample
 
     out = []
     for batch, length in PREFILL_GRID:
@@ -103,7 +103,7 @@ def prefill_samples(engine, repeats: int):
 
 
 def decode_samples(engine, repeats: int):
-    from placement.calibrate import ProfileSample
+    from tandem.placement.calibrate import ProfileSample
 
     out = []
     for batch, context in DECODE_GRID:

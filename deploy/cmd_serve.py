@@ -5,7 +5,7 @@ import argparse
 import json
 import threading
 
-from deploy.cli import CommandError
+from tandem.deploy.cli import CommandError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -29,8 +29,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def load_spec_or_fail(path: str):
-    from cluster.spec import load_spec
-    from cluster.spec_types import SpecError
+    from tandem.cluster.spec import load_spec
+    from tandem.cluster.spec_types import SpecError
 
     try:
         return load_spec(path)
@@ -41,9 +41,9 @@ def load_spec_or_fail(path: str):
 def plan_if_auto(spec):
     """An auto spec planned for the connected Ray cluster (plan printed in one line), or the spec
     itself when there is nothing to plan. CommandError, before any actor starts, if it cannot be."""
-    from cluster.autoplace import summary
-    from cluster.launcher import plan_on_ray
-    from cluster.spec_types import SpecError
+    from tandem.cluster.autoplace import summary
+    from tandem.cluster.launcher import plan_on_ray
+    from tandem.cluster.spec_types import SpecError
 
     if not spec.needs_planning:
         return spec
@@ -56,9 +56,9 @@ def plan_if_auto(spec):
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from cluster.launcher import Cluster, LaunchError
-    from cluster.spec_types import SpecError
-    from deploy.ray_session import connect_ray
+    from tandem.cluster.launcher import Cluster, LaunchError
+    from tandem.cluster.spec_types import SpecError
+    from tandem.deploy.ray_session import connect_ray
 
     spec = load_spec_or_fail(args.spec)  # fails before any actor starts
     connect_ray(args.address, local_ok=not args.detach)
@@ -82,8 +82,8 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from cluster.launcher import connect
-    from deploy.ray_session import connect_ray
+    from tandem.cluster.launcher import connect
+    from tandem.deploy.ray_session import connect_ray
 
     connect_ray(args.address, local_ok=False)
     try:
@@ -105,8 +105,8 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _shutdown(args: argparse.Namespace) -> int:
-    from cluster.launcher import shutdown_by_name
-    from deploy.ray_session import connect_ray
+    from tandem.cluster.launcher import shutdown_by_name
+    from tandem.deploy.ray_session import connect_ray
 
     connect_ray(args.address, local_ok=False)
     try:

@@ -1,6 +1,6 @@
 """Batch entrypoint for `ray job submit`: serve a spec, run a JSONL of prompts, write the results.
 
-    ray job submit --working-dir . -- python -m deploy.job SPEC --prompts in.jsonl --out out.jsonl
+    ray job submit --working-dir . -- python -m tandem.deploy.job SPEC --prompts in.jsonl --out out.jsonl
 
 Each input line is {"prompt": str | [token ids], optional "id", and any SamplingParams fields};
 each output line has the id, text, token ids, finish reason and metrics (TTFT, TPOT, ...).
@@ -19,7 +19,7 @@ PARAM_FIELDS = set(("max_tokens temperature top_k top_p seed stop stop_token_ids
 
 
 def read_prompts(path: Path):
-    from engine.params import SamplingParams
+    from tandem.engine.params import SamplingParams
 
     rows = []
     for number, line in enumerate(path.read_text().splitlines(), 1):
@@ -37,18 +37,18 @@ def read_prompts(path: Path):
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m deploy.job", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m tandem.deploy.job", description=__doc__.splitlines()[0])
     ap.add_argument("spec")
     ap.add_argument("--prompts", required=True, type=Path)
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--address", help="Ray address (default: the job's cluster)")
     args = ap.parse_args(argv)
 
-    from cluster.launcher import Cluster, LaunchError
-    from cluster.spec_types import SpecError
-    from deploy.cli import CommandError
-    from deploy.cmd_serve import load_spec_or_fail, plan_if_auto
-    from deploy.ray_session import connect_ray
+    from tandem.cluster.launcher import Cluster, LaunchError
+    from tandem.cluster.spec_types import SpecError
+    from tandem.deploy.cli import CommandError
+    from tandem.deploy.cmd_serve import load_spec_or_fail, plan_if_auto
+    from tandem.deploy.ray_session import connect_ray
 
     try:
         spec = load_spec_or_fail(args.spec)

@@ -45,7 +45,7 @@ _CALL_TIMEOUT_S = 30.0  # bound on every control call to the prefill actor
 def single_pair(spec):
     """The spec reduced to one prefill + one decode instance (tp=pp=1), named ``<name>-profile``:
     probes need every request to meet the same two instances."""
-    from cluster.spec_types import SpecError
+    from tandem.cluster.spec_types import SpecError
 
     if spec.mode != "disaggregated":
         raise SpecError("mode", "--served profiles a disaggregated spec (prefill and decode pools)")
@@ -74,7 +74,7 @@ def router_seconds(result) -> float:
 
 
 def _greedy(tokens: int):
-    from engine.params import SamplingParams
+    from tandem.engine.params import SamplingParams
 
     return SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True)
 
@@ -82,7 +82,7 @@ def _greedy(tokens: int):
 async def probe(client, prefill, prompt, probes=PROBES, tokens: int = PROBE_TOKENS) -> list:
     """One pass of the probes against the pair whose prefill actor is ``prefill``; returns
     ProfileSamples (prefill and decode)."""
-    from placement.calibrate import ProfileSample
+    from tandem.placement.calibrate import ProfileSample
 
     one, params = _greedy(1), _greedy(tokens)
     samples = []
@@ -194,7 +194,7 @@ def fit_interference(samples: list[InterferenceSample]):
     """Median over the A/B passes of each pass's slowdown (>= 0): prefill, median beside over
     median alone; decode, TPOT beside over alone. Per pass, so that drift between passes minutes
     apart does not mix into one ratio. ValueError when no prefill ran beside decode."""
-    from placement.sim_core import Interference
+    from tandem.placement.sim_core import Interference
 
     prefill = [statistics.median(s.prefill_beside) / statistics.median(s.prefill_alone)
                for s in samples if s.prefill_alone and s.prefill_beside]
@@ -210,10 +210,10 @@ def profile_served(spec, repeats: int = 2, seed: int = 0, probes=PROBES, tokens:
     """Launch ``single_pair(spec)`` on the connected Ray cluster, probe it ``repeats`` times (fits,
     then interference), shut it down, and return the CalibratedProfile. ValueError if too few
     clean samples."""
-    from cluster.deployment import model_directory
-    from cluster.launcher import Cluster
-    from engine.config import load_config
-    from engine.engine import context_limit
+    from tandem.cluster.deployment import model_directory
+    from tandem.cluster.launcher import Cluster
+    from tandem.engine.config import load_config
+    from tandem.engine.engine import context_limit
 
     pair = single_pair(spec)
     model_dir = model_directory(pair)
@@ -247,7 +247,7 @@ def profile_served(spec, repeats: int = 2, seed: int = 0, probes=PROBES, tokens:
 
 
 def _fit(samples: list, spec):
-    from placement.calibrate import fit_profile
+    from tandem.placement.calibrate import fit_profile
 
     return fit_profile(samples, model=spec.model.name or spec.model.path or "",
                        hardware=f"{spec.decode.device} served instance, num_cpus {spec.decode.num_cpus}",

@@ -9,10 +9,10 @@ from __future__ import annotations
 import importlib
 
 _PUBLIC = {
-    "LLM": "engine.llm",
-    "SamplingParams": "engine.params",
-    "Completion": "engine.outputs",
-    "TokenDelta": "engine.outputs",
+    "LLM": "tandem.engine.llm",
+    "SamplingParams": "tandem.engine.params",
+    "Completion": "tandem.engine.outputs",
+    "TokenDelta": "tandem.engine.outputs",
 }
 __all__ = list(_PUBLIC)
 

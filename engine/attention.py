@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch.nn import functional as F
 
-from engine import kernels
+from tandem.engine import kernels
 
 
 # What the native kernels (prefill and decode) take; fp32 math either way.

@@ -5,7 +5,8 @@
     tokens = sample(logits, plan.seqs)   # each request with its own RNG
     deltas = [append(seq, tok) ...]      # detokenize, check stop conditions, free finished
 
-Every exit path (finish, abort, error) frees the request's blocks.
+Every exit path (finish, abort, error) frees the request's blocks. Requests move between engines
+through the hand-over API at the end (``engine/handover.py`` says who calls it and how).
 """
 from __future__ import annotations
 
@@ -17,19 +18,20 @@ from typing import Callable
 import msgspec
 import torch
 
-from engine import heap, hugepages
-from engine.block_manager import BlockManager
-from engine.config import ModelConfig, load_config
-from engine.outputs import TokenDelta
-from engine.pacing import PacedRunner, StepPace
-from engine.params import SamplingParams
-from engine.runner import ModelRunner, build_model, kv_cache_shape, resolve_dtype
-from engine.sampler import sample
-from engine.scheduler import Scheduler, SchedulerConfig, StepPlan
-from engine.sequence import Sequence, make_generator
-from engine.stopping import append_text, finish_reason
-from engine.tokenizer import DetokenizerState, Tokenizer, detokenize_step
-from engine.validation import validate_request
+from tandem.engine import heap, hugepages
+from tandem.engine.block_manager import BlockManager
+from tandem.engine.config import ModelConfig, load_config
+from tandem.engine.handover import Export, RequestState, sequence_from, state_of
+from tandem.engine.outputs import TokenDelta
+from tandem.engine.pacing import PacedRunner, StepPace
+from tandem.engine.params import SamplingParams
+from tandem.engine.runner import ModelRunner, build_model, kv_cache_shape, resolve_dtype
+from tandem.engine.sampler import sample
+from tandem.engine.scheduler import Scheduler, SchedulerConfig, StepPlan
+from tandem.engine.sequence import Sequence, Status, make_generator
+from tandem.engine.stopping import append_text, finish_reason
+from tandem.engine.tokenizer import DetokenizerState, Tokenizer, detokenize_step
+from tandem.engine.validation import validate_request
 
 DEFAULT_KV_CACHE_BYTES = 1 << 30
 
@@ -76,11 +78,12 @@ class Engine:
         if kv_allocator is None:
             kv_allocator = hugepages.zeros if config.device == "cpu" else (
                 lambda shape, dtype: torch.zeros(shape, dtype=dtype, device=config.device))
-        kv_cache = kv_allocator(tuple(shape), self.dtype)
-        self.runner = ModelRunner(model, kv_cache, self.blocks)
-        if config.step_pace is not None:
-            self.runner = PacedRunner(self.runner, config.step_pace)
+        self.runner = ModelRunner(model, kv_allocator(tuple(shape), self.dtype), self.blocks)
+        pace = config.step_pace
+        self._step_runner = self.runner if pace is None else PacedRunner(self.runner, pace)
         self.scheduler = Scheduler(config.scheduler, self.blocks)
+        self._exports: dict[str, Sequence] = {}  # exported: off the schedule, blocks kept
+        self._reserved: set[str] = set()  # blocks reserved for a request being imported
         self._ids = itertools.count()
         self._seeds = random.Random()
 
@@ -121,10 +124,13 @@ class Engine:
     def add_request(self, prompt: str | list[int], params: SamplingParams,
                     request_id: str | None = None) -> str:
         seq = self.new_sequence(prompt, params, request_id)
-        if self.scheduler.find(seq.request_id) is not None:
-            raise ValueError(f"request id {seq.request_id!r} is already in use")
+        self._check_unused(seq.request_id)
         self.scheduler.add(seq)
         return seq.request_id
+
+    def _check_unused(self, request_id: str) -> None:
+        if self._holds(request_id) or self.scheduler.find(request_id) is not None:
+            raise ValueError(f"request id {request_id!r} is already in use")
 
     def abort(self, request_id: str) -> TokenDelta | None:
         """Stop a request wherever it is and free its blocks; None if it is unknown/finished."""
@@ -140,7 +146,13 @@ class Engine:
 
     def stats(self) -> dict[str, int]:
         return {"num_blocks": self.blocks.num_blocks, "free_blocks": self.blocks.num_free,
-                "waiting": len(self.scheduler.waiting), "running": len(self.scheduler.running)}
+                "waiting": len(self.scheduler.waiting), "running": len(self.scheduler.running),
+                "waiting_tokens": sum(s.num_tokens for s in self.scheduler.waiting),
+                "held": len(self._exports) + len(self._reserved)}
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.blocks.num_free
 
     # -- the step loop --------------------------------------------------------------------------
 
@@ -154,7 +166,7 @@ class Engine:
             return None, []
         if not plan.seqs:  # every request was preempted (blocks held elsewhere): nothing to run
             return plan, []
-        logits = self.runner.run(plan)
+        logits = self._step_runner.run(plan)
         tokens, logprobs = sample(logits, list(plan.seqs))
         return plan, [
             self.append_token(seq, tok, None if logprobs is None else logprobs[i])
@@ -176,3 +188,56 @@ class Engine:
         return TokenDelta(seq.request_id, [token], text, seq.num_output_tokens - 1,
                           [logprob] if seq.params.logprobs and logprob is not None else None,
                           finish_reason=reason)
+
+    # -- hand-over: requests moving between engines (engine/handover.py) -------------------------
+
+    @property
+    def kv_cache(self) -> torch.Tensor:
+        """``[layers, 2, blocks, block_size, kv_heads, head_dim]``: transports copy blocks of it."""
+        return self.runner.kv_cache
+
+    def export(self, request_id: str) -> Export:
+        """Stop scheduling a running request and keep its blocks until ``release`` (or ``resume``)."""
+        seq = self.scheduler.find(request_id)
+        if seq is None or seq.status is not Status.RUNNING:
+            raise ValueError(f"request {request_id!r} is not running here: only a running request exports")
+        self.scheduler.detach(seq)
+        self._exports[request_id] = seq
+        return Export(state_of(seq), list(self.blocks.tables[request_id]))
+
+    def resume(self, request_id: str) -> None:
+        """An export that went nowhere (a hand-over that failed) rejoins the running batch here."""
+        seq = self._exports.pop(request_id, None)
+        if seq is None:
+            raise ValueError(f"request {request_id!r} is not exported from here")
+        self.scheduler.add_running(seq)
+
+    def reserve(self, request_id: str, num_tokens: int) -> list[int] | None:
+        """Blocks for an incoming request's ``num_tokens`` of KV, or None (nothing held) if they
+        are not free now."""
+        self._check_unused(request_id)
+        if not self.blocks.can_allocate(num_tokens):
+            return None
+        self._reserved.add(request_id)
+        return list(self.blocks.allocate(request_id, num_tokens))
+
+    def admit(self, state: RequestState) -> None:
+        """A reserved request whose KV the caller has written joins the running batch."""
+        rid = state.request_id
+        if rid not in self._reserved:
+            raise ValueError(f"request {rid!r} has no reservation here: reserve blocks first")
+        slots = len(self.blocks.tables[rid]) * self.blocks.block_size
+        if not 0 <= state.num_kv_tokens <= slots:
+            raise ValueError(f"request {rid!r} brings {state.num_kv_tokens} tokens of KV for {slots} reserved slots")
+        self._reserved.discard(rid)
+        self.scheduler.add_running(sequence_from(state))
+
+    def release(self, request_id: str) -> None:
+        """Free an export's or a reservation's blocks; a no-op for a request not held here."""
+        if self._holds(request_id):
+            self._exports.pop(request_id, None)
+            self._reserved.discard(request_id)
+            self.blocks.free(request_id)
+
+    def _holds(self, request_id: str) -> bool:
+        return request_id in self._exports or request_id in self._reserved

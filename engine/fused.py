@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
-from engine import kernels
+from tandem.engine import kernels
 
 FUSED_DTYPES = (torch.float32, torch.bfloat16)
 

@@ -22,8 +22,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from engine import hugepages, kernels
-from engine.packed_linear import onednn_linear
+from tandem.engine import hugepages, kernels
+from tandem.engine.packed_linear import onednn_linear
 
 # Up to here the native kernel is at least as fast as MKL (fp32) and far faster than emulated bf16
 # on this project's CPU (benchmarks/decode_linears.py, RESULTS.md).

@@ -12,8 +12,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from engine.config import ModelConfig, RopeScaling
-from engine.fused import add_rms_norm, silu_mul
+from tandem.engine.config import ModelConfig, RopeScaling
+from tandem.engine.fused import add_rms_norm, silu_mul
 
 
 class RMSNorm(nn.Module):

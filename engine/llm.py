@@ -5,14 +5,14 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence as Seq
 
-from engine.engine import DEFAULT_KV_CACHE_BYTES, Engine, EngineConfig
-from engine.outputs import Completion
-from engine.params import SamplingParams
-from engine.scheduler import SchedulerConfig
+from tandem.engine.engine import DEFAULT_KV_CACHE_BYTES, Engine, EngineConfig
+from tandem.engine.outputs import Completion
+from tandem.engine.params import SamplingParams
+from tandem.engine.scheduler import SchedulerConfig
 
 
 def resolve_model_path(model: str | os.PathLike):
-    from engine.prepare import resolve_model  # a name such as "smollm2" -> its prepared directory
+    from tandem.engine.prepare import resolve_model  # a name such as "smollm2" -> its prepared directory
 
     return resolve_model(model)
 

@@ -15,8 +15,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import safe_open
 
-from engine.config import ModelConfig
-from engine.model import CausalLM
+from tandem.engine.config import ModelConfig
+from tandem.engine.model import CausalLM
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 _FUSED = {

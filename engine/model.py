@@ -9,10 +9,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from engine.attention import AttentionMetadata, decode_attention, prefill_attention, write_kv
-from engine.config import ModelConfig
-from engine.fused import rope_
-from engine.layers import RMSNorm, RotaryEmbedding, SwiGLU
+from tandem.engine.attention import AttentionMetadata, decode_attention, prefill_attention, write_kv
+from tandem.engine.config import ModelConfig
+from tandem.engine.fused import rope_
+from tandem.engine.layers import RMSNorm, RotaryEmbedding, SwiGLU
 
 
 class Attention(nn.Module):

@@ -17,7 +17,7 @@ import time
 
 import msgspec
 
-from engine.scheduler import StepPlan
+from tandem.engine.scheduler import StepPlan
 
 
 class StepPace(msgspec.Struct, frozen=True):
@@ -41,14 +41,12 @@ class StepPace(msgspec.Struct, frozen=True):
 
 
 class PacedRunner:
-    """Wraps a ModelRunner: runs the step, then sleeps out the rest of its pace."""
+    """Wraps a ModelRunner's ``run``: runs the step, then sleeps out the rest of its pace. The
+    engine steps through it and keeps the inner runner for everything else."""
 
     def __init__(self, runner, pace: StepPace) -> None:
         self.inner = runner
         self.pace = pace
-
-    def __getattr__(self, name: str):
-        return getattr(self.inner, name)  # kv_cache, model, blocks: the wrapped runner's
 
     def run(self, plan: StepPlan):
         deadline = time.perf_counter() + self.pace.seconds(plan)

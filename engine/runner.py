@@ -5,15 +5,15 @@ from pathlib import Path
 
 import torch
 
-from engine.attention import AttentionMetadata
-from engine.block_manager import BlockManager
-from engine.config import ModelConfig
-from engine.kernel_linear import KernelLinear, kernel_linears_apply
-from engine.layers import RotaryEmbedding, replace_linears
-from engine.loader import load_weights
-from engine.model import CausalLM
-from engine.packed_linear import PackedLinear, packing_available
-from engine.scheduler import StepPlan
+from tandem.engine.attention import AttentionMetadata
+from tandem.engine.block_manager import BlockManager
+from tandem.engine.config import ModelConfig
+from tandem.engine.kernel_linear import KernelLinear, kernel_linears_apply
+from tandem.engine.layers import RotaryEmbedding, replace_linears
+from tandem.engine.loader import load_weights
+from tandem.engine.model import CausalLM
+from tandem.engine.packed_linear import PackedLinear, packing_available
+from tandem.engine.scheduler import StepPlan
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

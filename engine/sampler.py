@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from engine.fused import argmax_rows
-from engine.sequence import Sequence
+from tandem.engine.fused import argmax_rows
+from tandem.engine.sequence import Sequence
 
 
 def sample(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[float] | None]:

@@ -18,8 +18,8 @@ from typing import Literal
 
 import msgspec
 
-from engine.block_manager import BlockManager
-from engine.sequence import Sequence, Status
+from tandem.engine.block_manager import BlockManager
+from tandem.engine.sequence import Sequence, Status
 
 
 class SchedulerConfig(msgspec.Struct, frozen=True):

@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from engine.params import SamplingParams
-from engine.tokenizer import DetokenizerState
+from tandem.engine.params import SamplingParams
+from tandem.engine.tokenizer import DetokenizerState
 
 
 class Status(enum.Enum):

@@ -1,7 +1,7 @@
 """Stop conditions: EOS / stop token ids, max_tokens, context length, and stop strings."""
 from __future__ import annotations
 
-from engine.sequence import Sequence
+from tandem.engine.sequence import Sequence
 
 
 def finish_reason(seq: Sequence, token: int, eos_ids: tuple[int, ...], max_model_len: int) -> str | None:

@@ -2,7 +2,7 @@
 instance sees them)."""
 from __future__ import annotations
 
-from engine.params import SamplingParams
+from tandem.engine.params import SamplingParams
 
 
 def validate_request(prompt_ids: list[int], params: SamplingParams, *, vocab_size: int,

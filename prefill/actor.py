@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import ray
 
-from cluster.actor_common import build_engine, close_transports, on_loop, serve_transfer
-from engine.engine import EngineConfig
-from engine.loop import StepLoop
-from engine.params import SamplingParams
-from prefill.instance import PrefillInstance
-from transfer.registry import make_transport
+from tandem.engine.engine import EngineConfig
+from tandem.engine.loop import StepLoop
+from tandem.engine.params import SamplingParams
+from tandem.prefill.instance import PrefillInstance
+from tandem.transfer.hosting import build_engine, close_transports, on_loop, serve_transfer
+from tandem.transfer.registry import make_transport
 
 
 @ray.remote(max_restarts=0)

@@ -1,37 +1,25 @@
 """PrefillInstance: prefill-only scheduling over the engine; publishes each request's KV.
 
-After a request's prompt is prefilled and its first token sampled, its blocks are *held* (exported
-through the transport) until the decode side acks the pull, then freed. Held blocks count against
-the cache, so a decode pool that cannot keep up backs pressure up into prefill admission instead of
-into an OOM. A held export that is never acked is reclaimed after ``hold_timeout_s``.
+After a request's prompt is prefilled and its first token sampled, the engine exports it (its
+blocks are *held*, published through the transport) until the decode side acks the pull; then
+they are released. Held blocks count against the cache, so a decode pool that cannot keep up
+backs pressure up into prefill admission instead of into an OOM. A held export that is never
+acked is reclaimed after ``hold_timeout_s``. Uses only the engine's step and hand-over API.
 """
 from __future__ import annotations
 
 import time
 
-import msgspec
-
-from engine.engine import Engine
-from engine.outputs import TokenDelta
-from engine.params import SamplingParams
-from transfer.base import Transport
-from transfer.messages import KVHandle, RequestState
-from transfer.state import state_of
-
-
-class PrefillResult(msgspec.Struct, frozen=True):
-    """A prefilled request: its first token and, unless it already finished, its state and KV."""
-
-    delta: TokenDelta
-    state: RequestState | None
-    handle: KVHandle | None
-    prefill_start: float
-    prefill_end: float
+from tandem.engine.handover import HandoverEngine
+from tandem.engine.outputs import TokenDelta
+from tandem.engine.params import SamplingParams
+from tandem.transfer.base import Transport
+from tandem.transfer.protocol import KVHandle, PrefillResult
 
 
 class PrefillInstance:
-    def __init__(self, engine: Engine, transport: Transport, hold_timeout_s: float = 60.0) -> None:
-        if engine.scheduler.config.enable_decode:
+    def __init__(self, engine: HandoverEngine, transport: Transport, hold_timeout_s: float = 60.0) -> None:
+        if engine.config.scheduler.enable_decode:
             raise ValueError("a prefill instance needs an engine scheduled with enable_decode=False")
         self.engine = engine
         self.transport = transport
@@ -47,29 +35,25 @@ class PrefillInstance:
 
     def step(self) -> list[PrefillResult]:
         start = time.time()
-        plan, deltas = self.engine.run_step()
+        deltas = self.engine.step()
         end = time.time()
-        if plan is None:
-            return []
-        return [self._publish(seq, delta, start, end) for seq, delta in zip(plan.seqs, deltas)]
+        return [self._publish(delta, start, end) for delta in deltas]
 
-    def _publish(self, seq, delta: TokenDelta, start: float, end: float) -> PrefillResult:
+    def _publish(self, delta: TokenDelta, start: float, end: float) -> PrefillResult:
         if delta.finished:  # e.g. max_tokens=1 or EOS first: nothing to hand over
             return PrefillResult(delta, None, None, start, end)
-        self.engine.scheduler.detach(seq)
-        blocks = self.engine.blocks.tables[seq.request_id]
-        # The newest token has no KV yet: the decode side computes it in its first step.
-        handle = self.transport.export(self.engine.runner.kv_cache, seq.request_id, blocks,
-                                       seq.num_tokens - 1)
-        self.held[seq.request_id] = (handle, time.monotonic() + self.hold_timeout_s)
-        return PrefillResult(delta, state_of(seq), handle, start, end)
+        export = self.engine.export(delta.request_id)
+        handle = self.transport.export(self.engine.kv_cache, delta.request_id, export.block_ids,
+                                       export.num_kv_tokens)
+        self.held[delta.request_id] = (handle, time.monotonic() + self.hold_timeout_s)
+        return PrefillResult(delta, export.state, handle, start, end)
 
     def ack(self, request_id: str) -> None:
         """The destination has the KV (or gave up): free the source blocks."""
         entry = self.held.pop(request_id, None)
         if entry is not None:
             self.transport.release(entry[0])
-            self.engine.blocks.free(request_id)
+            self.engine.release(request_id)
 
     def abort(self, request_id: str) -> None:
         self.engine.abort(request_id)
@@ -84,5 +68,5 @@ class PrefillInstance:
         return expired
 
     def stats(self) -> dict[str, int]:
-        queued = sum(s.num_tokens for s in self.engine.scheduler.waiting)
-        return {**self.engine.stats(), "held": len(self.held), "queued_tokens": queued}
+        stats = self.engine.stats()
+        return {**stats, "held": len(self.held), "queued_tokens": stats["waiting_tokens"]}

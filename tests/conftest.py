@@ -16,7 +16,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-# Let a plain `pytest` (project not pip-installed) import `engine`, ... and `tests.reference`.
+# Let a plain `pytest` import `tests.reference` (tandem itself must be pip-installed).
 _ROOT = str(Path(__file__).resolve().parent.parent)
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
@@ -43,7 +43,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
     """SmolLM2-135M-Instruct prepared as an HF directory (cached across runs in `cache_root()`)."""
-    from engine.prepare import prepare_model
+    from tandem.engine.prepare import prepare_model
 
     return prepare_model("smollm2")
 

@@ -45,7 +45,7 @@ def hf_model_from_gguf() -> Any:
 
     Cached per process: loading takes ~20 s on two cores. Do not mutate the returned model.
     """
-    from engine.prepare import smollm2_gguf_path
+    from tandem.engine.prepare import smollm2_gguf_path
     from transformers import AutoModelForCausalLM
 
     gguf = smollm2_gguf_path()
@@ -56,7 +56,7 @@ def hf_model_from_gguf() -> Any:
 @functools.lru_cache(maxsize=1)
 def hf_tokenizer_from_gguf() -> Any:
     """SmolLM2's tokenizer as transformers builds it from the GGUF (~8 s)."""
-    from engine.prepare import smollm2_gguf_path
+    from tandem.engine.prepare import smollm2_gguf_path
     from transformers import AutoTokenizer
 
     gguf = smollm2_gguf_path()

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from cluster.spec import SpecError, parse_spec
+from tandem.cluster.spec import SpecError, parse_spec
 
 # Shaped like a small GQA model: 8 query heads, 4 KV heads, 6 layers.
 TINY_CONFIG = {"architectures": ["LlamaForCausalLM"], "num_attention_heads": 8,

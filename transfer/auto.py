@@ -20,10 +20,10 @@ import msgspec
 import ray
 import torch
 
-from transfer.base import TransferError
-from transfer.messages import KVHandle
-from transfer.ray_transport import RayObjectTransport
-from transfer.shm import ShmTransport
+from tandem.transfer.base import TransferError
+from tandem.transfer.protocol import KVHandle
+from tandem.transfer.ray_transport import RayObjectTransport
+from tandem.transfer.shm import ShmTransport
 
 
 class AutoRef(msgspec.Struct, frozen=True):

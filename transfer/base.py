@@ -18,7 +18,7 @@ from typing import Protocol
 
 import torch
 
-from transfer.messages import KVHandle, KVLayout
+from tandem.transfer.protocol import KVHandle, KVLayout
 
 
 class TransferError(RuntimeError):

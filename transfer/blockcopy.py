@@ -12,8 +12,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from transfer.base import layout_of
-from transfer.messages import KVLayout
+from tandem.transfer.base import layout_of
+from tandem.transfer.protocol import KVLayout
 
 # Same-size integer dtype used to view each cache dtype as plain bytes numpy understands.
 _RAW_TORCH = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}

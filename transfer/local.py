@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from transfer.base import TransferError, check_layout, gather_blocks, layout_of, scatter_blocks
-from transfer.blockcopy import copy_blocks, raw_numpy
-from transfer.messages import KVHandle
+from tandem.transfer.base import TransferError, check_layout, gather_blocks, layout_of, scatter_blocks
+from tandem.transfer.blockcopy import copy_blocks, raw_numpy
+from tandem.transfer.protocol import KVHandle
 
 
 class LocalTransport:

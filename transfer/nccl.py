@@ -30,10 +30,10 @@ from typing import Any, Callable, Protocol
 import msgspec
 import torch
 
-from transfer.base import TransferError, check_layout, layout_of
-from transfer.blockcopy import Run, block_runs, check_ids
-from transfer.messages import KVHandle
-from transfer.nccl_runtime import Communicator, CupyRuntime, NcclRuntime
+from tandem.transfer.base import TransferError, check_layout, layout_of
+from tandem.transfer.blockcopy import Run, block_runs, check_ids
+from tandem.transfer.protocol import KVHandle
+from tandem.transfer.nccl_runtime import Communicator, CupyRuntime, NcclRuntime
 
 MAX_OPS_PER_GROUP = 1024  # both sides split identically; bounds one group's NCCL bookkeeping
 POLL_S = 0.0005

@@ -16,9 +16,9 @@ import numpy as np
 import ray
 import torch
 
-from transfer.base import TransferError, check_layout, gather_blocks, layout_of, scatter_blocks
-from transfer.blockcopy import CacheView, copy_blocks, gather_into, raw_dtype, raw_numpy
-from transfer.messages import KVHandle
+from tandem.transfer.base import TransferError, check_layout, gather_blocks, layout_of, scatter_blocks
+from tandem.transfer.blockcopy import CacheView, copy_blocks, gather_into, raw_dtype, raw_numpy
+from tandem.transfer.protocol import KVHandle
 
 
 class RayObjectTransport:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from transfer.base import Transport
+from tandem.transfer.base import Transport
 
 BACKENDS = ("auto", "shm", "ray", "local", "nccl")
 
@@ -25,23 +25,23 @@ def _ray_identity() -> tuple[str, Any]:
 
 def make_transport(name: str) -> Transport:
     if name == "ray":
-        from transfer.ray_transport import RayObjectTransport
+        from tandem.transfer.ray_transport import RayObjectTransport
 
         return RayObjectTransport()
     if name == "shm":
-        from transfer.shm import ShmTransport
+        from tandem.transfer.shm import ShmTransport
 
         return ShmTransport(node_id=_ray_identity()[0])
     if name == "auto":
-        from transfer.auto import AutoTransport
+        from tandem.transfer.auto import AutoTransport
 
         return AutoTransport(*_ray_identity())
     if name == "local":
-        from transfer.local import LocalTransport
+        from tandem.transfer.local import LocalTransport
 
         return LocalTransport()
     if name == "nccl":
-        from transfer.nccl import NcclTransport
+        from tandem.transfer.nccl import NcclTransport
 
         # Without CUDA or NCCL: RuntimeError("nccl needs CUDA and cupy with NCCL: <why not>").
         return NcclTransport(source_actor=_ray_identity()[1])

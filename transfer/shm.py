@@ -35,10 +35,10 @@ from pathlib import Path
 import msgspec
 import torch
 
-from transfer.base import TransferError, layout_of
-from transfer.blockcopy import CacheView, copy_blocks
-from transfer.messages import KVHandle
-from transfer.shm_pool import SHM_DIR, PeerPool, SharedPool, pool_tag
+from tandem.transfer.base import TransferError, layout_of
+from tandem.transfer.blockcopy import CacheView, copy_blocks
+from tandem.transfer.protocol import KVHandle
+from tandem.transfer.shm_pool import SHM_DIR, PeerPool, SharedPool, pool_tag
 
 PRUNE_EVERY_S = 10.0  # how often a destination looks for source pools that vanished
 

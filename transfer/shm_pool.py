@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from transfer.blockcopy import raw_dtype
+from tandem.transfer.blockcopy import raw_dtype
 
 SHM_DIR = Path("/dev/shm")
 PREFIX = "tandem-kv"

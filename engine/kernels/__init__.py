@@ -43,7 +43,7 @@ class KernelUnavailable(RuntimeError):
 
 
 def cache_dir() -> Path:
-    from engine.prepare import cache_root  # the models' cache root ($TANDEM_CACHE)
+    from tandem.engine.prepare import cache_root  # the models' cache root ($TANDEM_CACHE)
 
     return cache_root() / "kernels"
 

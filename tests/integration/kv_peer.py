@@ -7,8 +7,8 @@ import warnings
 
 import torch
 
-from transfer.base import TransferError
-from transfer.messages import KVHandle
+from tandem.transfer.base import TransferError
+from tandem.transfer.protocol import KVHandle
 
 
 def random_bits(shape: tuple[int, ...], dtype: torch.dtype, seed: int) -> torch.Tensor:
@@ -24,7 +24,7 @@ class KVPeer:
     def __init__(self, backend: str, shape: tuple[int, ...], dtype: str) -> None:
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         torch.set_num_threads(1)
-        from transfer.registry import make_transport
+        from tandem.transfer.registry import make_transport
 
         self.transport = make_transport(backend)
         self.dtype = getattr(torch, dtype)

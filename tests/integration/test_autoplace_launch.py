@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 import textwrap
 
-from engine import LLM, SamplingParams
+from tandem.engine import LLM, SamplingParams
 from tests.integration.conftest import assert_all_blocks_free
 
 
@@ -34,8 +34,8 @@ def _named_actors(ray):
 
 
 def test_auto_spec_is_planned_launched_as_planned_and_serves(ray_cluster, tiny_llama_dir, tmp_path):
-    from cluster.launcher import Cluster
-    from cluster.spec import load_spec
+    from tandem.cluster.launcher import Cluster
+    from tandem.cluster.spec import load_spec
 
     cluster = Cluster.from_spec(load_spec(_auto_spec(tmp_path, tiny_llama_dir, "autoplan")),
                                 timeout_s=120)
@@ -69,7 +69,7 @@ def test_auto_spec_is_planned_launched_as_planned_and_serves(ray_cluster, tiny_l
 
 
 def test_infeasible_auto_spec_fails_before_any_actor(ray_cluster, tiny_llama_dir, tmp_path, capsys):
-    from deploy.cli import main
+    from tandem.deploy.cli import main
 
     before = _named_actors(ray_cluster)
     spec = _auto_spec(tmp_path, tiny_llama_dir, "noplan", ttft_ms=0.01)

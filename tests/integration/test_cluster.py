@@ -6,9 +6,9 @@ import random
 
 import pytest
 
-from engine import LLM, SamplingParams
-from engine.engine import EngineConfig
-from engine.scheduler import SchedulerConfig
+from tandem.engine import LLM, SamplingParams
+from tandem.engine.engine import EngineConfig
+from tandem.engine.scheduler import SchedulerConfig
 from tests.integration.conftest import assert_all_blocks_free, wait_until
 
 NUM_REQUESTS = 32
@@ -21,8 +21,8 @@ def _engine(num_blocks: int, **scheduler) -> EngineConfig:
 
 def _launch(name, model_dir, *, mode="disaggregated", prefill=2, decode=2, prefill_blocks=64,
             decode_blocks=64, transfer_backend="ray", **scheduler):
-    from cluster.launcher import Cluster
-    from cluster.launcher_config import InstanceGroup, LaunchConfig
+    from tandem.cluster.launcher import Cluster
+    from tandem.cluster.launcher_config import InstanceGroup, LaunchConfig
 
     # Half a CPU each: every cluster of this module fits the 4-CPU test cluster at once.
     group = lambda n, blocks: InstanceGroup(n, _engine(blocks, **scheduler), num_cpus=0.5)
@@ -35,7 +35,7 @@ def _launch(name, model_dir, *, mode="disaggregated", prefill=2, decode=2, prefi
 
 def node_pools(ray) -> set[str]:
     """Shared-memory KV pools of this Ray node's processes."""
-    from transfer.shm_pool import PREFIX, SHM_DIR, pool_tag
+    from tandem.transfer.shm_pool import PREFIX, SHM_DIR, pool_tag
 
     prefix = f"{PREFIX}-{pool_tag(ray.get_runtime_context().get_node_id())}-"
     return {p.name for p in SHM_DIR.iterdir() if p.name.startswith(prefix)}

@@ -7,15 +7,15 @@ import random
 
 import pytest
 
-from engine import LLM, SamplingParams, kernels
-from engine.engine import EngineConfig
+from tandem.engine import LLM, SamplingParams, kernels
+from tandem.engine.engine import EngineConfig
 from tests.integration.conftest import assert_all_blocks_free
 
 
 @pytest.fixture(scope="module")
 def bf16_cluster(ray_cluster, tiny_llama_dir):
-    from cluster.launcher import Cluster
-    from cluster.launcher_config import InstanceGroup, LaunchConfig
+    from tandem.cluster.launcher import Cluster
+    from tandem.cluster.launcher_config import InstanceGroup, LaunchConfig
 
     group = InstanceGroup(1, EngineConfig(dtype="bfloat16", num_blocks=64, block_size=16), num_cpus=0.5)
     cluster = Cluster.launch(LaunchConfig(name="bf16", model_dir=str(tiny_llama_dir), mode="disaggregated",

@@ -5,8 +5,8 @@ import textwrap
 
 import pytest
 
-from deploy.cli import main
-from engine import SamplingParams
+from tandem.deploy.cli import main
+from tandem.engine import SamplingParams
 
 
 def _spec(tmp_path, model_dir, name="clitest", decode_tp=1):
@@ -37,7 +37,7 @@ def test_bad_spec_fails_before_any_actor(ray_cluster, tiny_llama_dir, tmp_path, 
 
 
 def test_serve_detached_status_connect_shutdown(ray_cluster, tiny_llama_dir, tmp_path, capsys):
-    import cluster
+    from tandem import cluster
 
     assert main(["serve", str(_spec(tmp_path, tiny_llama_dir)), "--detach"]) == 0
     client = cluster.connect("clitest")

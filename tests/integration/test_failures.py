@@ -5,10 +5,10 @@ import re
 
 import pytest
 
-from engine import SamplingParams
+from tandem.engine import SamplingParams
 from tests.integration.conftest import all_blocks_free, wait_until
 from tests.integration.test_cluster import _launch, _pause, node_pools
-from transfer.shm_pool import SHM_DIR, pool_tag, sweep_orphans
+from tandem.transfer.shm_pool import SHM_DIR, pool_tag, sweep_orphans
 
 
 def _survivors_free(cluster) -> bool:

@@ -1,4 +1,4 @@
-"""`ray job submit ... python -m deploy.job SPEC` against a real local Ray head (`ray start --head`)."""
+"""`ray job submit ... python -m tandem.deploy.job SPEC` against a real local Ray head (`ray start --head`)."""
 from __future__ import annotations
 
 import json
@@ -70,7 +70,7 @@ def test_job_submit_runs_a_spec_end_to_end(ray_head, tiny_llama_dir, tmp_path):
                        '{"id": "b", "prompt": [5, 6, 7], "max_tokens": 4, "temperature": 0.7, "seed": 1}\n')
     out = tmp_path / "out.jsonl"
     cmd = [ray_head["ray"], "job", "submit", "--address", ray_head["dashboard"],
-           "--working-dir", str(REPO), "--", "python", "-m", "deploy.job", str(spec),
+           "--working-dir", str(REPO), "--", "python", "-m", "tandem.deploy.job", str(spec),
            "--prompts", str(prompts), "--out", str(out)]
     done = _submit(cmd, ray_head["env"])
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import textwrap
 
-from cluster.spec import load_spec
-from deploy.cli import main
-from deploy.served_profile import profile_served, single_pair
-from placement.calibrate import load_profile
+from tandem.cluster.spec import load_spec
+from tandem.deploy.cli import main
+from tandem.deploy.served_profile import profile_served, single_pair
+from tandem.placement.calibrate import load_profile
 
 SMALL_PROBES = ((24, 1, 20), (16, 4, 12), (20, 2, 40), (12, 3, 24))
 

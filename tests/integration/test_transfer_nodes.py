@@ -8,7 +8,7 @@ import time
 import pytest
 
 from tests.integration.conftest import wait_until
-from transfer.shm_pool import SHM_DIR, pid_alive, sweep_orphans
+from tandem.transfer.shm_pool import SHM_DIR, pid_alive, sweep_orphans
 
 SHAPE = (3, 2, 24, 4, 2, 8)
 SRC_IDS, DST_IDS = [7, 2, 9, 4, 0, 11, 12], [1, 3, 5, 7, 8, 9, 10]

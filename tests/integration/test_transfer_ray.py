@@ -7,7 +7,7 @@ import time
 import pytest
 
 from tests.integration.conftest import wait_until
-from transfer.shm_pool import SHM_DIR, pid_alive
+from tandem.transfer.shm_pool import SHM_DIR, pid_alive
 
 SRC_BLOCKS, DST_BLOCKS = 24, 21
 SHAPE = (3, 2, 0, 4, 2, 8)
@@ -78,7 +78,7 @@ def test_round_trip_between_actors_is_byte_exact(ray_cluster, make_pair, backend
 
 def test_ray_fetch_times_out(ray_cluster, make_pair):
     ray = ray_cluster
-    from transfer.messages import KVHandle, KVLayout
+    from tandem.transfer.protocol import KVHandle, KVLayout
 
     @ray.remote(num_cpus=0)
     def never_ready():
@@ -94,7 +94,7 @@ def test_ray_fetch_times_out(ray_cluster, make_pair):
 
 def test_ray_fetch_from_a_source_that_dies_fails(ray_cluster, make_pair):
     ray = ray_cluster
-    from transfer.messages import KVHandle, KVLayout
+    from tandem.transfer.protocol import KVHandle, KVLayout
 
     @ray.remote(num_cpus=0, max_restarts=0)
     class Doomed:

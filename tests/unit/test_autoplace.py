@@ -12,12 +12,12 @@ import msgspec
 import pytest
 import yaml
 
-from cluster.autoplace import (
+from tandem.cluster.autoplace import (
     check_plannable, cluster_from_nodes, fill_spec, host_cluster, plan_spec, planning_problem,
     summary)
-from cluster.spec import PlanningCluster, SpecError, load_spec, parse_spec, spec_to_dict
-from deploy.cli import main
-from placement.calibrate import CalibratedEntry, CalibratedProfile, PhaseFit, save_profile
+from tandem.cluster.spec import PlanningCluster, SpecError, load_spec, parse_spec, spec_to_dict
+from tandem.deploy.cli import main
+from tandem.placement.calibrate import CalibratedEntry, CalibratedProfile, PhaseFit, save_profile
 from tests.spec_helpers import write_model_config
 
 # A tiny Llama shape: tp 2 and pp 2 would both divide it, so only the engine limit keeps them out.

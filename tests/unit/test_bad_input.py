@@ -10,10 +10,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from engine import LLM, SamplingParams
-from engine.config import UnsupportedModelError
-from engine.engine import Engine, EngineConfig
-from engine.loader import WeightLoadError
+from tandem.engine import LLM, SamplingParams
+from tandem.engine.config import UnsupportedModelError
+from tandem.engine.engine import Engine, EngineConfig
+from tandem.engine.loader import WeightLoadError
 from tests.reference import hf_greedy, make_tiny_model
 
 GOOD_PROMPT = [5, 17, 42, 99, 7, 200, 31]

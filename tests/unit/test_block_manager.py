@@ -1,7 +1,7 @@
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from engine.block_manager import BlockManager, OutOfBlocksError, blocks_needed
+from tandem.engine.block_manager import BlockManager, OutOfBlocksError, blocks_needed
 
 
 def test_allocate_append_free_round_trip():

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from engine.config import UnsupportedModelError, load_config, parse_config
+from tandem.engine.config import UnsupportedModelError, load_config, parse_config
 
 BASE = {"architectures": ["LlamaForCausalLM"], "vocab_size": 100, "hidden_size": 64,
         "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,

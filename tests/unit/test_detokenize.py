@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from tokenizers import Tokenizer as HFTokenizer
 
-from engine.tokenizer import DetokenizerState, Tokenizer, detokenize_step
+from tandem.engine.tokenizer import DetokenizerState, Tokenizer, detokenize_step
 
 TEXTS = [
     "héllo 世界 🚀 naïve café",

@@ -12,9 +12,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from engine.engine import Engine, EngineConfig
-from engine.params import SamplingParams
-from engine.sequence import Status
+from tandem.engine.engine import Engine, EngineConfig
+from tandem.engine.params import SamplingParams
+from tandem.engine.sequence import Status
 from tests.reference import hf_greedy
 
 BLOCK_SIZE = 4

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine import LLM, SamplingParams
+from tandem.engine import LLM, SamplingParams
 from tests.reference import hf_greedy, hf_model_from_gguf, make_tiny_model
 
 BLOCK_SIZE = 16

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from engine import fused
+from tandem.engine import fused
 
 pytestmark = pytest.mark.skipif(not fused.fused_applies(torch.zeros(1)), reason="no native kernels here")
 

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from engine import heap
+from tandem.engine import heap
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
 

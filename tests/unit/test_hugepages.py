@@ -6,7 +6,7 @@ import gc
 import pytest
 import torch
 
-from engine import hugepages
+from tandem.engine import hugepages
 
 
 def test_large_buffer_is_aligned_usable_and_outlives_its_views() -> None:

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from engine.kernel_linear import (SMALL_M, KernelLinear, kernel_linears_apply, native_bf16_cpu,
+from tandem.engine.kernel_linear import (SMALL_M, KernelLinear, kernel_linears_apply, native_bf16_cpu,
                                   onednn_prefill, pack_panels, panel_width, small_gemm_available,
                                   unpack_panels)
 
@@ -102,8 +102,8 @@ def test_kernel_linears_only_where_they_win() -> None:
 
 @needs_kernel
 def test_engine_models_run_every_linear_on_the_kernel(tiny_llama_dir: Path) -> None:
-    from engine.config import load_config
-    from engine.runner import build_model
+    from tandem.engine.config import load_config
+    from tandem.engine.runner import build_model
 
     config = load_config(tiny_llama_dir)
     model = build_model(config, tiny_llama_dir, torch.float32, "cpu", 64)

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from engine.kernel_linear import KernelLinear, small_gemm_available
+from tandem.engine.kernel_linear import KernelLinear, small_gemm_available
 
 pytestmark = pytest.mark.skipif(not small_gemm_available(), reason="no small GEMM here (needs AVX-512 or AVX2)")
 
@@ -47,7 +47,7 @@ def test_a_forked_child_runs_multithreaded_kernels() -> None:
 def test_kernels_share_torchs_openmp_runtime() -> None:
     """Built with OpenMP, the kernel library must bind to the libgomp torch already loaded, not
     load a second runtime beside it (two teams of threads would compete for the same cores)."""
-    from engine import kernels
+    from tandem.engine import kernels
 
     assert kernels.load().kernels_use_openmp() == 1  # g++ here has OpenMP
     with open("/proc/self/maps") as maps:

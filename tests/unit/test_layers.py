@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from engine.layers import SwiGLU
+from tandem.engine.layers import SwiGLU
 
 
 @pytest.mark.parametrize("rows", [5, 64, 203])

@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine import kernels
-from engine.attention import AttentionMetadata, decode_attention, native_decode_applies
+from tandem.engine import kernels
+from tandem.engine.attention import AttentionMetadata, decode_attention, native_decode_applies
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="no C++ compiler for the kernels")
 

@@ -8,8 +8,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from engine.kernel_linear import native_bf16_cpu
-from engine.packed_linear import PackedLinear, packing_available
+from tandem.engine.kernel_linear import native_bf16_cpu
+from tandem.engine.packed_linear import PackedLinear, packing_available
 
 needs_packing = pytest.mark.skipif(not packing_available(torch.bfloat16, "cpu"),
                                    reason="this torch/CPU has no oneDNN bf16 linear")
@@ -35,8 +35,8 @@ def test_packing_is_only_for_bf16_on_cpu() -> None:
 def test_bf16_engine_packs_every_linear_and_keeps_logits(tiny_llama_dir: Path) -> None:
     """The engine's bf16 model has no plain nn.Linear left, and its logits equal the same weights
     run through torch's own `F.linear` (the packed copies are taken after loading)."""
-    from engine.config import load_config
-    from engine.runner import build_model
+    from tandem.engine.config import load_config
+    from tandem.engine.runner import build_model
 
     config = load_config(tiny_llama_dir)
     model = build_model(config, tiny_llama_dir, torch.bfloat16, "cpu", 64)

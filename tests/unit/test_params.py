@@ -1,7 +1,7 @@
 import msgspec
 import pytest
 
-from engine import SamplingParams
+from tandem.engine import SamplingParams
 
 
 @pytest.mark.parametrize("kwargs, field", [

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from placement.calibrate import (CalibratedLatency, ProfileSample, fit_profile, least_squares,
+from tandem.placement.calibrate import (CalibratedLatency, ProfileSample, fit_profile, least_squares,
                                  load_profile, nonnegative_least_squares, save_profile)
-from placement.candidates import Shape
-from placement.evaluate import Evaluator
-from placement.latency import AnalyticLatency
-from placement.problem import problem_from_dict
+from tandem.placement.candidates import Shape
+from tandem.placement.evaluate import Evaluator
+from tandem.placement.latency import AnalyticLatency
+from tandem.placement.problem import problem_from_dict
 
 
 def _samples(tp: int, pp: int, noise: float = 0.0, seed: int = 0) -> list[ProfileSample]:

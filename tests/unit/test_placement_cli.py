@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from deploy.cli import main
+from tandem.deploy.cli import main
 
 SPEC = {
     "model": "llama-2-7b", "hardware": "A100-80GB", "cluster": {"nodes": 1, "devices_per_node": 4},

@@ -7,15 +7,15 @@ import random
 import msgspec
 import pytest
 
-from placement.calibrate import CalibratedProfile
-from placement.candidates import Shape
-from placement.evaluate import Deployment, Evaluator
-from placement.plan import InstancePlacement, StagePlacement
-from placement.policy import Policy
-from placement.problem import problem_from_dict
-from placement.sim_core import InstanceModel, Interference, Slo
-from placement.sim_disagg import simulate_disaggregated
-from placement.workload import BaseTrace
+from tandem.placement.calibrate import CalibratedProfile
+from tandem.placement.candidates import Shape
+from tandem.placement.evaluate import Deployment, Evaluator
+from tandem.placement.plan import InstancePlacement, StagePlacement
+from tandem.placement.policy import Policy
+from tandem.placement.problem import problem_from_dict
+from tandem.placement.sim_core import InstanceModel, Interference, Slo
+from tandem.placement.sim_disagg import simulate_disaggregated
+from tandem.placement.workload import BaseTrace
 
 LOOSE = Slo(ttft_ms=1e6, tpot_ms=1e6)
 PREFILL_S, DECODE_S = 0.05, 0.5

@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from placement.hardware import CustomHardware, get_profile, profile_from_custom
-from placement.latency import AnalyticLatency, kv_transfer_cost
-from placement.memory import instance_memory
-from placement.model_spec import bundled_models, load_model, model_from_config, normalize_dtype
-from placement.policy import Policy
+from tandem.placement.hardware import CustomHardware, get_profile, profile_from_custom
+from tandem.placement.latency import AnalyticLatency, kv_transfer_cost
+from tandem.placement.memory import instance_memory
+from tandem.placement.model_spec import bundled_models, load_model, model_from_config, normalize_dtype
+from tandem.placement.policy import Policy
 
 A100 = get_profile("A100-80GB")
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from placement.problem import SpecError, load_problem, problem_from_dict
-from placement.workload import Fixed, LogNormal, Uniform, sample_base
+from tandem.placement.problem import SpecError, load_problem, problem_from_dict
+from tandem.placement.workload import Fixed, LogNormal, Uniform, sample_base
 
 EXAMPLES = sorted(Path("placement/examples").glob("*.yaml"))
 BASE = {

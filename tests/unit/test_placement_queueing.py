@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import pytest
 
-from placement.hardware import get_profile
-from placement.latency import AnalyticLatency
-from placement.model_spec import load_model
-from placement.policy import Policy
-from placement.sim_core import InstanceModel, Slo
-from placement.sim_disagg import simulate_disaggregated
-from placement.workload import Arrival, Fixed, Workload, sample_base
+from tandem.placement.hardware import get_profile
+from tandem.placement.latency import AnalyticLatency
+from tandem.placement.model_spec import load_model
+from tandem.placement.policy import Policy
+from tandem.placement.sim_core import InstanceModel, Slo
+from tandem.placement.sim_disagg import simulate_disaggregated
+from tandem.placement.workload import Arrival, Fixed, Workload, sample_base
 
 PROMPT = 512
 REQUESTS = 40_000

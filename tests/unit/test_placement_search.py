@@ -5,13 +5,13 @@ import itertools
 
 import pytest
 
-from placement.candidates import (Shape, divisibility_error, kv_is_local, legal_shapes,
+from tandem.placement.candidates import (Shape, divisibility_error, kv_is_local, legal_shapes,
                                   pack_high_affinity, required_kv_blocks)
-from placement.goodput import find_goodput
-from placement.memory import instance_memory
-from placement.problem import Cluster, problem_from_dict
-from placement.search import PlacementError, search
-from placement.sim_core import Percentiles, SimResult
+from tandem.placement.goodput import find_goodput
+from tandem.placement.memory import instance_memory
+from tandem.placement.problem import Cluster, problem_from_dict
+from tandem.placement.search import PlacementError, search
+from tandem.placement.sim_core import Percentiles, SimResult
 
 
 def spec(ttft: float = 200, tpot: float = 60, nodes: int = 1, dpn: int = 4,

@@ -7,14 +7,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from placement.hardware import get_profile
-from placement.latency import AnalyticLatency, kv_transfer_cost
-from placement.model_spec import load_model
-from placement.policy import Policy
-from placement.sim_colocated import ColocatedSim
-from placement.sim_core import DecodeBatch, InstanceModel, Slo, percentiles
-from placement.sim_disagg import DisaggSim, simulate_disaggregated
-from placement.workload import Arrival, Fixed, LogNormal, Uniform, Workload, sample_base
+from tandem.placement.hardware import get_profile
+from tandem.placement.latency import AnalyticLatency, kv_transfer_cost
+from tandem.placement.model_spec import load_model
+from tandem.placement.policy import Policy
+from tandem.placement.sim_colocated import ColocatedSim
+from tandem.placement.sim_core import DecodeBatch, InstanceModel, Slo, percentiles
+from tandem.placement.sim_disagg import DisaggSim, simulate_disaggregated
+from tandem.placement.workload import Arrival, Fixed, LogNormal, Uniform, Workload, sample_base
 
 MODEL = load_model("opt-13b")
 A100 = get_profile("A100-80GB")

@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from engine import attention, kernels
-from engine.attention import prefill_attention
+from tandem.engine import attention, kernels
+from tandem.engine.attention import prefill_attention
 
 
 def _reference(q, k, v, lens, scale):

@@ -14,7 +14,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from engine import prepare
+from tandem.engine import prepare
 from tests.reference import hf_greedy, hf_load, hf_model_from_gguf, hf_tokenizer_from_gguf, make_tiny_model
 
 PROMPT = "The capital of France is"
@@ -185,7 +185,7 @@ def test_missing_gguf_package_names_the_install(monkeypatch: pytest.MonkeyPatch)
 
 
 def test_cli_models(fake_cache: list[Path], capsys: pytest.CaptureFixture[str]) -> None:
-    from deploy.cli import main
+    from tandem.deploy.cli import main
 
     assert main(["models", "list"]) == 0
     assert "not prepared (run: tandem models prepare smollm2)" in capsys.readouterr().out

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import textwrap
 
-from deploy.cli import main
-from placement.calibrate import load_profile
-from deploy.cmd_profile import DECODE_GRID, PREFILL_GRID
+from tandem.deploy.cli import main
+from tandem.placement.calibrate import load_profile
+from tandem.deploy.cmd_profile import DECODE_GRID, PREFILL_GRID
 
 
 def test_profile_writes_a_loadable_calibration(tiny_llama_dir, tmp_path, capsys):

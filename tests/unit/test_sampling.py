@@ -16,10 +16,10 @@ import pytest
 import torch
 from tokenizers import Tokenizer as HFTokenizer
 
-from engine import LLM, SamplingParams
-from engine.sampler import sample
-from engine.sequence import Sequence, make_generator
-from engine.tokenizer import DetokenizerState
+from tandem.engine import LLM, SamplingParams
+from tandem.engine.sampler import sample
+from tandem.engine.sequence import Sequence, make_generator
+from tandem.engine.tokenizer import DetokenizerState
 from tests.reference import hf_greedy, hf_load
 
 BLOCK_SIZE = 16

@@ -1,9 +1,9 @@
 """The scheduler's decisions are plain data: test them without a model."""
-from engine.block_manager import BlockManager
-from engine.params import SamplingParams
-from engine.scheduler import Scheduler, SchedulerConfig
-from engine.sequence import Sequence, Status
-from engine.tokenizer import DetokenizerState
+from tandem.engine.block_manager import BlockManager
+from tandem.engine.params import SamplingParams
+from tandem.engine.scheduler import Scheduler, SchedulerConfig
+from tandem.engine.sequence import Sequence, Status
+from tandem.engine.tokenizer import DetokenizerState
 
 
 def seq(rid: str, n: int) -> Sequence:

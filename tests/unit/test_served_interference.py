@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from deploy.served_profile import (InterferenceSample, fit_interference, fit_interference_shape,
+from tandem.deploy.served_profile import (InterferenceSample, fit_interference, fit_interference_shape,
                                    interference_tokens)
-from placement.calibrate import CalibratedEntry, CalibratedProfile, PhaseFit
+from tandem.placement.calibrate import CalibratedEntry, CalibratedProfile, PhaseFit
 
 
 def test_slowdowns_are_medians_of_per_pass_ratios() -> None:

@@ -13,7 +13,7 @@ import msgspec
 import pytest
 import yaml
 
-from cluster.spec import (
+from tandem.cluster.spec import (
     ClusterSpec, InstanceSpec, SpecError, dump_spec, load_spec, parse_spec, spec_to_dict)
 from tests.spec_helpers import base, expect_error, with_value, write_model_config
 
@@ -262,7 +262,7 @@ def test_broken_model_path(tmp_path: Path, setup: str, fragment: str) -> None:
 
 def test_model_name_resolves_through_prepare(monkeypatch: pytest.MonkeyPatch,
                                              model_dir: Path) -> None:
-    from engine import prepare
+    from tandem.engine import prepare
 
     monkeypatch.setattr(prepare, "resolve_model", lambda name: model_dir)
     spec = parse_spec(base())

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from cluster.spec import parse_spec
+from tandem.cluster.spec import parse_spec
 from tests.spec_helpers import base, expect_error, with_value
 
 # --- errors: one class at a time -------------------------------------------------------------

@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from transfer.base import TransferError
-from transfer.blockcopy import block_runs, copy_blocks, raw_numpy
-from transfer.local import LocalTransport
-from transfer.shm import ShmTransport
-from transfer.shm_pool import PREFIX, SHM_DIR, SharedPool, sweep_orphans
+from tandem.transfer.base import TransferError
+from tandem.transfer.blockcopy import block_runs, copy_blocks, raw_numpy
+from tandem.transfer.local import LocalTransport
+from tandem.transfer.shm import ShmTransport
+from tandem.transfer.shm_pool import PREFIX, SHM_DIR, SharedPool, sweep_orphans
 
 SHAPE = (3, 2, 0, 4, 2, 8)  # [layers, K/V, blocks (filled in), block_size, kv heads, head_dim]
 # (source ids, destination ids): odd counts, gaps, reversed order, runs on one side only.
@@ -131,7 +131,7 @@ def test_reused_slot_does_not_revive_an_old_handle(shm_pair):
 
 
 def test_release_during_the_copy_discards_it(shm_pair, monkeypatch):
-    import transfer.shm as shm_module
+    import tandem.transfer.shm as shm_module
 
     source, src_cache, dest, dst_cache = setup("shm", torch.float32, shm_pair)
     handle = source.export(src_cache, "r1", [3, 4], 20)
@@ -206,7 +206,7 @@ def test_pool_that_cannot_be_reserved_says_why_and_leaves_nothing(tmp_path: Path
 
 _CHILD = """
 import os, signal, sys, torch
-from transfer.shm_pool import SharedPool
+from tandem.transfer.shm_pool import SharedPool
 pool = SharedPool((2, 2, 3, 4), torch.float32, num_slots=4, directory=sys.argv[1])
 print(pool.name, flush=True)
 if sys.argv[2] == "kill":
@@ -234,7 +234,7 @@ def test_pool_is_unlinked_at_exit_and_swept_after_sigkill(tmp_path: Path):
 # --- the engine's allocator hook ----------------------------------------------------------------
 
 def _generate(engine, prompt: list[int]) -> list[int]:
-    from engine.params import SamplingParams
+    from tandem.engine.params import SamplingParams
 
     rid = engine.add_request(prompt, SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))
     tokens = []
@@ -244,7 +244,7 @@ def _generate(engine, prompt: list[int]) -> list[int]:
 
 
 def test_engine_runs_on_a_shared_memory_cache(tiny_llama_dir, shm_pair):
-    from engine.engine import Engine, EngineConfig
+    from tandem.engine.engine import Engine, EngineConfig
 
     transport, _ = shm_pair
     config = EngineConfig(dtype="float32", num_blocks=8, block_size=4)

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import pytest
 
-from cluster.deployment import launch_config
-from cluster.spec import parse_spec
-from cluster.spec_types import SpecError
-from transfer.registry import BACKENDS, make_transport
+from tandem.cluster.deployment import launch_config
+from tandem.cluster.spec import parse_spec
+from tandem.cluster.spec_types import SpecError
+from tandem.transfer.registry import BACKENDS, make_transport
 
 
 def _spec(backend: str, device: str = "cpu"):

@@ -6,12 +6,12 @@ import time
 
 import pytest
 
-from decode.instance import DecodeInstance
-from engine.engine import Engine, EngineConfig
-from engine.params import SamplingParams
-from engine.scheduler import SchedulerConfig
-from prefill.instance import PrefillInstance
-from transfer.shm import ShmTransport
+from tandem.decode.instance import DecodeInstance
+from tandem.engine.engine import Engine, EngineConfig
+from tandem.engine.params import SamplingParams
+from tandem.engine.scheduler import SchedulerConfig
+from tandem.prefill.instance import PrefillInstance
+from tandem.transfer.shm import ShmTransport
 
 GREEDY = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
 PROMPT = [5, 17, 42, 9, 33, 7, 81, 12, 60, 3, 14, 15, 92, 65, 35, 89, 79, 32, 38]  # 19: 5 blocks

@@ -16,9 +16,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import transfer.nccl as nccl_module
-from transfer.base import TransferError
-from transfer.nccl import NcclTransport
+import tandem.transfer.nccl as nccl_module
+from tandem.transfer.base import TransferError
+from tandem.transfer.nccl import NcclTransport
 
 SHAPE = (3, 2, 16, 4, 2, 8)
 
@@ -262,7 +262,7 @@ def test_close_aborts_every_communicator(peers):
 
 
 def test_without_cuda_the_backend_says_what_is_missing():
-    from transfer.registry import make_transport
+    from tandem.transfer.registry import make_transport
 
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
@@ -271,9 +271,9 @@ def test_without_cuda_the_backend_says_what_is_missing():
 
 
 def test_launching_an_nccl_spec_without_cuda_fails_clearly():
-    from cluster.deployment import launch_config
-    from cluster.spec import parse_spec
-    from cluster.spec_types import SpecError
+    from tandem.cluster.deployment import launch_config
+    from tandem.cluster.spec import parse_spec
+    from tandem.cluster.spec_types import SpecError
 
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
@@ -294,7 +294,7 @@ def test_two_gpus_round_trip_through_real_nccl():
     @ray.remote(num_gpus=1)
     class Peer:
         def __init__(self) -> None:
-            from transfer.registry import make_transport
+            from tandem.transfer.registry import make_transport
 
             self.transport = make_transport("nccl")
             self.cache = torch.zeros(SHAPE, dtype=torch.bfloat16, device="cuda")

@@ -1,5 +1,6 @@
-"""Pieces every instance actor shares: thread limits, the engine, awaiting the step loop, and the
-source side of transports that ask the source for something (auto across nodes, nccl)."""
+"""What every instance actor (prefill, decode) needs to host its engine beside its transports:
+thread limits, the engine over a transport-allocated KV cache, awaiting the step loop, and the
+source side of transports that ask the source for something (auto across nodes, nccl). No Ray."""
 from __future__ import annotations
 
 import asyncio
@@ -8,8 +9,8 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, Sequence
 
-from engine.engine import Engine, EngineConfig
-from transfer.base import Transport
+from tandem.engine.engine import Engine, EngineConfig
+from tandem.transfer.base import Transport
 
 
 def build_engine(model_dir: str, config: EngineConfig, num_threads: int,

@@ -1,0 +1,25 @@
+"""tandem: LLM serving with prefill and decode disaggregated onto separate pools of Ray actors.
+
+The repository's top-level folders install as this one package (``tandem.engine``, ``tandem.cluster``,
+...). The public names load lazily, so ``import tandem`` pulls in neither torch nor Ray.
+"""
+from __future__ import annotations
+
+import importlib
+
+_PUBLIC = {
+    "LLM": "tandem.engine.llm",
+    "SamplingParams": "tandem.engine.params",
+    "Completion": "tandem.engine.outputs",
+    "TokenDelta": "tandem.engine.outputs",
+    "Cluster": "tandem.cluster.launcher",
+    "connect": "tandem.cluster.launcher",
+    "Client": "tandem.cluster.client",
+}
+__all__ = list(_PUBLIC)
+
+
+def __getattr__(name: str):
+    if name in _PUBLIC:
+        return getattr(importlib.import_module(_PUBLIC[name]), name)
+    raise AttributeError(f"module 'tandem' has no attribute {name!r}")

@@ -1,0 +1,108 @@
+"""The engine's hand-over API types: a request leaving one engine and joining another.
+
+Three callers move requests between engines: a prefill instance hands each prefilled request to a
+decode instance, live migration moves a running request between decode instances, and the workers
+of a parallel instance follow their controller. They all use the same ``Engine`` calls:
+
+    export(request_id) -> Export      source: stop scheduling the request, keep its blocks
+    reserve(request_id, num_tokens)   destination: blocks for its KV (None: no room, nothing held)
+    admit(state)                      destination: the caller filled the reserved blocks; join the batch
+    release(request_id)               either side: free an export's or a reservation's blocks
+    resume(request_id)                source: an export that went nowhere rejoins the batch here
+
+plus ``Engine.kv_cache``, the tensor a transport reads the exported blocks from and writes the
+reserved ones into. ``RequestState`` is everything but the KV that a request needs to continue
+elsewhere; it crosses actors inside the protocol messages (``tandem.transfer.protocol``).
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Protocol
+
+import msgspec
+import torch
+
+from tandem.engine.outputs import TokenDelta
+from tandem.engine.params import SamplingParams
+from tandem.engine.sequence import Sequence
+from tandem.engine.tokenizer import DetokenizerState
+
+if TYPE_CHECKING:
+    from tandem.engine.engine import EngineConfig
+
+
+class RequestState(msgspec.Struct, frozen=True):
+    """Everything but the KV that a request needs to continue decoding elsewhere."""
+
+    request_id: str
+    token_ids: list[int]
+    num_prompt_tokens: int
+    params: SamplingParams
+    rng_state: bytes | None  # torch.Generator state: sampling continues the same stream
+    prefix_offset: int
+    read_offset: int
+    text: str
+    logprobs: list[float]
+    num_preemptions: int = 0
+
+    @property
+    def num_kv_tokens(self) -> int:
+        """Tokens whose KV travels with the request: all but the newest sampled token, which the
+        destination's first step computes."""
+        return len(self.token_ids) - 1
+
+
+class Export(msgspec.Struct, frozen=True):
+    """A request detached from scheduling, its blocks kept until ``release``."""
+
+    state: RequestState
+    block_ids: list[int]  # in the request's token order
+
+    @property
+    def num_kv_tokens(self) -> int:
+        return self.state.num_kv_tokens
+
+
+class HandoverEngine(Protocol):
+    """What the instances may use of an ``Engine``: the step API and the hand-over API."""
+
+    config: EngineConfig
+
+    @property
+    def kv_cache(self) -> torch.Tensor: ...
+    @property
+    def num_free_blocks(self) -> int: ...
+
+    def add_request(self, prompt: str | list[int], params: SamplingParams,
+                    request_id: str | None = None) -> str: ...
+    def step(self) -> list[TokenDelta]: ...
+    def abort(self, request_id: str) -> TokenDelta | None: ...
+    def has_unfinished(self) -> bool: ...
+    def stats(self) -> dict[str, int]: ...
+    def export(self, request_id: str) -> Export: ...
+    def reserve(self, request_id: str, num_tokens: int) -> list[int] | None: ...
+    def admit(self, state: RequestState) -> None: ...
+    def release(self, request_id: str) -> None: ...
+    def resume(self, request_id: str) -> None: ...
+
+
+def state_of(seq: Sequence) -> RequestState:
+    rng = None if seq.generator is None else bytes(seq.generator.get_state().numpy())
+    return RequestState(
+        request_id=seq.request_id, token_ids=list(seq.token_ids),
+        num_prompt_tokens=seq.num_prompt_tokens, params=seq.params, rng_state=rng,
+        prefix_offset=seq.detok.prefix_offset, read_offset=seq.detok.read_offset,
+        text=seq.text, logprobs=list(seq.logprobs), num_preemptions=seq.num_preemptions,
+    )
+
+
+def sequence_from(state: RequestState) -> Sequence:
+    generator = None
+    if state.rng_state is not None:
+        generator = torch.Generator(device="cpu")
+        generator.set_state(torch.frombuffer(bytearray(state.rng_state), dtype=torch.uint8))
+    return Sequence(
+        request_id=state.request_id, token_ids=list(state.token_ids),
+        num_prompt_tokens=state.num_prompt_tokens, params=state.params, generator=generator,
+        detok=DetokenizerState(state.prefix_offset, state.read_offset), text=state.text,
+        logprobs=list(state.logprobs), num_preemptions=state.num_preemptions,
+    )

@@ -1,0 +1,90 @@
+"""The protocol: every message that crosses an actor boundary, in one module every side imports.
+
+Plain frozen msgspec structs, no tensors: the KV itself moves through a transport. Types the engine
+owns travel inside these messages and are re-exported here so that callers import one module:
+``RequestState`` (engine/handover.py), ``TokenDelta`` and ``SamplingParams``.
+
+    router -> prefill   submit(request id, prompt ids, SamplingParams)
+    prefill -> router   on_prefilled([PrefillResult])          first token, RequestState, KVHandle
+    router -> decode    admit(RequestState, KVHandle)          pull the KV, then join the batch
+    decode -> router    on_decode_step(StepReport)             one message per step, every delta
+    router -> prefill   ack([request id])                      the decode side has the KV: free it
+    router -> client    StreamChunk                            what a request made since the last read
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+from tandem.engine.handover import RequestState
+from tandem.engine.outputs import TokenDelta
+from tandem.engine.params import SamplingParams
+
+__all__ = ["KVHandle", "KVLayout", "PrefillResult", "RequestState", "SamplingParams", "StepReport",
+           "StreamChunk", "TokenDelta"]
+
+
+class KVLayout(msgspec.Struct, frozen=True):
+    """Shape of one KV block: the unit transports move. ``dtype`` is a torch dtype name."""
+
+    num_layers: int
+    block_size: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: str
+
+    @property
+    def block_shape(self) -> tuple[int, ...]:
+        """Per-block slice of the cache ``[L, 2, blocks, block_size, Hkv, D]`` (blocks axis = 2)."""
+        return (self.num_layers, 2, self.block_size, self.num_kv_heads, self.head_dim)
+
+
+class KVHandle(msgspec.Struct, frozen=True):
+    """A request's exported KV: what a destination needs to fetch it.
+
+    ``payload`` is transport-specific (an object-store reference, a shared-memory name, ...);
+    it never carries the tensor bytes inline through the control plane.
+    """
+
+    transport: str
+    request_id: str
+    num_tokens: int  # tokens whose KV is exported (all but the newest sampled token)
+    num_blocks: int
+    layout: KVLayout
+    payload: Any = None
+    node_id: str = ""
+
+
+class PrefillResult(msgspec.Struct, frozen=True):
+    """A prefilled request: its first token and, unless it already finished, its state and KV."""
+
+    delta: TokenDelta
+    state: RequestState | None
+    handle: KVHandle | None
+    prefill_start: float
+    prefill_end: float
+
+
+class StepReport(msgspec.Struct, frozen=True):
+    """One message per decode step: every running request's new tokens plus admission outcomes."""
+
+    deltas: list[TokenDelta]
+    admitted: list[str]
+    failed: list[tuple[str, str]]  # (request id, error)
+    free_blocks: int
+
+
+class StreamChunk(msgspec.Struct, frozen=True):
+    """Everything a request produced since the client's previous read."""
+
+    request_id: str
+    token_ids: list[int]
+    text: str
+    finish_reason: str | None = None
+    error: str | None = None
+    metrics: dict[str, float] | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
