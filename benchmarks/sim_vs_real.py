@@ -13,7 +13,7 @@ Steps (1 and 2 are measured in benchmarks/sim_vs_real_costs.py):
    decode hops (the simulator's transfer delay).
 3. Launch SmolLM2-135M fp32, 1 prefill + 1 decode actor (num_cpus=1, one torch thread each) on
    `ray.init(num_cpus=2)`, and profile the *deployed* instances ("cluster" profile) with the probes
-   of `tandem profile --served` (deploy/served_profile.py): a single prompt is a one-sequence
+   of `tandem profile --served` (cluster/served_profile.py): a single prompt is a one-sequence
    prefill sample; b identical prompts queued at the paused prefill instance are prefilled as one
    batch and decode in lockstep; the batch's prefill_start/end (stamped in the prefill actor) is a
    prefill sample, the requests' TPOT the decode step period at batch b as served (engine step +
@@ -52,20 +52,20 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from benchmarks.sim_vs_real_config import BLOCK_SIZE, MAX_SEQS, NUM_BLOCKS, PREFILL_BUDGET, VOCAB
 from benchmarks.sim_vs_real_costs import WithExport, engine_profile, measure_transfer, transfer_cost
-# Cluster probes: deploy/served_profile.py's PROBES (batch x length within the 2048-token budget).
+# Cluster probes: cluster/served_profile.py's PROBES (batch x length within the 2048-token budget).
 
 
 # -- cluster profile -----------------------------------------------------------------------------
 
 async def probe_cluster(client, prefill, rng: random.Random, interference_passes: int) -> tuple[list, list, list]:
     """(prefill and router samples, decode samples, interference passes) of the deployed
-    instances: the probes of `tandem profile --served` (deploy/served_profile.py), so this
+    instances: the probes of `tandem profile --served` (cluster/served_profile.py), so this
     benchmark checks the product's calibration path.
 
     Tried and dropped: taking the prefill samples while background requests kept the decode
     instance busy (as in a run). On 2 cores the extra streams also load the router and the driver;
     the prefill fits got 4-30x noisier (rms 200-300 ms) and TTFT errors worse (+11..+46%)."""
-    from tandem.deploy.served_profile import PROBE_TOKENS, PROBES, probe, probe_interference
+    from tandem.cluster.served_profile import PROBE_TOKENS, PROBES, probe, probe_interference
 
     def prompt(n: int) -> list[int]:
         return [rng.randrange(10, VOCAB) for _ in range(n)]
@@ -81,7 +81,7 @@ def cluster_profile(samples: list, interference_passes: list | None = None):
     outside what this workload's prefill batches reach; they are left out of the prefill form."""
     import msgspec
 
-    from tandem.deploy.served_profile import fit_interference
+    from tandem.cluster.served_profile import fit_interference
     from tandem.placement.calibrate import fit_profile
 
     kept = [s for s in samples if s.phase == "decode" or sum(s.lengths) <= 1024]

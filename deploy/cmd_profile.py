@@ -2,7 +2,7 @@
 forms (placement/calibrate.py) and write the calibration file `tandem plan` reads.
 
 With ``--served`` it times one launched prefill + decode pair through the router instead
-(deploy/served_profile.py): slower to run, closer to what a deployment serves."""
+(cluster/served_profile.py): slower to run, closer to what a deployment serves."""
 from __future__ import annotations
 
 import argparse
@@ -54,7 +54,7 @@ def _profile_served(spec, args: argparse.Namespace) -> int:
     from tandem.cluster.spec_types import SpecError
     from tandem.deploy.cli import CommandError
     from tandem.deploy.ray_session import connect_ray
-    from tandem.deploy.served_profile import profile_served
+    from tandem.cluster.served_profile import profile_served
     from tandem.placement.calibrate import save_profile
 
     connect_ray(args.address)

@@ -34,7 +34,7 @@ class Slo(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 class Interference(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """How much slower one phase's steps run while an instance of the other phase on the same node
     is busy (0.1 = 10% slower): on CPU the instances share the node's memory bandwidth. Measured
-    by `tandem profile --served` (deploy/served_profile.py); about 0 where each instance owns its
+    by `tandem profile --served` (cluster/served_profile.py); about 0 where each instance owns its
     memory (separate GPUs)."""
 
     prefill: Annotated[float, msgspec.Meta(ge=0)] = 0.0

@@ -6,7 +6,7 @@ import textwrap
 
 from tandem.cluster.spec import load_spec
 from tandem.deploy.cli import main
-from tandem.deploy.served_profile import profile_served, single_pair
+from tandem.cluster.served_profile import profile_served, single_pair
 from tandem.placement.calibrate import load_profile
 
 SMALL_PROBES = ((24, 1, 20), (16, 4, 12), (20, 2, 40), (12, 3, 24))

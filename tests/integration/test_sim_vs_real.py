@@ -18,7 +18,7 @@ import pytest
 from benchmarks.sim_vs_real import (cluster_profile, compare, launch, run_real, saturation_rate,
                                     simulate, step_model, workload)
 from benchmarks.sim_vs_real_costs import measure_transfer, transfer_cost
-from tandem.deploy.served_profile import PROBE_TOKENS, PROBES, probe
+from tandem.cluster.served_profile import PROBE_TOKENS, PROBES, probe
 from tandem.engine.pacing import StepPace
 from tests.integration.conftest import assert_all_blocks_free
 

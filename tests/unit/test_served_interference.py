@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tandem.deploy.served_profile import (InterferenceSample, fit_interference, fit_interference_shape,
+from tandem.cluster.served_profile import (InterferenceSample, fit_interference, fit_interference_shape,
                                    interference_tokens)
 from tandem.placement.calibrate import CalibratedEntry, CalibratedProfile, PhaseFit
 
