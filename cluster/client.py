@@ -1,4 +1,10 @@
-"""The Python client handle: talks to a running cluster's router. Every wait is bounded."""
+"""The Python client handle: talks to a running cluster's router. Every wait is bounded.
+
+A request lives at most ``Client(timeout_s)`` or the spec's ``router.request_timeout_s``, whichever
+ends first: the router then aborts it everywhere (its blocks freed) and the calls below raise
+``RequestTimeout`` naming the limit (``generate_batch`` returns it as an error completion instead,
+so one slow request does not cost the others' results).
+"""
 from __future__ import annotations
 
 import asyncio
@@ -7,15 +13,16 @@ from collections.abc import AsyncIterator, Iterator, Sequence
 
 import ray
 
-from tandem.transfer.protocol import StreamChunk
 from tandem.engine.outputs import Completion
 from tandem.engine.params import SamplingParams
+from tandem.transfer.protocol import StreamChunk, is_timeout, remote_cause
 
 POLL_S = 10.0  # one poll waits at most this long on the router for new tokens
+GRACE_S = 30.0  # beyond a request's limit, how long to wait for the router to say it timed out
 
 
 class RequestTimeout(TimeoutError):
-    """The cluster did not finish a request in time (it has been aborted)."""
+    """The cluster did not finish a request in time (it has been aborted and its blocks freed)."""
 
 
 class Client:
@@ -28,17 +35,20 @@ class Client:
     # -- sync -----------------------------------------------------------------------------------
 
     def submit(self, prompt, params: SamplingParams | None = None, request_id: str | None = None) -> str:
-        return self._get(self.router.submit.remote(prompt, params, request_id), 60.0)
+        return self._get(self.router.submit.remote(prompt, params, request_id, self.timeout_s), 60.0)
 
     def generate(self, prompt, params: SamplingParams | None = None) -> Completion:
         return self.result(self.submit(prompt, params))
 
     def result(self, request_id: str) -> Completion:
-        return self._get(self.router.result.remote(request_id, self.timeout_s), self.timeout_s + 30)
+        """The finished request; raises RequestTimeout if it timed out."""
+        return _raise_if_timed_out(self._get(self.router.result.remote(request_id, self.timeout_s),
+                                             self.timeout_s + GRACE_S))
 
     def generate_batch(self, prompts: Sequence, params: SamplingParams | Sequence[SamplingParams] | None = None
                        ) -> list[Completion]:
-        """Submit all, then collect in order. If the router rejects one prompt, the ones already
+        """Submit all, then collect in order (a timed-out request comes back with finish_reason
+        "error" and the timeout's message). If the router rejects one prompt, the ones already
         submitted are aborted and the error is raised."""
         params_list = params if isinstance(params, (list, tuple)) else [params] * len(prompts)
         if len(params_list) != len(prompts):
@@ -52,21 +62,24 @@ class Client:
                 self.abort(rid)
             raise
         refs = [self.router.result.remote(rid, self.timeout_s) for rid in ids]
-        return self._get(refs, self.timeout_s + 30)
+        return self._get(refs, self.timeout_s + GRACE_S)
 
     def stream(self, prompt, params: SamplingParams | None = None) -> Iterator[StreamChunk]:
-        """Yields chunks of new tokens until the request finishes (the last chunk has metrics)."""
+        """Yields chunks of new tokens until the request finishes (the last chunk has metrics);
+        raises RequestTimeout after the last chunk of a request that timed out."""
         rid = self.submit(prompt, params)
-        deadline = time.monotonic() + self.timeout_s
+        deadline = time.monotonic() + self.timeout_s + GRACE_S
         try:
             while True:
-                chunk = self._get(self.router.poll.remote(rid, POLL_S), POLL_S + 30)
+                chunk = self._get(self.router.poll.remote(rid, POLL_S), POLL_S + GRACE_S)
                 if chunk.token_ids or chunk.finished:
                     yield chunk
                 if chunk.finished:
+                    _raise_if_timed_out(chunk)
                     return
                 if time.monotonic() > deadline:
-                    raise RequestTimeout(f"request {rid} did not finish in {self.timeout_s}s")
+                    raise RequestTimeout(f"request {rid!r}: the router did not finish it within "
+                                         f"Client(timeout_s={self.timeout_s:g}) + {GRACE_S:g}s")
         except BaseException:
             self.abort(rid)  # a consumer that stops early must not leave the request running
             raise
@@ -81,31 +94,35 @@ class Client:
     def _get(ref, timeout_s: float):
         try:
             return ray.get(ref, timeout=timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            raise RequestTimeout(f"the router did not answer within {timeout_s:g}s") from None
         except ray.exceptions.RayTaskError as exc:
-            cause = exc.cause if isinstance(exc.cause, BaseException) else exc
-            raise cause from None
+            raise remote_cause(exc) from None
 
     # -- asyncio --------------------------------------------------------------------------------
 
     async def asubmit(self, prompt, params: SamplingParams | None = None) -> str:
-        return await self._aget(self.router.submit.remote(prompt, params), 60.0)
+        return await self._aget(self.router.submit.remote(prompt, params, None, self.timeout_s), 60.0)
 
     async def agenerate(self, prompt, params: SamplingParams | None = None) -> Completion:
         rid = await self.asubmit(prompt, params)
-        return await self._aget(self.router.result.remote(rid, self.timeout_s), self.timeout_s + 30)
+        return _raise_if_timed_out(await self._aget(self.router.result.remote(rid, self.timeout_s),
+                                                    self.timeout_s + GRACE_S))
 
     async def astream(self, prompt, params: SamplingParams | None = None) -> AsyncIterator[StreamChunk]:
         rid = await self.asubmit(prompt, params)
-        deadline = time.monotonic() + self.timeout_s
+        deadline = time.monotonic() + self.timeout_s + GRACE_S
         try:
             while True:
-                chunk = await self._aget(self.router.poll.remote(rid, POLL_S), POLL_S + 30)
+                chunk = await self._aget(self.router.poll.remote(rid, POLL_S), POLL_S + GRACE_S)
                 if chunk.token_ids or chunk.finished:
                     yield chunk
                 if chunk.finished:
+                    _raise_if_timed_out(chunk)
                     return
                 if time.monotonic() > deadline:
-                    raise RequestTimeout(f"request {rid} did not finish in {self.timeout_s}s")
+                    raise RequestTimeout(f"request {rid!r}: the router did not finish it within "
+                                         f"Client(timeout_s={self.timeout_s:g}) + {GRACE_S:g}s")
         except BaseException:
             self.router.abort.remote(rid)
             raise
@@ -114,6 +131,14 @@ class Client:
     async def _aget(ref, timeout_s: float):
         try:
             return await asyncio.wait_for(ref, timeout_s)
+        except asyncio.TimeoutError:
+            raise RequestTimeout(f"the router did not answer within {timeout_s:g}s") from None
         except ray.exceptions.RayTaskError as exc:
-            cause = exc.cause if isinstance(exc.cause, BaseException) else exc
-            raise cause from None
+            raise remote_cause(exc) from None
+
+
+def _raise_if_timed_out(finished):
+    """Pass a finished Completion or StreamChunk through, or raise RequestTimeout for a timed-out one."""
+    if finished.finish_reason == "error" and is_timeout(finished.error):
+        raise RequestTimeout(finished.error)
+    return finished

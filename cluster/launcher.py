@@ -19,6 +19,7 @@ from tandem.cluster.router import Router
 from tandem.decode.actor import DecodeActor
 from tandem.engine.engine import EngineConfig
 from tandem.prefill.actor import PrefillActor
+from tandem.transfer.protocol import remote_cause
 
 NAMESPACE = "tandem"
 
@@ -42,7 +43,7 @@ class Cluster:
         router = Router.options(name=f"{config.name}-router", namespace=NAMESPACE,
                                 lifetime=lifetime).remote(
             config.model_dir, config.mode, config.prefill_policy, config.decode_policy,
-            config.decode.engine.max_model_len)
+            config.decode.engine.max_model_len, config.request_timeout_s)
         actors: dict[str, ray.actor.ActorHandle] = {}
         groups: list = []
         cluster = cls(config, router, actors, groups)
@@ -181,5 +182,4 @@ def connect(name: str, timeout_s: float = 600.0) -> Client:
 
 
 def _reason(exc: BaseException) -> str:
-    cause = getattr(exc, "cause", None)
-    return str(cause if isinstance(cause, BaseException) else exc)
+    return str(remote_cause(exc))

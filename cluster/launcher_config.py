@@ -23,5 +23,6 @@ class LaunchConfig(msgspec.Struct, frozen=True):
     mode: str = "disaggregated"
     transfer_backend: str = "ray"
     transfer_timeout_s: float = 30.0
+    request_timeout_s: float = 600.0  # the router times out any request older than this
     prefill_policy: str = "least_tokens"
     decode_policy: str = "most_free_blocks"

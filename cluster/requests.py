@@ -34,6 +34,7 @@ class RequestRecord:
     unread_from: int = 0  # index of the first token the client has not read
     unread_text_from: int = 0
     changed: asyncio.Event = field(default_factory=asyncio.Event)
+    deadline: asyncio.TimerHandle | None = None  # the request's time limit, cancelled on finish
 
     @property
     def done(self) -> bool:
@@ -61,6 +62,8 @@ class RequestRecord:
         if self.done:
             return
         self.finish_reason, self.error, self.stage = reason, error, "done"
+        if self.deadline is not None:
+            self.deadline.cancel()
         self.events["finish"] = now or time.time()
         self.changed.set()
 

@@ -26,7 +26,7 @@ from tandem.engine.outputs import Completion
 from tandem.engine.params import SamplingParams
 from tandem.engine.tokenizer import Tokenizer
 from tandem.engine.validation import validate_request
-from tandem.transfer.protocol import PrefillResult, StepReport, StreamChunk
+from tandem.transfer.protocol import PrefillResult, StepReport, StreamChunk, remote_cause, timeout_error
 
 log = logging.getLogger(__name__)
 
@@ -34,12 +34,14 @@ log = logging.getLogger(__name__)
 @ray.remote(num_cpus=0, max_restarts=0)
 class Router:
     def __init__(self, model_dir: str, mode: str = "disaggregated", prefill_policy: str = "least_tokens",
-                 decode_policy: str = "most_free_blocks", max_model_len: int | None = None) -> None:
+                 decode_policy: str = "most_free_blocks", max_model_len: int | None = None,
+                 request_timeout_s: float = 600.0) -> None:
         model_config = load_config(Path(model_dir))
         self.tokenizer = Tokenizer.from_model_dir(Path(model_dir))
         self.vocab_size = model_config.vocab_size
         self.max_model_len = context_limit(model_config, max_model_len)
         self.mode = mode
+        self.request_timeout_s = request_timeout_s
         self.dispatch = Dispatcher(prefill_policy, decode_policy)
         self.prefill: dict[str, ray.actor.ActorHandle] = {}
         self.decode: dict[str, ray.actor.ActorHandle] = {}
@@ -86,8 +88,11 @@ class Router:
 
     # -- client side ----------------------------------------------------------------------------
 
-    async def submit(self, prompt, params: SamplingParams | None = None, request_id: str | None = None) -> str:
-        """Validate and dispatch; raises ValueError for a bad request (nothing else is affected)."""
+    async def submit(self, prompt, params: SamplingParams | None = None, request_id: str | None = None,
+                     timeout_s: float | None = None) -> str:
+        """Validate and dispatch; raises ValueError for a bad request (nothing else is affected).
+        The request is timed out at ``router.request_timeout_s`` or at the caller's ``timeout_s``,
+        whichever ends first."""
         params = params or SamplingParams()
         ids = self._tokenize(prompt)
         validate_request(ids, params, vocab_size=self.vocab_size, max_model_len=self.max_model_len,
@@ -96,13 +101,27 @@ class Router:
         if rid in self.records:
             raise ValueError(f"request id {rid!r} is already in use")
         rec = self.records[rid] = RequestRecord(rid, ids, params)
+        self._set_deadline(rec, timeout_s)
         try:
             await self._dispatch_new(rec)
         except Exception as exc:
             self.records.pop(rid, None)
+            rec.finish("abort")  # cancels its deadline
             self.dispatch.forget(rec)
-            raise _unwrap(exc) from None
+            raise remote_cause(exc) from None
         return rid
+
+    def _set_deadline(self, rec: RequestRecord, caller_timeout_s: float | None) -> None:
+        limit, seconds = f"router.request_timeout_s={self.request_timeout_s:g}s", self.request_timeout_s
+        if caller_timeout_s is not None and caller_timeout_s < seconds:
+            limit, seconds = f"the caller's Client(timeout_s={caller_timeout_s:g})", caller_timeout_s
+        rec.deadline = asyncio.get_running_loop().call_later(seconds, self._time_out, rec, limit)
+
+    def _time_out(self, rec: RequestRecord, limit: str) -> None:
+        """Abort a request everywhere for running past ``limit``; it finishes as a timeout error."""
+        if not rec.done:
+            rec.finish("error", timeout_error(rec.request_id, limit))
+            self._free_everywhere(rec)
 
     async def _dispatch_new(self, rec: RequestRecord) -> None:
         """Send a new request to an instance; an instance found dead is dropped and another tried."""
@@ -145,13 +164,14 @@ class Router:
         return chunk
 
     async def result(self, request_id: str, timeout_s: float = 600.0) -> Completion:
+        """The finished request; one still running after the caller's ``timeout_s`` of waiting is
+        timed out (aborted everywhere, finished as a timeout error)."""
         rec = self._record(request_id)
         deadline = time.monotonic() + timeout_s
         while not rec.done:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                await self.abort(request_id)
-                rec.finish("error", f"request timed out after {timeout_s}s")
+                self._time_out(rec, f"the caller's wait of {timeout_s:g}s for its result")
                 break
             rec.changed.clear()
             try:
@@ -162,7 +182,7 @@ class Router:
         return rec.completion()
 
     async def generate(self, prompt, params: SamplingParams | None = None, timeout_s: float = 600.0) -> Completion:
-        return await self.result(await self.submit(prompt, params), timeout_s)
+        return await self.result(await self.submit(prompt, params, timeout_s=timeout_s), timeout_s)
 
     async def abort(self, request_id: str) -> bool:
         rec = self.records.get(request_id)
@@ -218,7 +238,7 @@ class Router:
         try:
             await self.decode[target].admit.remote(r.state, r.handle)
         except Exception as exc:  # a dead or refusing decode instance: fail this request only
-            rec.finish("error", f"decode instance {target} refused the request: {_unwrap(exc)}")
+            rec.finish("error", f"decode instance {target} refused the request: {remote_cause(exc)}")
             self._free_everywhere(rec)
 
     async def on_decode_step(self, instance_id: str, report: StepReport) -> None:
@@ -261,8 +281,3 @@ class Router:
             "instances": {n: (r if isinstance(r, dict) else {"error": str(r)}) for n, r in zip(names, results)},
         }
 
-
-def _unwrap(exc: BaseException) -> BaseException:
-    """Ray wraps remote exceptions; surface the original ValueError/TypeError to the client."""
-    cause = getattr(exc, "cause", None)
-    return cause if isinstance(cause, BaseException) else exc

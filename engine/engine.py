@@ -21,14 +21,14 @@ import torch
 from tandem.engine import heap, hugepages
 from tandem.engine.block_manager import BlockManager
 from tandem.engine.config import ModelConfig, load_config
-from tandem.engine.handover import Export, RequestState, sequence_from, state_of
+from tandem.engine.handover import Export, RequestState
 from tandem.engine.outputs import TokenDelta
 from tandem.engine.pacing import PacedRunner, StepPace
 from tandem.engine.params import SamplingParams
 from tandem.engine.runner import ModelRunner, build_model, kv_cache_shape, resolve_dtype
 from tandem.engine.sampler import sample
 from tandem.engine.scheduler import Scheduler, SchedulerConfig, StepPlan
-from tandem.engine.sequence import Sequence, Status, make_generator
+from tandem.engine.sequence import Sequence, Status, make_generator, sequence_from, state_of
 from tandem.engine.stopping import append_text, finish_reason
 from tandem.engine.tokenizer import DetokenizerState, Tokenizer, detokenize_step
 from tandem.engine.validation import validate_request

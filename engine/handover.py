@@ -19,14 +19,13 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Protocol
 
 import msgspec
-import torch
 
 from tandem.engine.outputs import TokenDelta
 from tandem.engine.params import SamplingParams
-from tandem.engine.sequence import Sequence
-from tandem.engine.tokenizer import DetokenizerState
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # light at run time: the protocol module, and so every client, imports this one
+    import torch
+
     from tandem.engine.engine import EngineConfig
 
 
@@ -84,25 +83,3 @@ class HandoverEngine(Protocol):
     def release(self, request_id: str) -> None: ...
     def resume(self, request_id: str) -> None: ...
 
-
-def state_of(seq: Sequence) -> RequestState:
-    rng = None if seq.generator is None else bytes(seq.generator.get_state().numpy())
-    return RequestState(
-        request_id=seq.request_id, token_ids=list(seq.token_ids),
-        num_prompt_tokens=seq.num_prompt_tokens, params=seq.params, rng_state=rng,
-        prefix_offset=seq.detok.prefix_offset, read_offset=seq.detok.read_offset,
-        text=seq.text, logprobs=list(seq.logprobs), num_preemptions=seq.num_preemptions,
-    )
-
-
-def sequence_from(state: RequestState) -> Sequence:
-    generator = None
-    if state.rng_state is not None:
-        generator = torch.Generator(device="cpu")
-        generator.set_state(torch.frombuffer(bytearray(state.rng_state), dtype=torch.uint8))
-    return Sequence(
-        request_id=state.request_id, token_ids=list(state.token_ids),
-        num_prompt_tokens=state.num_prompt_tokens, params=state.params, generator=generator,
-        detok=DetokenizerState(state.prefix_offset, state.read_offset), text=state.text,
-        logprobs=list(state.logprobs), num_preemptions=state.num_preemptions,
-    )

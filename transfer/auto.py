@@ -21,7 +21,7 @@ import ray
 import torch
 
 from tandem.transfer.base import TransferError
-from tandem.transfer.protocol import KVHandle
+from tandem.transfer.protocol import KVHandle, remote_cause
 from tandem.transfer.ray_transport import RayObjectTransport
 from tandem.transfer.shm import ShmTransport
 
@@ -122,7 +122,7 @@ class AutoTransport:
             raise TransferError(f"request {rid}: the source did not export the KV for another node "
                                 f"within {timeout_s}s") from exc
         except ray.exceptions.RayError as exc:
-            cause = getattr(exc, "cause", None) or exc  # a task error wraps the source's exception
+            cause = remote_cause(exc)
             raise TransferError(f"request {rid}: the source could not export the KV for another "
                                 f"node ({type(cause).__name__}: {cause})") from exc
 

@@ -25,6 +25,7 @@ class TransferError(RuntimeError):
     """A KV transfer failed or timed out; the message names the request and the reason."""
 
 
+
 class Transport(Protocol):
     name: str
 

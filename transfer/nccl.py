@@ -32,8 +32,8 @@ import torch
 
 from tandem.transfer.base import TransferError, check_layout, layout_of
 from tandem.transfer.blockcopy import Run, block_runs, check_ids
-from tandem.transfer.protocol import KVHandle
 from tandem.transfer.nccl_runtime import Communicator, CupyRuntime, NcclRuntime
+from tandem.transfer.protocol import KVHandle, remote_cause
 
 MAX_OPS_PER_GROUP = 1024  # both sides split identically; bounds one group's NCCL bookkeeping
 POLL_S = 0.0005
@@ -271,7 +271,7 @@ class NcclTransport:
         try:
             return call.result(timeout=_left(deadline))
         except Exception as exc:  # a timeout, a dead source, or its own TransferError
-            cause = getattr(exc, "cause", None) or exc
+            cause = remote_cause(exc)
             raise TransferError(f"request {rid}: the source did not {what} "
                                 f"({type(cause).__name__}: {cause})") from exc
 

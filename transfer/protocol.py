@@ -22,7 +22,9 @@ from tandem.engine.outputs import TokenDelta
 from tandem.engine.params import SamplingParams
 
 __all__ = ["KVHandle", "KVLayout", "PrefillResult", "RequestState", "SamplingParams", "StepReport",
-           "StreamChunk", "TokenDelta"]
+           "StreamChunk", "TokenDelta", "is_timeout", "remote_cause", "timeout_error"]
+
+_TIMED_OUT = " timed out: "
 
 
 class KVLayout(msgspec.Struct, frozen=True):
@@ -88,3 +90,20 @@ class StreamChunk(msgspec.Struct, frozen=True):
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+
+def timeout_error(request_id: str, limit: str) -> str:
+    """The error of a request aborted for running past ``limit`` (which names the setting)."""
+    return f"request {request_id!r}{_TIMED_OUT}it ran past {limit}; aborted, its blocks freed"
+
+
+def is_timeout(error: str | None) -> bool:
+    """Whether a finished request's error is ``timeout_error``'s (clients raise RequestTimeout)."""
+    return error is not None and error.startswith("request ") and _TIMED_OUT in error
+
+
+def remote_cause(exc: BaseException) -> BaseException:
+    """The exception a remote call raised on the other side: Ray wraps it (``RayTaskError.cause``);
+    anything else is its own cause. Needs no Ray import."""
+    cause = getattr(exc, "cause", None)
+    return cause if isinstance(cause, BaseException) else exc

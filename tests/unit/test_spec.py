@@ -387,3 +387,15 @@ def test_spec_modules_import_neither_ray_nor_torch() -> None:
     code = ("import sys, cluster.spec, cluster.spec_check, cluster.spec_yaml, cluster.spec_types;"
             "bad = [m for m in ('ray', 'torch') if m in sys.modules]; assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("mode", ["disaggregated", "colocated"])
+def test_the_router_limits_reach_the_launch_config(mode: str) -> None:
+    from tandem.cluster.deployment import launch_config
+
+    data = with_value(base(), "router.request_timeout_s", 42.5)
+    if mode == "colocated":
+        data = {**{k: v for k, v in data.items() if k not in ("prefill", "decode")},
+                "mode": "colocated", "instances": {"device": "cpu"}}
+    config = launch_config(parse_spec(data), "/m")
+    assert config.mode == mode and config.request_timeout_s == 42.5

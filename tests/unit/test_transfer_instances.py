@@ -67,19 +67,19 @@ def test_disaggregated_over_shm_matches_the_engine(pair, tiny_llama_dir):
         expected += [t for d in plain.step() for t in d.token_ids]
     assert tokens == expected and len(tokens) == 8
     for inst in (prefill, decode):
-        assert inst.engine.blocks.num_free == 12
+        assert inst.engine.num_free_blocks == 12
 
 
 def test_a_fetch_after_the_source_let_go_fails_and_frees_the_reservation(pair):
     prefill, decode = pair("prefill", hold_timeout_s=0.0), pair("decode")
     result = _prefill(prefill, "r1")
-    assert prefill.engine.blocks.num_free == 7  # held for the decode side
+    assert prefill.engine.num_free_blocks == 7  # held for the decode side
     time.sleep(0.01)
     assert prefill.reclaim_expired() == ["r1"]  # nobody acked in time: blocks back to the pool
-    assert prefill.engine.blocks.num_free == 12
+    assert prefill.engine.num_free_blocks == 12
     _prefill(prefill, "r2")  # reuses the freed blocks with another request's KV
     decode.admit(result.state, result.handle)
     report = decode.step()
     assert report.admitted == [] and report.failed[0][0] == "r1"
     assert "released before the fetch" in report.failed[0][1]
-    assert decode.engine.blocks.num_free == 12 and not decode.has_work()
+    assert decode.engine.num_free_blocks == 12 and not decode.has_work()
