@@ -1,41 +1,13 @@
 """Does the simulator predict the real cluster? Calibrated simulation vs a real 1P+1D run on CPU.
 
-    python -m benchmarks.sim_vs_real                     # 3 repeats of 50 requests, ~8-10 minutes
+    python -m benchmarks.sim_vs_real                     # 3 repeats of 50 requests
     python -m benchmarks.sim_vs_real --repeats 1 --requests 30
 
-Steps (1 and 2 are measured in benchmarks/sim_vs_real_costs.py):
-1. Engine profile ("engine"): the engine timed alone in a Ray actor (one torch thread, the actors'
-   priority) over prefill and decode batch shapes spanning the workload, fitted with
-   placement/calibrate.py's forms: what `tandem profile` measures, on a grid sized for this workload.
-2. Transfer costs, placed where the instances pay them: the `ray` transport's export (pack +
-   object-store put, in the prefill step loop before the first token is published: added to the
-   simulated prefill latency), its fetch (in the decode step loop) plus the prefill -> router ->
-   decode hops (the simulator's transfer delay).
-3. Launch SmolLM2-135M fp32, 1 prefill + 1 decode actor (num_cpus=1, one torch thread each) on
-   `ray.init(num_cpus=2)`, and profile the *deployed* instances ("cluster" profile) with the probes
-   of `tandem profile --served` (cluster/served_profile.py): a single prompt is a one-sequence
-   prefill sample; b identical prompts queued at the paused prefill instance are prefilled as one
-   batch and decode in lockstep; the batch's prefill_start/end (stamped in the prefill actor) is a
-   prefill sample, the requests' TPOT the decode step period at batch b as served (engine step +
-   step loop + per-step report). The probes run just before and just after every measured run and the profile of
-   that run is fitted on both: this host is shared with other jobs and its speed drifts by tens of
-   percent within minutes. The same passes measure the profile's interference (how much slower each
-   phase runs while the other is busy on this node, A/B on fixed shapes), as `--served` does.
-4. Rate: --load (default 0.55) x the simulated saturation throughput of 1P+1D under the first
-   cluster profile (every request queued at t=0): a moderate rate.
-5. Each repeat: wait (up to --max-wait s) until other jobs use < --quiet of the CPUs, then Poisson
-   arrivals, prompts uniform 64..256, outputs uniform 32..96, random token ids, greedy, ignore_eos;
-   arrival times are the instants the client sent each request. The simulator
-   (placement/sim_disagg.py) then runs on exactly those arrivals and lengths with the real policy
-   (prefill token budget 2048, batch caps 128, 16-token blocks, 2048 blocks, no watermark).
-6. Report TTFT/TPOT p50/p90, real vs simulated, relative errors (median and range over repeats),
-   for three latency models: the engine profile, the cluster profile without interference, and
-   the cluster profile with it ("cluster_interference": what the planner uses for instances that
-   share a node). An earlier "padded" decode form (cost at batch x longest context) over-predicted
-   TPOT by 31-48% and was dropped (benchmarks/RESULTS.md).
-
-Also printed per repeat: the CPU share other jobs used, and the real prefill batch durations
-(members of a batch share one prefill_start/prefill_end) over each profile's prefill form.
+Profiles the bare engine and the deployed instances (the probes of `tandem profile --served`),
+sends Poisson arrivals to SmolLM2-135M served by 1 prefill + 1 decode actor, replays exactly those
+arrivals and lengths in the simulator (placement/sim_disagg.py), and reports real vs simulated
+TTFT/TPOT p50/p90 for each latency model. The method step by step, and the results:
+benchmarks/RESULTS.md ("benchmarks/sim_vs_real.py (method)", "Simulator vs real cluster").
 """
 from __future__ import annotations
 
@@ -60,11 +32,8 @@ from benchmarks.sim_vs_real_costs import WithExport, engine_profile, measure_tra
 async def probe_cluster(client, prefill, rng: random.Random, interference_passes: int) -> tuple[list, list, list]:
     """(prefill and router samples, decode samples, interference passes) of the deployed
     instances: the probes of `tandem profile --served` (cluster/served_profile.py), so this
-    benchmark checks the product's calibration path.
-
-    Tried and dropped: taking the prefill samples while background requests kept the decode
-    instance busy (as in a run). On 2 cores the extra streams also load the router and the driver;
-    the prefill fits got 4-30x noisier (rms 200-300 ms) and TTFT errors worse (+11..+46%)."""
+    benchmark checks the product's calibration path. The decode instance is idle during the
+    prefill probes (what was tried instead: benchmarks/RESULTS.md)."""
     from tandem.cluster.served_profile import PROBE_TOKENS, PROBES, probe, probe_interference
 
     def prompt(n: int) -> list[int]:

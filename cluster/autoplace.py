@@ -7,7 +7,10 @@ The cluster spec already says most of what the planner needs (model and dtype, S
 batching limits and block size); ``planning:`` adds the rest (hardware, calibration, cluster size,
 workload, search knobs) in the placement spec's own schema, and ``placement.problem_from_dict``
 parses the combination, so the two spec formats share one parser. The planner only chooses
-replicas/tp/pp; every other pool field is fixed by the spec and handed to it as policy.
+replicas (tp and pp are held at ``ENGINE_MAX_TP``/``ENGINE_MAX_PP``, 1 today). The pools' batching
+limits and block size become its policy; each simulated instance's KV capacity comes from the
+hardware profile's memory, not from ``num_blocks``, which is only checked to hold the workload's
+longest request (``_check_pool_blocks``); ``memory_fraction`` is not read.
 
 Pure: no Ray, no torch. The launcher (cluster/launcher.py) asks Ray how big the cluster is and
 passes the answer in; ``tandem plan`` passes this host's size instead.

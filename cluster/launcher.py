@@ -1,8 +1,8 @@
 """Launcher: a LaunchConfig -> placement groups -> instance actors -> a registered router.
 
-Every instance gets its own placement group (one bundle per instance today; tp*pp bundles once
-parallel instances exist), so Ray reserves its CPUs/GPUs before any model loads, and a cluster
-that is too small fails fast with a message saying what could not be reserved.
+Every instance gets its own placement group of one bundle, so Ray reserves its CPUs before any
+model loads, and a cluster that is too small fails fast with a message saying what could not be
+reserved. GPUs are not reserved yet: a cuda instance uses its node's first visible GPU.
 """
 from __future__ import annotations
 

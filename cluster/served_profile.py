@@ -1,27 +1,24 @@
 """`tandem profile SPEC --served`: calibrate the planner on launched instances, not a bare engine.
 
 Why: a served instance is slower than its engine alone (the step loop, one report per decode step,
-router hops, other actors on the same cores). On CPU, a profile of the bare engine made the
-simulator under-predict a real 1P+1D cluster's TTFT/TPOT percentiles by 11-34%; with a profile of
-the served instances TPOT came within 10% on a quiet host, TTFT within 8-28% (benchmarks/RESULTS.md,
-"Simulator vs real cluster").
+router hops, other actors on the same cores), so a bare-engine profile makes the simulator
+under-predict a served cluster (measurements: benchmarks/RESULTS.md, "cluster/served_profile.py").
 
 How: launch one prefill and one decode instance with the spec's settings and time them through the
 router with probes. A single prompt gives a one-sequence prefill sample; then, with the prefill
 instance paused, ``batch`` identical-length prompts queue there and, resumed, are prefilled as one
 batch and decode in lockstep: the batch's prefill_start/prefill_end (stamped by the prefill actor)
-is a prefill sample and the requests' TPOT the decode step period at that batch size as served. The samples are fitted with placement/calibrate.py's forms, like the bare-engine profile.
+is a prefill sample and the requests' TPOT the decode step period at that batch size as served.
+The samples are fitted with placement/calibrate.py's forms, like the bare-engine profile.
 
 Interference: the probes above time each phase while the other is idle, but in service both run at
-once, and on CPU they share the node's memory bandwidth (real prefill batches ran 5-22% slower than
-the fit). So the profile also measures, A/B on the same shapes, a single prompt's prefill alone and
-beside a decoding batch, and that batch's TPOT alone and while single prompts keep the prefill
-instance busy; the slowdowns become the profile's ``interference``, which the simulator applies to
-instances sharing a node.
+once, and on CPU they share the node's memory bandwidth. So the profile also measures, A/B on the
+same shapes, a single prompt's prefill alone and beside a decoding batch, and that batch's TPOT
+alone and while single prompts keep the prefill instance busy; the slowdowns become the profile's
+``interference``, which the simulator applies to instances sharing a node.
 
-Router delay: each single prompt's TTFT beyond its prefill step (router hops, step-loop wake-ups:
-~5 ms per request between this host's CPU actors) becomes the profile's ``router_delay_s``, which
-the simulator adds to every TTFT.
+Router delay: each single prompt's TTFT beyond its prefill step (router hops, step-loop wake-ups)
+becomes the profile's ``router_delay_s``, which the simulator adds to every TTFT.
 """
 from __future__ import annotations
 

@@ -55,8 +55,11 @@ class ModelRef(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 class InstanceSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """One pool of identical engine instances (the prefill pool, the decode pool, or the colocated
     pool). ``replicas``/``tp``/``pp`` are None only under ``placement: auto`` until the planner
-    chooses them; under explicit placement an omitted value means 1. KV capacity comes from
-    ``num_blocks`` or ``memory_fraction`` (at most one; neither lets the engine size it)."""
+    chooses them; under explicit placement an omitted value means 1. tp/pp above 1 are accepted
+    here (and checked against the model) but not yet supported: the launcher refuses them. KV
+    capacity per instance: ``num_blocks`` blocks, or ``memory_fraction`` of the host's RAM (also
+    for cuda pools), at most one of the two; neither gives the engine's default, 1 GiB of KV.
+    ``device: cuda`` reserves no GPU: an instance uses its node's first visible GPU."""
 
     replicas: int | None = None
     tp: int | None = None
@@ -67,7 +70,7 @@ class InstanceSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     max_batch_tokens: int = 8192
     max_num_seqs: int = 128
     device: Device = "cpu"
-    num_cpus: float = 1.0  # per actor (Ray resource), not per instance
+    num_cpus: float = 1.0  # Ray CPUs reserved for each instance (one actor today)
 
     @property
     def is_planned(self) -> bool:
@@ -76,9 +79,9 @@ class InstanceSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 
 class TransferSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """How KV caches move between instances (prefill -> decode, and decode -> decode migration).
+    """How KV caches move from prefill to decode instances (colocated instances move none).
     ``auto``: shared memory between CPU instances on one node, the Ray object store across nodes
-    and for GPU caches (choose ``nccl`` explicitly for GPU-to-GPU transfers)."""
+    and for GPU caches. ``nccl`` (GPU to GPU) needs the two instances on different GPUs."""
 
     backend: Backend = "auto"
     timeout_s: float = 30.0

@@ -69,7 +69,7 @@ def _serve(args: argparse.Namespace) -> int:
         raise CommandError(str(exc)) from exc
     print(f"cluster {spec.name!r} is up: {', '.join(cluster.actors)}")
     if args.detach:
-        print(f"connect with cluster.connect({spec.name!r}); stop with `tandem shutdown {spec.name}`")
+        print(f"connect with tandem.connect({spec.name!r}); stop with `tandem shutdown {spec.name}`")
         return 0
     print("serving; Ctrl-C stops it")
     try:

@@ -1,9 +1,13 @@
 """Batch entrypoint for `ray job submit`: serve a spec, run a JSONL of prompts, write the results.
 
-    ray job submit --working-dir . -- python -m tandem.deploy.job SPEC --prompts in.jsonl --out out.jsonl
+    ray job submit --working-dir . -- python -m tandem.deploy.job SPEC --prompts in.jsonl --out /abs/out.jsonl
 
 Each input line is {"prompt": str | [token ids], optional "id", and any SamplingParams fields};
 each output line has the id, text, token ids, finish reason and metrics (TTFT, TPOT, ...).
+
+Paths are this process's: Ray runs a job's entrypoint on the head node (unless the job asks for
+entrypoint resources), in its unpacked copy of ``--working-dir``. A relative ``--out`` therefore
+lands in that copy on the head node, not where the job was submitted from: pass an absolute path.
 """
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
 """tandem's in-process model runtime: models, paged KV cache, scheduler, sampler, step loop.
 
 No Ray and no network here; the prefill/decode instances and the colocated baseline build on it.
-The public names load lazily so that light submodules (``engine.prepare``, ``engine.params``) can
-be imported without pulling in torch.
+The public names load lazily so that light submodules (``tandem.engine.prepare``,
+``tandem.engine.params``) can be imported without pulling in torch.
 """
 from __future__ import annotations
 
@@ -20,4 +20,4 @@ __all__ = list(_PUBLIC)
 def __getattr__(name: str):
     if name in _PUBLIC:
         return getattr(importlib.import_module(_PUBLIC[name]), name)
-    raise AttributeError(f"module 'engine' has no attribute {name!r}")
+    raise AttributeError(f"module 'tandem.engine' has no attribute {name!r}")

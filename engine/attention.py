@@ -53,7 +53,7 @@ def prefill_attention(
 
     On CPU (bf16 or fp32) the native kernel where it takes the head dim; otherwise SDPA, where
     consecutive sequences of one length go through as one batch: the same per-sequence result, bit
-    for bit, in a fraction of the calls (32 x 128 tokens: 11 vs 14 ms per layer)."""
+    for bit, in a fraction of the calls (faster: benchmarks/RESULTS.md, "engine/attention.py")."""
     if native_prefill_applies(q, k, v):
         return native_prefill_attention(q, k, v, seq_lens, scale)
     outputs = []

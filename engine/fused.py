@@ -85,7 +85,7 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
 
 def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
     """``logits.argmax(dim=-1)`` for a 2-D tensor (int64), natively for contiguous fp32 on CPU:
-    the same indices (first of ties; a row with a NaN gives its first NaN) in a seventh of the time."""
+    the same indices (first of ties; a row with a NaN gives its first NaN), several times faster."""
     if not (logits.dim() == 2 and logits.dtype == torch.float32 and fused_applies(logits)
             and logits.is_contiguous() and logits.shape[1] > 0):
         return logits.argmax(dim=-1)

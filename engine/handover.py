@@ -1,8 +1,8 @@
 """The engine's hand-over API types: a request leaving one engine and joining another.
 
-Three callers move requests between engines: a prefill instance hands each prefilled request to a
-decode instance, live migration moves a running request between decode instances, and the workers
-of a parallel instance follow their controller. They all use the same ``Engine`` calls:
+Today a prefill instance hands each prefilled request to a decode instance with it; the API is
+shaped for the two movers not built yet as well (live migration of a running request between
+decode instances, and the workers of a parallel instance following their controller):
 
     export(request_id) -> Export      source: stop scheduling the request, keep its blocks
     reserve(request_id, num_tokens)   destination: blocks for its KV (None: no room, nothing held)

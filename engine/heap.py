@@ -1,13 +1,13 @@
 """Keep freed CPU memory mapped, so each step's large transient tensors reuse their pages.
 
-Why: a 32 x 128-token SmolLM2 prefill allocates and frees hundreds of MB of activations, 5-25 MB a
-tensor, layer after layer. glibc hands the top of its heap back to the OS whenever more than its
-trim threshold (twice the largest block it recently freed) lies free there, so the next layer's
-tensors came back as fresh pages, faulted in one at a time: ~97,000 minor faults per prefill.
-With the thresholds fixed (blocks up to 32 MB from the heap, glibc's own largest choice; trim only
-beyond 1 GB free) they stay mapped: 0 faults, and the prefill took 3.6-3.75 s instead of 4.1-4.8 s,
-for 128 MB more resident memory. Blocks above 32 MB are still mmapped: with a higher threshold
-glibc grew its heap by each 64-byte-aligned 50 MB block freed and allocated again.
+Why: a prefill allocates and frees hundreds of MB of activations, several MB a tensor, layer after
+layer. glibc hands the top of its heap back to the OS whenever more than its trim threshold (twice
+the largest block it recently freed) lies free there, so the next layer's tensors come back as
+fresh pages, faulted in one at a time. With the thresholds fixed (blocks up to 32 MB from the heap,
+glibc's own largest choice; trim only beyond 1 GB free) they stay mapped, for a little more
+resident memory. Blocks above 32 MB are still mmapped: with a higher threshold glibc grew its heap
+by each 64-byte-aligned large block freed and allocated again. Measurements: benchmarks/RESULTS.md,
+"engine/heap.py".
 
 Process-wide, once, glibc only (``mallopt`` elsewhere is absent or a no-op).
 ``TANDEM_KEEP_FREED_MEMORY=0`` leaves malloc alone.

@@ -4,8 +4,8 @@ Why: a decode step reads every weight and every cached K/V row, hundreds of MB s
 4 KB pages; TLB misses then cost as much as some of the reads. Linux backs a private anonymous
 mapping advised ``MADV_HUGEPAGE`` with 2 MB pages whenever THP is ``always`` or ``madvise`` (the
 common default), without the process-wide switch torch offers (``THP_MEM_ALLOC_ENABLE``, read
-once at torch's first allocation). Measured: the decode attention over a cold batch-32 cache
-0.56 vs 0.63 ms per layer; whole decode steps moved less than this host's noise (RESULTS.md).
+once at torch's first allocation). The measured gain is small (benchmarks/RESULTS.md,
+"engine/hugepages.py").
 
 Buffers below one huge page, other devices, and systems without ``madvise`` get ``torch.empty``.
 ``TANDEM_HUGEPAGES=0`` turns this off.

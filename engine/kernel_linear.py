@@ -25,8 +25,8 @@ from torch.nn import functional as F
 from tandem.engine import hugepages, kernels
 from tandem.engine.packed_linear import onednn_linear
 
-# Up to here the native kernel is at least as fast as MKL (fp32) and far faster than emulated bf16
-# on this project's CPU (benchmarks/decode_linears.py, RESULTS.md).
+# Up to here the native kernel was at least as fast as MKL (fp32) and faster than emulated bf16
+# (benchmarks/decode_linears.py; numbers in benchmarks/RESULTS.md, "engine/kernel_linear.py").
 SMALL_M = 256
 
 
@@ -45,10 +45,9 @@ def panel_width() -> int:
 @functools.cache
 def onednn_prefill() -> bool:
     """Whether fp32 prefill GEMMs go to oneDNN (weights prepacked) rather than MKL: everywhere but
-    on Intel CPUs. oneDNN picks its code by instruction set, MKL by vendor too: on AMD, MKL ran
-    SmolLM2's prefill shapes at 140-200 GF/s on Zen 5 (AVX-512) against oneDNN's 380-460, and 10-25%
-    behind oneDNN on Zen 3 (AVX2); on Intel (AVX-512, AMX), MKL ran them at ~250-300 GF/s, near the
-    FMA peak (benchmarks/RESULTS.md)."""
+    on Intel CPUs. oneDNN picks its code by instruction set, MKL by vendor too: on AMD CPUs MKL ran
+    SmolLM2's prefill shapes well behind oneDNN, on Intel near the FMA peak (benchmarks/RESULTS.md,
+    "engine/kernel_linear.py")."""
     return (small_gemm_available() and kernels.cpuinfo_field("vendor_id") != "GenuineIntel"
             and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
 
@@ -114,8 +113,8 @@ class KernelLinear(nn.Module):
         # Buffers, not parameters: a packed copy taken after loading (ties are not followed).
         weight = linear.weight.detach()
         self.register_buffer("panels", pack_panels(weight), persistent=False)
-        # fp32 keeps a second copy for large batches: unpacking per call (a pass over every
-        # weight, ~130 ms per step for SmolLM2) cost 15-30% at 256-1024 rows. bf16 must be widened
+        # fp32 keeps a second copy for large batches: unpacking per call is a pass over every
+        # weight per step, too slow at prefill sizes (benchmarks/RESULTS.md). bf16 must be widened
         # per call anyway (CPU without bf16 arithmetic), so it keeps only the panels. The copy is
         # the original weight for MKL or an opaque oneDNN tensor (not a buffer: meaningless to
         # state_dict or .to()).

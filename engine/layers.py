@@ -65,9 +65,9 @@ class RotaryEmbedding(nn.Module):
 
 
 # Most bytes of fused gate/up activation one MLP pass makes (counted in fp32, which the CPU paths
-# compute in): a large prefill's (50 MB for 4096 SmolLM2 tokens) is beyond the largest block glibc's
-# malloc recycles (32 MB), so it was a fresh mmap every layer, faulted in page by page; in chunks it
-# is recycled. Measured, a 32 x 128-token prefill: 6% faster in fp32, 2% in bf16 (RESULTS.md).
+# compute in): a large prefill's is beyond the largest block glibc's malloc recycles (32 MB), so it
+# was a fresh mmap every layer, faulted in page by page; in chunks it is recycled
+# (benchmarks/RESULTS.md, "engine/layers.py").
 MLP_CHUNK_BYTES = 24 << 20
 
 

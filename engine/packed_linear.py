@@ -2,9 +2,9 @@
 
 ``F.linear`` on a bf16 CPU tensor hands oneDNN the weight in plain row-major layout, and oneDNN
 reorders it into its blocked (AMX/VNNI) layout on *every* call. For decode-sized batches that
-reorder costs as much as the multiply itself. Packing each weight once at load time removes it:
-1.3-2x faster linears at batch 1-128 on this project's CPU (AMX), bit-identical outputs (same
-kernel, same accumulation order). Large prefill batches are unaffected.
+reorder costs as much as the multiply itself. Packing each weight once at load time removes it,
+with bit-identical outputs (same kernel, same accumulation order; speed-up in
+benchmarks/RESULTS.md, "engine/packed_linear.py"). Large prefill batches are unaffected.
 """
 from __future__ import annotations
 

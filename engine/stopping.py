@@ -21,8 +21,9 @@ def append_text(seq: Sequence, new_text: str, final: bool = False) -> tuple[str,
     the last ``len(longest) - 1`` characters are held back until the request finishes (`final`, or
     a stop string completes): they may still turn out to begin a stop string, and a client that
     concatenates deltas must never see part of one. What was emitted before is therefore always
-    ``seq.text[:len(seq.text) - hold]``, so no extra state is needed (and it survives migration).
-    Only the tail that could contain a new match is searched, so the cost per token stays constant.
+    ``seq.text[:len(seq.text) - hold]``, so no extra state is needed (nor handed to another engine
+    with the request). Only the tail that could contain a new match is searched, so the cost per
+    token stays constant.
     """
     hold = max(len(s) for s in seq.params.stop) - 1 if seq.params.stop else 0
     emitted = max(0, len(seq.text) - hold)

@@ -33,7 +33,7 @@ class Tokenizer:
 
 @dataclass
 class DetokenizerState:
-    """Window offsets into a sequence's token ids; two ints, so it travels with a migrated request."""
+    """Window offsets into a sequence's token ids; two ints, so it travels in a ``RequestState``."""
 
     prefix_offset: int
     read_offset: int

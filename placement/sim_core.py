@@ -34,8 +34,8 @@ class Slo(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 class Interference(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """How much slower one phase's steps run while an instance of the other phase on the same node
     is busy (0.1 = 10% slower): on CPU the instances share the node's memory bandwidth. Measured
-    by `tandem profile --served` (cluster/served_profile.py); about 0 where each instance owns its
-    memory (separate GPUs)."""
+    by `tandem profile --served` (cluster/served_profile.py); expected near 0 for instances that
+    share no device or memory bus (not measured here)."""
 
     prefill: Annotated[float, msgspec.Meta(ge=0)] = 0.0
     decode: Annotated[float, msgspec.Meta(ge=0)] = 0.0

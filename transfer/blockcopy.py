@@ -1,11 +1,11 @@
 """Copying KV blocks between caches (or a contiguous buffer) with as few and as large copies as
 possible, on raw bytes.
 
-Measured here (64 MiB bf16, one thread): ``index_select`` + ``index_copy_`` costs ~4x a plain
-``copy_`` (a temporary, then a scattered write), while one slice copy per run of consecutive
-block ids on both sides runs at ``copy_`` speed. Caches are copied as raw-integer numpy views:
-numpy reads read-only memory (a zero-copy object-store get, a read-only shared-memory mapping)
-without the warning or copy torch would need, and raw integers carry bfloat16 bit-exactly.
+``index_select`` + ``index_copy_`` costs several times a plain ``copy_`` (a temporary, then a
+scattered write), while one slice copy per run of consecutive block ids on both sides runs at
+``copy_`` speed (benchmarks/RESULTS.md, "KV transfer"). Caches are copied as raw-integer numpy
+views: numpy reads read-only memory (a zero-copy object-store get, a read-only shared-memory
+mapping) without the warning or copy torch would need, and raw integers carry bfloat16 bit-exactly.
 """
 from __future__ import annotations
 
@@ -73,7 +73,7 @@ def gather_into(src: np.ndarray, src_ids: list[int], out: np.ndarray) -> None:
 
 class CacheView:
     """The layout and raw view of the last destination cache seen, reused across fetches: for a
-    small transfer such per-call setup costs about as much as the copy (~0.1 ms cold)."""
+    small transfer such per-call setup costs about as much as the copy."""
 
     def __init__(self) -> None:
         self._entry: tuple | None = None  # (key, layout, raw view); the view keeps the cache alive

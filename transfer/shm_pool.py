@@ -34,8 +34,7 @@ PREFIX = "tandem-kv"
 MAGIC = b"TKVPOOL1"
 HEADER_BYTES = 64
 # Map page tables up front, once per pool and process: otherwise the first copy out of every page of
-# a peer's pool takes a page fault, which halves the bandwidth of a transfer (measured: 16 MiB
-# scattered, 5.6 ms cold vs 1.6 ms warm).
+# a peer's pool takes a page fault, which slows a transfer down (benchmarks/RESULTS.md).
 _POPULATE = getattr(mmap, "MAP_POPULATE", 0)
 _NAME = re.compile(rf"{PREFIX}-([0-9a-z]+)-(\d+)-[0-9a-f]+")
 

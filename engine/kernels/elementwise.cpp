@@ -150,7 +150,7 @@ inline float block_max(const float* x, int64_t n, float& special) {
 // The first index of the row's largest value, torch.argmax's answer: a row holding a NaN gives its
 // first NaN. Blocks' maxima first, then the first block holding the row's maximum is searched;
 // only rows with a NaN or an infinity take an exact scalar walk. Why: torch's argmax over a batch
-// of vocabulary-sized rows took 2.4 ms (32 x 49152), a few percent of a decode step.
+// of vocabulary-sized rows took a few percent of a decode step (benchmarks/RESULTS.md).
 inline int64_t argmax_row(const float* x, int64_t n, std::vector<float>& maxima) {
     constexpr int64_t BLOCK = 256;
     const int64_t blocks = (n + BLOCK - 1) / BLOCK;

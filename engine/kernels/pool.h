@@ -4,8 +4,9 @@
 // OpenMP first: built with -fopenmp, the library's libgomp.so.1 is torch's own runtime (already
 // loaded), so kernels and torch ops share one team of threads, and a spinning wait policy
 // (OMP_WAIT_POLICY=ACTIVE, or libgomp's default spin before sleeping) hands a call to an awake
-// thread in a microsecond. A sleeping thread costs ~50 us to wake on this project's VMs, paid by
-// each of a decode step's ~180 kernel calls: measured, batch-1 decode steps 43-52 -> 25-35 ms (RESULTS.md).
+// thread in a microsecond. Waking a sleeping thread costs far more on a VM, and a decode step makes
+// a kernel call per layer and op, so the wake-ups add up (benchmarks/RESULTS.md,
+// "engine/kernels/pool.h").
 //
 // libgomp does not survive a fork (a child's first parallel region waits forever for the parent's
 // threads; torch's own ops hang the same way), so a forked child uses the pool below instead.

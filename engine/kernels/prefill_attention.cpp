@@ -1,9 +1,9 @@
 // Causal prefill attention over a packed batch of whole prompts (bf16 or fp32), flash style.
 //
-// Why a kernel: torch's CPU SDPA ran SmolLM2's shapes at 50 GF/s for 128-token prompts and
-// 130 GF/s at 2048 tokens on an AVX-512 CPU whose GEMMs reach 400+; here the score and weighted-sum
-// products run as register-tiled FMA loops in L1-sized blocks, the softmax online (one pass over the
-// keys) and vectorized across query rows.
+// Why a kernel: torch's CPU SDPA ran SmolLM2's shapes at a fraction of the GF/s this CPU's GEMMs
+// reach (benchmarks/RESULTS.md); here the score and weighted-sum products run as register-tiled
+// FMA loops in L1-sized blocks, the softmax online (one pass over the keys) and vectorized across
+// query rows.
 //
 // Layout: token t of the packed batch has q at q + t * q_stride (H heads of D), k and v at
 // k/v + t * kv_stride (Hkv heads of D; the strides let q/k/v be views of the fused projection);

@@ -1,21 +1,22 @@
 // out[M, N] = x[M, K] @ w[K, N] (+ bias) for the small M of decode steps (engine.kernel_linear
 // sends it up to 256 rows).
 //
-// Why a kernel: at decode batch sizes MKL's sgemm runs at a third of the FMA peak and, at
-// M = 8..32, reads each weight at well under the memory bandwidth; oneDNN's bf16 GEMM on a CPU
-// without bf16 instructions (no AVX512_BF16/AMX) is emulated and slower still. Here every thread
-// owns whole panels of w (two vector registers wide), so each weight byte is read from memory
-// exactly once per call (one contiguous stream per panel, with software prefetch), and MR rows of
-// x at a time are multiplied against it in registers (2 x MR accumulators), which keeps both FMA
-// ports busy. Two builds of one kernel: AVX-512 (32-column panels, 12 rows: 24 of 32 registers)
-// and AVX2 + FMA (16-column panels, 6 rows: 12 of 16 registers), e.g. for AMD Zen 2/3.
+// Why a kernel: at decode batch sizes MKL's sgemm runs well below the FMA peak and reads each
+// weight at well under the memory bandwidth; oneDNN's bf16 GEMM on a CPU without bf16
+// instructions (no AVX512_BF16/AMX) is emulated and slower still (benchmarks/RESULTS.md,
+// "engine/kernels/small_gemm.cpp"). Here every thread owns whole panels of w (two vector
+// registers wide), so each weight byte is read from memory exactly once per call (one contiguous
+// stream per panel, with software prefetch), and MR rows of x at a time are multiplied against it
+// in registers (2 x MR accumulators), which keeps both FMA ports busy. Two builds of one kernel:
+// AVX-512 (32-column panels, 12 rows: 24 of 32 registers) and AVX2 + FMA (16-column panels,
+// 6 rows: 12 of 16 registers), e.g. for AMD Zen 2/3.
 //
 // Types: x and out are both fp32 or both bf16; w is fp32 or bf16 (widened exactly to fp32); the
 // bias, when given, is fp32. All math is fp32: each output is one fp32 FMA chain in k order (the
 // same on either build); bf16 outputs are rounded to nearest even. w is packed in panels:
 // [ceil(N / NB)][K][NB], the last panel zero-padded (a row-major [K, N] would put each panel row a
-// page apart: TLB misses and no hardware prefetch, half the speed). small_gemm_panel_width() says
-// which NB this build packs for.
+// page apart: TLB misses and no hardware prefetch). small_gemm_panel_width() says which NB this
+// build packs for.
 #include <cstdint>
 #include <utility>
 #include <vector>
@@ -31,9 +32,8 @@ constexpr int PREFETCH = 32;  // rows of w ahead of the one in use
 using Simd = tandem::Lanes;
 #if TANDEM_LANES == 16
 constexpr int MR = 12;  // rows of x per register tile
-// Whole-K passes, no prefetch of the next block: on the AVX-512 Xeon this project measured, the
-// FMA units keep up with memory and spreading the next panel's prefetch over the passes changed
-// nothing (0.96-1.03x, RESULTS.md session 7).
+// Whole-K passes, no prefetch of the next block: with AVX-512 the FMA units keep up with memory,
+// and spreading the next panel's prefetch over the passes measured no gain (benchmarks/RESULTS.md).
 constexpr int64_t BLOCK_BYTES = INT64_MAX;
 constexpr bool PREFETCH_NEXT_BLOCK = false;
 #else

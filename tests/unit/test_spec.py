@@ -66,9 +66,9 @@ def test_colocated_example() -> None:
 
 def test_gpu_example_skips_model_checks_without_the_model() -> None:
     spec = load_spec(SPECS_DIR / "llama3-8b-gpu.yaml")
-    assert spec.transfer.backend == "nccl" and spec.model.dtype == "bfloat16"
+    assert spec.transfer.backend == "ray" and spec.model.dtype == "bfloat16"
     assert spec.prefill is not None and spec.decode is not None
-    assert (spec.prefill.tp, spec.decode.tp) == (2, 1) and spec.decode.replicas == 2
+    assert (spec.prefill.tp, spec.decode.tp) == (1, 1) and spec.decode.replicas == 1
     assert {s.device for s in spec.sections.values()} == {"cuda"}
     if not Path(spec.model.path or "").exists():
         assert not spec.model_check.checked
@@ -399,3 +399,16 @@ def test_the_router_limits_reach_the_launch_config(mode: str) -> None:
                 "mode": "colocated", "instances": {"device": "cpu"}}
     config = launch_config(parse_spec(data), "/m")
     assert config.mode == mode and config.request_timeout_s == 42.5
+
+
+@pytest.mark.parametrize("path", [p for p in EXAMPLES if not load_spec(p).needs_planning],
+                         ids=lambda p: p.name)
+def test_every_explicit_example_is_one_the_launcher_accepts(path: Path) -> None:
+    from tandem.cluster.deployment import launch_config
+
+    spec = load_spec(path)
+    config = launch_config(spec, "/m")
+    groups = [config.decode] if spec.mode == "colocated" else [config.prefill, config.decode]
+    sections = list(spec.sections.values())
+    assert [g.replicas for g in groups] == [s.replicas for s in sections]
+    assert [g.engine.device for g in groups] == [s.device for s in sections]
