@@ -5,7 +5,7 @@ The repository's top-level folders install as this one package (``tandem.engine`
 """
 from __future__ import annotations
 
-import importlib
+from tandem.engine.lazy import lazy_attributes
 
 _PUBLIC = {
     "LLM": "tandem.engine.llm",
@@ -18,8 +18,4 @@ _PUBLIC = {
 }
 __all__ = list(_PUBLIC)
 
-
-def __getattr__(name: str):
-    if name in _PUBLIC:
-        return getattr(importlib.import_module(_PUBLIC[name]), name)
-    raise AttributeError(f"module 'tandem' has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, _PUBLIC)

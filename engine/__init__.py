@@ -6,7 +6,7 @@ The public names load lazily so that light submodules (``tandem.engine.prepare``
 """
 from __future__ import annotations
 
-import importlib
+from tandem.engine.lazy import lazy_attributes
 
 _PUBLIC = {
     "LLM": "tandem.engine.llm",
@@ -16,8 +16,4 @@ _PUBLIC = {
 }
 __all__ = list(_PUBLIC)
 
-
-def __getattr__(name: str):
-    if name in _PUBLIC:
-        return getattr(importlib.import_module(_PUBLIC[name]), name)
-    raise AttributeError(f"module 'tandem.engine' has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, _PUBLIC)
