@@ -5,17 +5,10 @@ The repository's top-level folders install as this one package (``tandem.engine`
 """
 from __future__ import annotations
 
+from tandem import cluster, engine
 from tandem.engine.lazy import lazy_attributes
 
-_PUBLIC = {
-    "LLM": "tandem.engine.llm",
-    "SamplingParams": "tandem.engine.params",
-    "Completion": "tandem.engine.outputs",
-    "TokenDelta": "tandem.engine.outputs",
-    "Cluster": "tandem.cluster.launcher",
-    "connect": "tandem.cluster.launcher",
-    "Client": "tandem.cluster.client",
-}
+_PUBLIC = {**engine.PUBLIC, **cluster.PUBLIC}  # the engine's names and the cluster's
 __all__ = list(_PUBLIC)
 
 __getattr__ = lazy_attributes(__name__, _PUBLIC)

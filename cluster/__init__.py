@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from tandem.engine.lazy import lazy_attributes
 
-_PUBLIC = {"Cluster": "tandem.cluster.launcher", "connect": "tandem.cluster.launcher",
+PUBLIC = {"Cluster": "tandem.cluster.launcher", "connect": "tandem.cluster.launcher",
            "Client": "tandem.cluster.client"}
-__all__ = list(_PUBLIC)
+__all__ = list(PUBLIC)
 
-__getattr__ = lazy_attributes(__name__, _PUBLIC)
+__getattr__ = lazy_attributes(__name__, PUBLIC)

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 from tandem.engine.lazy import lazy_attributes
 
-_PUBLIC = {
+PUBLIC = {
     "LLM": "tandem.engine.llm",
     "SamplingParams": "tandem.engine.params",
     "Completion": "tandem.engine.outputs",
     "TokenDelta": "tandem.engine.outputs",
 }
-__all__ = list(_PUBLIC)
+__all__ = list(PUBLIC)
 
-__getattr__ = lazy_attributes(__name__, _PUBLIC)
+__getattr__ = lazy_attributes(__name__, PUBLIC)
