@@ -70,8 +70,45 @@ def test_prefill_dies_with_queued_requests(fresh):
     wait_until(lambda: _survivors_free(fresh))
 
 
-@pytest.mark.parametrize("fresh", ["ray", "auto"], indirect=True)
-def test_prefill_source_dies_during_transfer(fresh):
+def _owned_probe(actor):
+    """A small object in the object store owned by ``actor``'s worker, as its KV exports are."""
+    import numpy as np
+    import ray
+
+    # In a list: a bare ObjectRef returned from a task would be resolved, not handed over.
+    (probe,) = ray.get(actor.__ray_call__.remote(lambda self: [ray.put(np.zeros(1 << 16, np.uint8))]),
+                       timeout=30)
+    return probe
+
+
+def _owner_death_seen_by(reader, probe) -> bool:
+    """Whether ``reader``'s worker now gets OwnerDiedError for ``probe``: Ray there has processed
+    the owner's death, so every object of that owner is lost to it, the KV export included."""
+    import ray
+
+    def check(self, refs) -> bool:
+        try:
+            ray.get(refs[0], timeout=2)
+        except ray.exceptions.OwnerDiedError:
+            return True
+        except ray.exceptions.GetTimeoutError:
+            pass
+        return False
+
+    return ray.get(reader.__ray_call__.remote(check, [probe]), timeout=30)
+
+
+@pytest.mark.parametrize("fresh,kv_survives", [("ray", False), ("auto", True)], indirect=["fresh"])
+def test_prefill_source_dies_during_transfer(fresh, kv_survives):
+    """The source dies after exporting and before the decode side fetches. "ray": the KV is an
+    object the source owns, lost with its owner (Ray's ownership model), so the request fails
+    with the fetch's OwnerDiedError. "auto" on one node: the KV is in the source's shared-memory
+    pool, which SIGKILL leaves behind with its export still live, so the request completes with
+    the tokens an intact run gives. Either way promptly, the cluster keeps serving, nothing leaks.
+
+    Timing: a fetch in the window between the owner's death and Ray handling it (about a second
+    here) still finds the "ray" object in the node's store and succeeds, so decode resumes only
+    once the decode worker that will fetch fails to read a probe with the same owner."""
     import ray
 
     pools_before = node_pools(ray)
@@ -80,17 +117,20 @@ def test_prefill_source_dies_during_transfer(fresh):
     _pause(fresh, "decode", True)
     rid = client.submit([5] * 40, SamplingParams(max_tokens=8, temperature=0))
     wait_until(lambda: ray.get(client.router.describe.remote(rid))["stage"] == "transfer")
-    source = ray.get(client.router.describe.remote(rid))["prefill_instance"]
-    _kill(fresh, source)
+    where = ray.get(client.router.describe.remote(rid))
+    source, dest = fresh.actors[where["prefill_instance"]], fresh.actors[where["decode_instance"]]
+    probe = _owned_probe(source)
+    _kill(fresh, where["prefill_instance"])
+    wait_until(lambda: _owner_death_seen_by(dest, probe))
     _pause(fresh, "decode", False)
-    out = client.result(rid)
-    # The exported KV may outlive its owner in the object store: then the request completes
-    # correctly; otherwise it fails with an error. Either way, promptly and without leaks.
-    if out.finish_reason == "error":
-        assert out.error
-    else:
+    out = client.result(rid)  # bounded: the client's timeout
+    if kv_survives:
         ref = client.generate([5] * 40, SamplingParams(max_tokens=8, temperature=0))
-        assert out.finish_reason == "length" and out.token_ids == ref.token_ids
+        assert (out.finish_reason, out.error) == ("length", None)
+        assert out.token_ids == ref.token_ids and len(out.token_ids) == 8
+    else:
+        assert out.finish_reason == "error"
+        assert out.error.startswith(f"request {rid}: KV fetch failed (OwnerDiedError"), out.error
     ok = client.generate([6] * 10, SamplingParams(max_tokens=4, temperature=0))
     assert ok.finish_reason == "length"
     wait_until(lambda: _survivors_free(fresh))

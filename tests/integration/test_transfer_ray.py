@@ -1,5 +1,10 @@
 """Transports between two actors on one Ray node: byte-exact round trips for every CPU backend,
-timeouts and dead sources, and shared-memory pools that do not outlive their instances."""
+timeouts and dead sources, and shared-memory pools that do not outlive their instances.
+
+No test sleeps to let something happen: sources whose KV never appears are ``Gate`` actors that
+block on an event, and each test waits (bounded) for a positive signal that the state it needs
+was reached before acting.
+"""
 from __future__ import annotations
 
 import time
@@ -24,6 +29,54 @@ def peer_cls(ray_cluster):
     from tests.integration.kv_peer import KVPeer
 
     return ray_cluster.remote(num_cpus=0.25, max_restarts=0)(KVPeer)
+
+
+@pytest.fixture(scope="module")
+def gate_cls(ray_cluster):
+    """A source whose object exists only once opened. Defined here, not at module level, so that
+    Ray pickles it by value (this test module is not importable in the workers)."""
+    import asyncio
+
+    @ray_cluster.remote(num_cpus=0, max_restarts=0)
+    class Gate:
+        def __init__(self) -> None:
+            self._open, self._waiting, self._arrived = asyncio.Event(), asyncio.Event(), asyncio.Event()
+
+        async def wait(self) -> None:
+            """The pending object: ready when the gate opens, lost if the gate dies first."""
+            self._waiting.set()
+            await self._open.wait()
+
+        async def waiting(self) -> None:
+            """Returns once a ``wait`` call is running, i.e. the object is being produced."""
+            await self._waiting.wait()
+
+        async def arrive(self) -> None:
+            self._arrived.set()
+
+        async def arrived(self) -> None:
+            """Returns once somebody called ``arrive``."""
+            await self._arrived.wait()
+
+        async def open(self) -> None:
+            self._open.set()
+
+    return Gate
+
+
+@pytest.fixture(scope="module")
+def announcing_peer_cls(ray_cluster):
+    """A KVPeer whose fetch first tells a gate it is about to block on the source's object."""
+    from tests.integration.kv_peer import KVPeer
+
+    class AnnouncingPeer(KVPeer):
+        def fetch_announced(self, gate, handle, block_ids, timeout_s):  # type: ignore[no-untyped-def]
+            import ray
+
+            ray.get(gate.arrive.remote(), timeout=30)
+            return self.fetch(handle, block_ids, timeout_s)
+
+    return ray_cluster.remote(num_cpus=0.25, max_restarts=0)(AnnouncingPeer)
 
 
 @pytest.fixture
@@ -76,44 +129,52 @@ def test_round_trip_between_actors_is_byte_exact(ray_cluster, make_pair, backend
         assert "released before the fetch" in ray.get(dest.fetch.remote(handle, DST_IDS))
 
 
-def test_ray_fetch_times_out(ray_cluster, make_pair):
-    ray = ray_cluster
+def _handle_for(ref, request_id: str):  # type: ignore[no-untyped-def]
     from tandem.transfer.protocol import KVHandle, KVLayout
 
-    @ray.remote(num_cpus=0)
-    def never_ready():
-        time.sleep(60)
-
-    _, dest = make_pair("ray")
     layout = KVLayout(SHAPE[0], SHAPE[3], SHAPE[4], SHAPE[5], "float32")
-    handle = KVHandle("ray", "slow", 4, 1, layout, payload=[never_ready.remote()])
-    start = time.monotonic()
-    error = ray.get(dest.fetch.remote(handle, [0], 0.5))
-    assert "slow: KV fetch timed out after 0.5s" in error and time.monotonic() - start < 10
+    return KVHandle("ray", request_id, 4, 1, layout, payload=[ref])
 
 
-def test_ray_fetch_from_a_source_that_dies_fails(ray_cluster, make_pair):
+def test_ray_fetch_times_out(ray_cluster, make_pair, gate_cls):
+    """An object whose source is alive but never produces it: the fetch gives up at its own
+    timeout, with an error naming it, instead of waiting for the object."""
     ray = ray_cluster
-    from tandem.transfer.protocol import KVHandle, KVLayout
-
-    @ray.remote(num_cpus=0, max_restarts=0)
-    class Doomed:
-        def kv(self):
-            time.sleep(60)
-
-    # (Once stored, exported KV may outlive its owner in the object store; a source that dies
-    # before its object exists never can.)
     _, dest = make_pair("ray")
-    doomed = Doomed.remote()
-    layout = KVLayout(SHAPE[0], SHAPE[3], SHAPE[4], SHAPE[5], "float32")
-    handle = KVHandle("ray", "r1", 4, 1, layout, payload=[doomed.kv.remote()])
-    fetching = dest.fetch.remote(handle, [0], 20)
-    time.sleep(0.5)
-    ray.kill(doomed)
-    start = time.monotonic()
-    error = ray.get(fetching, timeout=60)
-    assert error.startswith("request r1: KV fetch failed (") and "Actor" in error
-    assert time.monotonic() - start < 15
+    gate = gate_cls.remote()
+    try:
+        handle = _handle_for(gate.wait.remote(), "slow")
+        ray.get(gate.waiting.remote(), timeout=30)  # the object is being produced, not lost
+        start = time.monotonic()
+        error = ray.get(dest.fetch.remote(handle, [0], 0.5), timeout=30)
+        assert "slow: KV fetch timed out after 0.5s" in error and time.monotonic() - start < 10
+        assert not ray.wait(handle.payload, timeout=0)[0]  # it timed out: the object never came
+    finally:
+        ray.get(gate.open.remote(), timeout=30)
+        ray.kill(gate)
+
+
+def test_ray_fetch_from_a_source_that_dies_fails(ray_cluster, gate_cls, announcing_peer_cls):
+    """A fetch blocked on an object whose source dies before producing it fails at once with the
+    actor's death, not at its 20 s timeout. (Once stored, exported KV may outlive its owner in the
+    object store for a while; a source that dies before its object exists never can.)"""
+    ray = ray_cluster
+    dest = announcing_peer_cls.remote("ray", shape(DST_BLOCKS), "float32")
+    source = gate_cls.remote()
+    try:
+        handle = _handle_for(source.wait.remote(), "r1")
+        ray.get(source.waiting.remote(), timeout=30)
+        fetching = dest.fetch_announced.remote(source, handle, [0], 20)
+        # The destination is one call away from blocking on the object. Had it not got there
+        # before the kill, its get would fail the same way, only without having waited.
+        ray.get(source.arrived.remote(), timeout=30)
+        ray.kill(source)
+        start = time.monotonic()
+        error = ray.get(fetching, timeout=60)
+        assert error.startswith("request r1: KV fetch failed (") and "Actor" in error
+        assert time.monotonic() - start < 15
+    finally:
+        ray.kill(dest)
 
 
 def test_shm_pool_of_a_killed_instance_is_swept(ray_cluster, make_pair, peer_cls):

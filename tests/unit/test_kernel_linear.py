@@ -21,8 +21,16 @@ SHAPES = [(96, 160), (33, 47), (576, 960), (64, 1), (40, 16), (40, 17)]
 
 
 def _reference(x: torch.Tensor, linear: nn.Linear) -> torch.Tensor:
-    bias = None if linear.bias is None else linear.bias.double()
-    return F.linear(x.double(), linear.weight.double(), bias)
+    """x W^T + b in float64, written out (not F.linear: that is what the layer calls for large
+    batches)."""
+    out = x.double() @ linear.weight.double().T
+    return out if linear.bias is None else out + linear.bias.double()
+
+
+def _assert_close_to_float64(got: torch.Tensor, want: torch.Tensor, tolerance: float, label: object = "") -> None:
+    """Relative error against the float64 result, relative to max(|want|, 1)."""
+    scale = want.abs().clamp_min(1.0)
+    assert ((got.double() - want).abs() / scale).max().item() <= tolerance, label
 
 
 @needs_kernel
@@ -37,11 +45,9 @@ def test_kernel_linear_matches_float64(dtype, in_features, out_features, bias) -
         x = torch.randn(rows, in_features, dtype=dtype)
         got = layer(x)
         assert got.dtype == dtype and got.shape == (rows, out_features)
-        want = _reference(x, linear)
         # fp32: sums of <= 576 products in fp32; bf16: one output rounding (2^-8 relative).
         tolerance = 1e-5 if dtype == torch.float32 else 2 ** -8
-        scale = want.abs().clamp_min(1.0)
-        assert ((got.double() - want).abs() / scale).max().item() <= tolerance, rows
+        _assert_close_to_float64(got, _reference(x, linear), tolerance, f"{rows} rows")
 
 
 @needs_kernel
@@ -57,15 +63,24 @@ def test_prefill_sized_fp32_batches_are_the_dense_gemm_bit_for_bit() -> None:
         want = torch.ops.mkldnn._linear_pointwise(x, linear.weight, linear.bias, "none", [], "")
     else:
         want = F.linear(x, linear.weight, linear.bias)
-    assert torch.equal(KernelLinear(linear)(x), want)
+    got = KernelLinear(linear)(x)
+    assert torch.equal(got, want)
+    # Bit-equal to a library GEMM says nothing if both are wrong the same way: the exact product.
+    _assert_close_to_float64(got, _reference(x, linear), 1e-5)
 
 
 @needs_kernel
-def test_leading_dimensions_and_empty_batches() -> None:
+@pytest.mark.parametrize("lead", [(2, 3), (2, 150)], ids=["kernel", "library-gemm"])
+def test_leading_dimensions_and_empty_batches(lead) -> None:
+    """Inputs with batch dimensions are flattened to rows and the result reshaped back, on both
+    sides of SMALL_M (2 x 150 = 300 rows): row (i, j) of the output is x[i, j] W^T + b."""
+    torch.manual_seed(24)
     linear = nn.Linear(24, 40)
     layer = KernelLinear(linear)
-    x = torch.randn(2, 3, 24)
-    torch.testing.assert_close(layer(x), F.linear(x, linear.weight, linear.bias), rtol=1e-5, atol=1e-5)
+    x = torch.randn(*lead, 24)
+    got = layer(x)
+    assert got.shape == (*lead, 40)
+    _assert_close_to_float64(got, _reference(x, linear), 1e-5)
     assert layer(torch.randn(0, 24)).shape == (0, 40)
 
 

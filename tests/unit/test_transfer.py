@@ -249,8 +249,8 @@ def test_engine_runs_on_a_shared_memory_cache(tiny_llama_dir, shm_pair):
     transport, _ = shm_pair
     config = EngineConfig(dtype="float32", num_blocks=8, block_size=4)
     engine = Engine(tiny_llama_dir, config, kv_allocator=transport.allocate)
-    assert engine.runner.kv_cache.data_ptr() == transport.pool.tensor.data_ptr()
-    assert engine.runner.kv_cache.shape[2] == 8
+    assert engine.kv_cache.data_ptr() == transport.pool.tensor.data_ptr()
+    assert engine.kv_cache.shape[2] == 8
     prompt = [5, 17, 42, 9, 33, 7]
     assert _generate(engine, prompt) == _generate(Engine(tiny_llama_dir, config), prompt)
     assert transport.pool.tensor.any()  # the model wrote its KV into the shared pool
