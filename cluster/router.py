@@ -22,13 +22,16 @@ from tandem.cluster.dispatch import Dispatcher
 from tandem.cluster.requests import RequestRecord
 from tandem.engine.config import load_config
 from tandem.engine.engine import context_limit
+from tandem.engine.loop import InstanceStopped
 from tandem.engine.outputs import Completion
 from tandem.engine.params import SamplingParams
 from tandem.engine.tokenizer import Tokenizer
-from tandem.engine.validation import validate_request
+from tandem.engine.validation import prompt_token_ids, validate_request
 from tandem.transfer.protocol import PrefillResult, StepReport, StreamChunk, remote_cause, timeout_error
 
 log = logging.getLogger(__name__)
+
+INLINE_TOKENIZE_CHARS = 4096  # shorter prompts tokenize in well under a millisecond
 
 
 @ray.remote(num_cpus=0, max_restarts=0)
@@ -61,26 +64,39 @@ class Router:
         self._watcher = asyncio.ensure_future(self._watch_health())
 
     async def _watch_health(self, interval_s: float = 1.0, timeout_s: float = 10.0) -> None:
-        """Ping every instance; a dead one fails its requests (clear error) and leaves the pools."""
+        """Ask every instance how it is (answered beside its step loop, so a long step is no
+        death); a dead, failed or stalled one fails its requests with the cause and leaves the
+        pools. A stalled one is also told to shut down: it must not wake and decode for nobody."""
         while True:
             await asyncio.sleep(interval_s)
             pools = [("prefill", iid, h) for iid, h in self.prefill.items()]
             pools += [("decode", iid, h) for iid, h in self.decode.items()]
             results = await asyncio.gather(
-                *(asyncio.wait_for(h.stats.remote(), timeout_s) for _, _, h in pools),
+                *(asyncio.wait_for(h.health.remote(), timeout_s) for _, _, h in pools),
                 return_exceptions=True)
-            for (role, iid, _), result in zip(pools, results):
-                if isinstance(result, (ray.exceptions.RayActorError, asyncio.TimeoutError)):
-                    self._drop_instance(role, iid, result)
+            for (role, iid, handle), result in zip(pools, results):
+                if isinstance(result, str):
+                    self._drop_instance(role, iid, f"its step failed ({result})")
+                elif isinstance(result, ray.exceptions.RayActorError):
+                    self._drop_instance(role, iid, f"died ({type(result).__name__})")
+                elif isinstance(result, asyncio.TimeoutError):
+                    self._drop_instance(role, iid, f"stopped answering for {timeout_s:g}s")
+                    handle.shutdown.remote()
 
-    def _drop_instance(self, role: str, iid: str, cause: BaseException) -> None:
-        log.error("%s instance %s is gone: %s", role, iid, cause)
+    async def on_instance_failed(self, instance_id: str, failure: str) -> None:
+        """An instance's step failed and its loop stopped: drop it now, not at the next ping."""
+        for role, pool in (("prefill", self.prefill), ("decode", self.decode)):
+            if instance_id in pool:
+                self._drop_instance(role, instance_id, f"its step failed ({failure})")
+
+    def _drop_instance(self, role: str, iid: str, what_happened: str) -> None:
+        log.error("%s instance %s is gone: %s", role, iid, what_happened)
         (self.prefill if role == "prefill" else self.decode).pop(iid, None)
         self.dispatch.remove_instance(iid)
-        reason = f"{role} instance {iid} died or stopped answering ({type(cause).__name__})"
+        reason = f"{role} instance {iid} {what_happened}"
         for rec in list(self.records.values()):
             on_it = rec.prefill_instance == iid if role == "prefill" else rec.decode_instance == iid
-            # A dead prefill instance loses the requests it had not finished prefilling; one in
+            # A lost prefill instance loses the requests it had not finished prefilling; one in
             # transfer lives or dies by the decode side's fetch (the exported KV may outlive it).
             if on_it and not rec.done and (role == "decode" or rec.stage == "prefill"):
                 rec.finish("error", reason)
@@ -93,8 +109,8 @@ class Router:
         """Validate and dispatch; raises ValueError for a bad request (nothing else is affected).
         The request is timed out at ``router.request_timeout_s`` or at the caller's ``timeout_s``,
         whichever ends first."""
-        params = params or SamplingParams()
-        ids = self._tokenize(prompt)
+        params = SamplingParams() if params is None else params
+        ids = await self._tokenize(prompt)
         validate_request(ids, params, vocab_size=self.vocab_size, max_model_len=self.max_model_len,
                          capacity_tokens=self.capacity_tokens, has_tokenizer=self.tokenizer is not None)
         rid = request_id or f"req-{next(self._ids)}"
@@ -136,19 +152,20 @@ class Router:
             try:
                 await pool[iid].submit.remote(rec.request_id, rec.prompt_ids, rec.params)
                 return
-            except ray.exceptions.RayActorError as exc:
+            except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as exc:
+                lost = _lost_instance(exc)
+                if lost is None:
+                    raise  # the instance refused this request: its error goes to the caller
                 self.dispatch.forget(rec)
-                rec.prefill_instance = rec.decode_instance = None  # not one of the dead's requests
-                self._drop_instance(role, iid, exc)  # then pick among the survivors
+                rec.prefill_instance = rec.decode_instance = None  # not one of the lost one's requests
+                if iid in pool:
+                    self._drop_instance(role, iid, lost)  # then pick among the survivors
 
-    def _tokenize(self, prompt) -> list[int]:
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise ValueError("this model has no tokenizer.json: pass token ids")
-            return self.tokenizer.encode(prompt)
-        if not isinstance(prompt, (list, tuple)):
-            raise TypeError(f"prompt must be a string or a list of token ids, got {type(prompt).__name__}")
-        return [int(t) for t in prompt]
+    async def _tokenize(self, prompt) -> list[int]:
+        """Long text is tokenized off the event loop, so it never stalls other requests' streams."""
+        if isinstance(prompt, str) and len(prompt) > INLINE_TOKENIZE_CHARS:
+            return await asyncio.to_thread(prompt_token_ids, prompt, self.tokenizer, self.max_model_len)
+        return prompt_token_ids(prompt, self.tokenizer, self.max_model_len)
 
     async def poll(self, request_id: str, timeout_s: float = 30.0) -> StreamChunk:
         """New tokens since the last poll (waits up to timeout_s for some)."""
@@ -281,3 +298,11 @@ class Router:
             "instances": {n: (r if isinstance(r, dict) else {"error": str(r)}) for n, r in zip(names, results)},
         }
 
+
+def _lost_instance(exc: BaseException) -> str | None:
+    """What happened to an instance that a call could not reach (dead actor, stopped step loop),
+    or None when the call reached it and it raised (e.g. it refused the request)."""
+    if isinstance(exc, ray.exceptions.RayActorError):
+        return f"died ({type(exc).__name__})"
+    cause = remote_cause(exc)
+    return f"is stopped ({cause})" if isinstance(cause, InstanceStopped) else None

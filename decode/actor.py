@@ -26,7 +26,7 @@ class DecodeActor:
             self.transports[transport.name] = transport
         engine = build_engine(model_dir, config, num_threads, list(self.transports.values()))
         self.instance = DecodeInstance(engine, self.transports, transfer_timeout_s)
-        self.loop = StepLoop(self.instance, self._publish)
+        self.loop = StepLoop(self.instance, self._publish, on_failure=self._failed)
 
     def _publish(self, report: StepReport) -> None:
         if report.deltas or report.admitted or report.failed:
@@ -43,6 +43,15 @@ class DecodeActor:
 
     async def stats(self) -> dict:
         return await on_loop(self.loop.call(self.instance.stats))
+
+    async def health(self) -> str | None:
+        """Answered beside the step loop, so a long step is not taken for a death: None while the
+        loop runs, else why its step failed."""
+        return self.loop.failure()
+
+    def _failed(self, exc: BaseException) -> None:
+        """The step loop stopped on a failed step: tell the router at once (it fails our requests)."""
+        self.router.on_instance_failed.remote(self.instance_id, self.loop.failure())
 
     async def pause(self, paused: bool = True) -> None:
         """Stop (or resume) taking model steps at the next step boundary; calls keep working."""

@@ -31,7 +31,7 @@ from tandem.engine.scheduler import Scheduler, SchedulerConfig, StepPlan
 from tandem.engine.sequence import Sequence, Status, make_generator, sequence_from, state_of
 from tandem.engine.stopping import append_text, finish_reason
 from tandem.engine.tokenizer import DetokenizerState, Tokenizer, detokenize_step
-from tandem.engine.validation import validate_request
+from tandem.engine.validation import prompt_token_ids, validate_request
 
 DEFAULT_KV_CACHE_BYTES = 1 << 30
 
@@ -95,11 +95,7 @@ class Engine:
     # -- requests -------------------------------------------------------------------------------
 
     def tokenize(self, prompt: str | list[int]) -> list[int]:
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise ValueError("this model directory has no tokenizer.json: pass token ids")
-            return self.tokenizer.encode(prompt)
-        return [int(t) for t in prompt]
+        return prompt_token_ids(prompt, self.tokenizer, self.max_model_len)
 
     def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
         """Raise ValueError naming the problem if the request can never run here."""
@@ -169,9 +165,23 @@ class Engine:
         logits = self._step_runner.run(plan)
         tokens, logprobs = sample(logits, list(plan.seqs))
         return plan, [
-            self.append_token(seq, tok, None if logprobs is None else logprobs[i])
+            self._append_or_fail(seq, tok, None if logprobs is None else logprobs[i])
             for i, (seq, tok) in enumerate(zip(plan.seqs, tokens))
         ]
+
+    def _append_or_fail(self, seq: Sequence, token: int, logprob: float | None) -> TokenDelta:
+        """``append_token``, with a failure in one request's own handling (its stop strings, its
+        detokenization) failing that request alone: finished with the error, its blocks freed."""
+        index = seq.num_output_tokens
+        try:
+            return self.append_token(seq, token, logprob)
+        except Exception as exc:
+            error = (f"request {seq.request_id!r} failed handling its output token {index}: "
+                     f"{type(exc).__name__}: {exc}")
+            del seq.token_ids[seq.num_prompt_tokens + index:]  # the failed token was never reported
+            seq.finish_reason, seq.error = "error", error
+            self.scheduler.finish(seq)
+            return TokenDelta(seq.request_id, [], "", index, finish_reason="error", error=error)
 
     def append_token(self, seq: Sequence, token: int, logprob: float | None) -> TokenDelta:
         """Record a sampled token; finish (and free) the request if a stop condition holds."""
@@ -200,7 +210,8 @@ class Engine:
         """Stop scheduling a running request and keep its blocks until ``release`` (or ``resume``)."""
         seq = self.scheduler.find(request_id)
         if seq is None or seq.status is not Status.RUNNING:
-            raise ValueError(f"request {request_id!r} is not running here: only a running request exports")
+            raise ValueError(f"request {request_id!r} is not running here: only a running request "
+                             "exports")
         self.scheduler.detach(seq)
         self._exports[request_id] = seq
         return Export(state_of(seq), list(self.blocks.tables[request_id]))
@@ -228,7 +239,8 @@ class Engine:
             raise ValueError(f"request {rid!r} has no reservation here: reserve blocks first")
         slots = len(self.blocks.tables[rid]) * self.blocks.block_size
         if not 0 <= state.num_kv_tokens <= slots:
-            raise ValueError(f"request {rid!r} brings {state.num_kv_tokens} tokens of KV for {slots} reserved slots")
+            raise ValueError(f"request {rid!r} brings {state.num_kv_tokens} tokens of KV for {slots} "
+                             "reserved slots")
         self._reserved.discard(rid)
         self.scheduler.add_running(sequence_from(state))
 

@@ -95,4 +95,5 @@ def _completion(seq) -> Completion:
         finish_reason=seq.finish_reason,
         logprobs=seq.logprobs if seq.params.logprobs else None,
         prompt_token_ids=seq.token_ids[: seq.num_prompt_tokens],
+        error=seq.error,
     )

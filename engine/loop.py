@@ -15,6 +15,10 @@ from typing import Any, Callable, Protocol
 log = logging.getLogger(__name__)
 
 
+class InstanceStopped(RuntimeError):
+    """A call reached an instance whose step loop has stopped (failed or shut down)."""
+
+
 class Steppable(Protocol):
     def has_work(self) -> bool: ...
     def step(self) -> Any: ...
@@ -22,9 +26,12 @@ class Steppable(Protocol):
 
 class StepLoop:
     def __init__(self, instance: Steppable, publish: Callable[[Any], None],
-                 idle_tick_s: float = 0.5, housekeeping: Callable[[], None] | None = None) -> None:
+                 idle_tick_s: float = 0.5, housekeeping: Callable[[], None] | None = None,
+                 on_failure: Callable[[BaseException], None] | None = None) -> None:
+        """``on_failure(exc)`` runs (on the loop thread) once a step raises and the loop stops."""
         self.instance = instance
         self.publish = publish
+        self.on_failure = on_failure
         self.idle_tick_s = idle_tick_s
         self.housekeeping = housekeeping
         self.error: BaseException | None = None
@@ -38,7 +45,7 @@ class StepLoop:
         """Run `fn` on the loop thread between steps; its result or exception lands in the future."""
         future: Future = Future()
         if self._stopped.is_set():
-            future.set_exception(RuntimeError(f"instance loop is stopped ({self.error or 'shut down'})"))
+            future.set_exception(self._stopped_error())
         else:
             self._inbox.put((fn, future))
         return future
@@ -55,9 +62,9 @@ class StepLoop:
             if self._stopped.is_set():
                 break
             if not self.paused and self.instance.has_work():
-                self._step()
+                self._guarded(self._step)
             if self.housekeeping is not None:
-                self.housekeeping()
+                self._guarded(self.housekeeping)
         self._fail_pending()
 
     def _drain(self, block: bool) -> None:
@@ -77,14 +84,24 @@ class StepLoop:
                 return
 
     def _step(self) -> None:
+        self.publish(self.instance.step())
+
+    def _guarded(self, work: Callable[[], None]) -> None:
+        """Run a step (or housekeeping); if it raises, stop loudly: pending and later calls get
+        InstanceStopped, and the owner is told at once through ``on_failure``."""
+        if self._stopped.is_set():
+            return
         try:
-            output = self.instance.step()
-        except Exception as exc:  # stop loudly: callers get errors, health checks see it
+            work()
+        except Exception as exc:
             log.exception("instance step failed")
             self.error = exc
             self._stopped.set()
-            return
-        self.publish(output)
+            if self.on_failure is not None:
+                try:
+                    self.on_failure(exc)
+                except Exception:
+                    log.exception("reporting the step failure failed")
 
     def _fail_pending(self) -> None:
         while True:
@@ -93,4 +110,11 @@ class StepLoop:
             except queue.Empty:
                 return
             if not future.done():
-                future.set_exception(RuntimeError(f"instance loop is stopped ({self.error or 'shut down'})"))
+                future.set_exception(self._stopped_error())
+
+    def failure(self) -> str | None:
+        """Why the loop stopped on a failed step ("Type: message"), or None; safe from any thread."""
+        return None if self.error is None else f"{type(self.error).__name__}: {self.error}"
+
+    def _stopped_error(self) -> InstanceStopped:
+        return InstanceStopped(f"instance loop is stopped ({self.failure() or 'shut down'})")

@@ -1,52 +1,70 @@
-"""Per-request sampling parameters, validated on construction."""
+"""Per-request sampling parameters, validated strictly on construction (and on every decode).
+
+The schema is declared once, as annotated fields, and checked with msgspec's strict conversion:
+exact types (an int is not a bool, a float or a digit string), ranges, non-empty stop strings.
+A bad value raises ValueError naming the field, at the boundary, never later inside a step.
+"""
 from __future__ import annotations
+
+import math
+import re
+from typing import Annotated
 
 import msgspec
 
+INT32_MAX = 2**31 - 1  # counts and ids: far beyond any vocabulary or context, and a tensor fits them
+GREEDY_BELOW = 1e-5  # temperatures under this sample greedily (vLLM's rule): 1/T would overflow
 
-class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
-    """How to sample one request. ``temperature == 0`` means greedy.
+PositiveCount = Annotated[int, msgspec.Meta(ge=1, le=INT32_MAX)]
+Count = Annotated[int, msgspec.Meta(ge=0, le=INT32_MAX)]
 
-    ``seed`` makes sampling reproducible: the same seed gives the same tokens whether the request
-    runs alone or inside any batch. ``logprobs`` returns the model's (untempered) log-probability
-    of each sampled token.
-    """
 
-    max_tokens: int = 16
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
+class _Schema(msgspec.Struct, frozen=True, kw_only=True):
+    max_tokens: PositiveCount = 16
+    temperature: Annotated[float, msgspec.Meta(ge=0)] = 1.0
+    top_k: Count = 0
+    top_p: Annotated[float, msgspec.Meta(gt=0, le=1)] = 1.0
     seed: int | None = None
-    stop: tuple[str, ...] = ()
-    stop_token_ids: tuple[int, ...] = ()
+    stop: tuple[Annotated[str, msgspec.Meta(min_length=1)], ...] = ()
+    stop_token_ids: tuple[Count, ...] = ()
     ignore_eos: bool = False
     logprobs: bool = False
 
+
+class SamplingParams(_Schema, frozen=True, kw_only=True):
+    """How to sample one request. ``temperature`` below ``GREEDY_BELOW`` (0 included) means greedy.
+
+    ``seed`` makes sampling reproducible: the same seed gives the same tokens whether the request
+    runs alone or inside any batch. ``logprobs`` returns the model's (untempered) log-probability
+    of each sampled token. ``stop`` takes one string or a sequence of them; ``top_k`` 0 disables
+    top-k (and must not exceed the model's vocabulary).
+    """
+
     def __post_init__(self) -> None:
-        # Accept lists from callers while keeping the struct hashable and immutable.
-        msgspec.structs.force_setattr(self, "stop", _strings("stop", self.stop))
-        msgspec.structs.force_setattr(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
-        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
-        if not self.temperature >= 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature!r}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
-            raise ValueError(f"top_k must be an integer >= 0 (0 disables it), got {self.top_k!r}")
+        if isinstance(self.stop, str):
+            msgspec.structs.force_setattr(self, "stop", (self.stop,))
+        try:
+            checked = msgspec.convert(msgspec.structs.asdict(self), _Schema, strict=True)
+        except msgspec.ValidationError as exc:
+            raise ValueError(f"invalid SamplingParams: {_named(exc)}") from None
+        # Lists become tuples, keeping the struct hashable and immutable.
+        msgspec.structs.force_setattr(self, "stop", checked.stop)
+        msgspec.structs.force_setattr(self, "stop_token_ids", checked.stop_token_ids)
+        if not math.isfinite(self.temperature):
+            raise ValueError("invalid SamplingParams: temperature: must be finite, "
+                             f"got {self.temperature!r}")
         # torch generators take 64-bit seeds; a larger one would fail later, deep in the engine.
-        if self.seed is not None and not (isinstance(self.seed, int) and -(2**63) <= self.seed < 2**64):
-            raise ValueError(f"seed must be an integer in [-2**63, 2**64) or None, got {self.seed!r}")
+        if self.seed is not None and not -(2**63) <= self.seed < 2**64:
+            raise ValueError("invalid SamplingParams: seed: must be in [-2**63, 2**64) or None, "
+                             f"got {self.seed!r}")
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < GREEDY_BELOW
 
 
-def _strings(field: str, value) -> tuple[str, ...]:
-    if isinstance(value, str):
-        value = (value,)
-    items = tuple(value)
-    if not all(isinstance(s, str) and s for s in items):
-        raise ValueError(f"{field} must be non-empty strings, got {items!r}")
-    return items
+def _named(exc: msgspec.ValidationError) -> str:
+    """msgspec's "Expected `int`, got `bool` - at `$.max_tokens`" as "max_tokens: expected ..."."""
+    text = str(exc)
+    match = re.fullmatch(r"(.*) - at `\$\.([^`]+)`", text)
+    return f"{match[2]}: {match[1][0].lower()}{match[1][1:]}" if match else text

@@ -33,6 +33,7 @@ class Sequence:
     text: str = ""
     logprobs: list[float] = field(default_factory=list)
     finish_reason: str | None = None
+    error: str | None = None  # why, when finish_reason is "error"
     num_preemptions: int = 0
 
     @property

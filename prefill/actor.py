@@ -20,7 +20,8 @@ class PrefillActor:
         self.transport = make_transport(transport)  # first: it may allocate the KV cache
         engine = build_engine(model_dir, config, num_threads, [self.transport])
         self.instance = PrefillInstance(engine, self.transport, hold_timeout_s)
-        self.loop = StepLoop(self.instance, self._publish, housekeeping=self.instance.reclaim_expired)
+        self.loop = StepLoop(self.instance, self._publish, housekeeping=self.instance.reclaim_expired,
+                             on_failure=self._failed)
 
     def _publish(self, results) -> None:
         if results:  # one message per step, all of the step's requests
@@ -37,6 +38,15 @@ class PrefillActor:
 
     async def stats(self) -> dict:
         return await on_loop(self.loop.call(self.instance.stats))
+
+    async def health(self) -> str | None:
+        """Answered beside the step loop, so a long step is not taken for a death: None while the
+        loop runs, else why its step failed."""
+        return self.loop.failure()
+
+    def _failed(self, exc: BaseException) -> None:
+        """The step loop stopped on a failed step: tell the router at once (it fails our requests)."""
+        self.router.on_instance_failed.remote(self.instance_id, self.loop.failure())
 
     async def pause(self, paused: bool = True) -> None:
         """Stop (or resume) taking model steps at the next step boundary; calls keep working."""
