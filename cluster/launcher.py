@@ -43,7 +43,7 @@ class Cluster:
         router = Router.options(name=f"{config.name}-router", namespace=NAMESPACE,
                                 lifetime=lifetime).remote(
             config.model_dir, config.mode, config.prefill_policy, config.decode_policy,
-            config.decode.engine.max_model_len, config.request_timeout_s)
+            config.decode.engine.max_model_len, config.request_timeout_s, config.result_ttl_s)
         actors: dict[str, ray.actor.ActorHandle] = {}
         groups: list = []
         cluster = cls(config, router, actors, groups)

@@ -24,5 +24,6 @@ class LaunchConfig(msgspec.Struct, frozen=True):
     transfer_backend: str = "ray"
     transfer_timeout_s: float = 30.0
     request_timeout_s: float = 600.0  # the router times out any request older than this
+    result_ttl_s: float = 60.0  # how long the router keeps a finished request nobody reads
     prefill_policy: str = "least_tokens"
     decode_policy: str = "most_free_blocks"

@@ -1,12 +1,17 @@
-"""The router's record of one request: where it is, what the client has not read yet, its lifetime.
+"""The router's record of one request (where it is, what the client has not read yet, its
+lifetime) and the book of all of them.
 
 Pure bookkeeping (no Ray): token deltas are accepted in order, buffered until the client's next
-read (one coalesced chunk per read), and timestamped so TTFT/TPOT come out at the end.
+read (one coalesced chunk per read), and timestamped so TTFT/TPOT come out at the end. The book
+cannot grow without bound: aborted records leave it at once, finished ones nobody reads after a
+TTL, both into a bounded tail that can still be read.
 """
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from tandem.engine.outputs import Completion, TokenDelta
@@ -95,3 +100,68 @@ class RequestRecord:
             logprobs=list(self.logprobs) if self.params.logprobs else None,
             prompt_token_ids=list(self.prompt_ids), metrics=self.metrics(), error=self.error,
         )
+
+
+class RequestBook:
+    """The router's records, bounded: live requests, plus a short tail of retired ones (aborted,
+    or finished and unread past ``result_ttl_s``) that can still be read once. Ids it generates
+    never collide with a caller's."""
+
+    def __init__(self, result_ttl_s: float = 60.0, retired_max: int = 1024) -> None:
+        self.result_ttl_s = result_ttl_s
+        self.retired_max = retired_max
+        self.live: dict[str, RequestRecord] = {}
+        self._retired: OrderedDict[str, RequestRecord] = OrderedDict()
+        self._ids = itertools.count()
+
+    def __len__(self) -> int:
+        return len(self.live)
+
+    def add(self, request_id: str | None, prompt_ids: list[int], params: SamplingParams) -> RequestRecord:
+        """A new live record; raises ValueError if a caller's id is in use."""
+        rid = self._new_id() if request_id is None else request_id
+        if self._known(rid):
+            raise ValueError(f"request id {rid!r} is already in use")
+        rec = self.live[rid] = RequestRecord(rid, prompt_ids, params)
+        return rec
+
+    def _new_id(self) -> str:
+        while True:
+            rid = f"req-{next(self._ids)}"
+            if not self._known(rid):
+                return rid
+
+    def _known(self, rid: str) -> bool:
+        return rid in self.live or rid in self._retired
+
+    def get(self, request_id: str) -> RequestRecord | None:
+        """A live record (instances' messages are only for these)."""
+        return self.live.get(request_id)
+
+    def lookup(self, request_id: str) -> RequestRecord:
+        """A live or retired record, for the client; KeyError if neither."""
+        rec = self.live.get(request_id) or self._retired.get(request_id)
+        if rec is None:
+            raise KeyError(f"unknown request id {request_id!r} (never submitted, already read, "
+                           "or finished and unread too long)")
+        return rec
+
+    def forget(self, request_id: str) -> None:
+        """The client has read the finished request (or it never started)."""
+        self.live.pop(request_id, None)
+        self._retired.pop(request_id, None)
+
+    def retire(self, rec: RequestRecord) -> None:
+        """Move a finished record out of the live ones into the bounded tail."""
+        if self.live.pop(rec.request_id, None) is not None:
+            self._retired[rec.request_id] = rec
+            while len(self._retired) > self.retired_max:
+                self._retired.popitem(last=False)
+
+    def expire(self, now: float) -> int:
+        """Retire finished records nobody read within the TTL; how many."""
+        stale = [rec for rec in self.live.values()
+                 if rec.done and now - rec.events["finish"] > self.result_ttl_s]
+        for rec in stale:
+            self.retire(rec)
+        return len(stale)

@@ -11,7 +11,6 @@ freeing that request on the sender, so a race with an abort never leaks blocks.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import time
 from pathlib import Path
@@ -19,7 +18,7 @@ from pathlib import Path
 import ray
 
 from tandem.cluster.dispatch import Dispatcher
-from tandem.cluster.requests import RequestRecord
+from tandem.cluster.requests import RequestBook, RequestRecord
 from tandem.engine.config import load_config
 from tandem.engine.engine import context_limit
 from tandem.engine.loop import InstanceStopped
@@ -38,7 +37,7 @@ INLINE_TOKENIZE_CHARS = 4096  # shorter prompts tokenize in well under a millise
 class Router:
     def __init__(self, model_dir: str, mode: str = "disaggregated", prefill_policy: str = "least_tokens",
                  decode_policy: str = "most_free_blocks", max_model_len: int | None = None,
-                 request_timeout_s: float = 600.0) -> None:
+                 request_timeout_s: float = 600.0, result_ttl_s: float = 60.0) -> None:
         model_config = load_config(Path(model_dir))
         self.tokenizer = Tokenizer.from_model_dir(Path(model_dir))
         self.vocab_size = model_config.vocab_size
@@ -49,8 +48,7 @@ class Router:
         self.prefill: dict[str, ray.actor.ActorHandle] = {}
         self.decode: dict[str, ray.actor.ActorHandle] = {}
         self.capacity_tokens = 0
-        self.records: dict[str, RequestRecord] = {}
-        self._ids = itertools.count()
+        self.book = RequestBook(result_ttl_s)
 
     async def register(self, prefill: dict, decode: dict, block_size: int) -> None:
         """Attach the instance pools; learns each decode instance's cache size."""
@@ -69,6 +67,7 @@ class Router:
         pools. A stalled one is also told to shut down: it must not wake and decode for nobody."""
         while True:
             await asyncio.sleep(interval_s)
+            self.book.expire(time.time())
             pools = [("prefill", iid, h) for iid, h in self.prefill.items()]
             pools += [("decode", iid, h) for iid, h in self.decode.items()]
             results = await asyncio.gather(
@@ -94,7 +93,7 @@ class Router:
         (self.prefill if role == "prefill" else self.decode).pop(iid, None)
         self.dispatch.remove_instance(iid)
         reason = f"{role} instance {iid} {what_happened}"
-        for rec in list(self.records.values()):
+        for rec in list(self.book.live.values()):
             on_it = rec.prefill_instance == iid if role == "prefill" else rec.decode_instance == iid
             # A lost prefill instance loses the requests it had not finished prefilling; one in
             # transfer lives or dies by the decode side's fetch (the exported KV may outlive it).
@@ -113,15 +112,13 @@ class Router:
         ids = await self._tokenize(prompt)
         validate_request(ids, params, vocab_size=self.vocab_size, max_model_len=self.max_model_len,
                          capacity_tokens=self.capacity_tokens, has_tokenizer=self.tokenizer is not None)
-        rid = request_id or f"req-{next(self._ids)}"
-        if rid in self.records:
-            raise ValueError(f"request id {rid!r} is already in use")
-        rec = self.records[rid] = RequestRecord(rid, ids, params)
+        rec = self.book.add(request_id or None, ids, params)
+        rid = rec.request_id
         self._set_deadline(rec, timeout_s)
         try:
             await self._dispatch_new(rec)
         except Exception as exc:
-            self.records.pop(rid, None)
+            self.book.forget(rid)
             rec.finish("abort")  # cancels its deadline
             self.dispatch.forget(rec)
             raise remote_cause(exc) from None
@@ -169,7 +166,7 @@ class Router:
 
     async def poll(self, request_id: str, timeout_s: float = 30.0) -> StreamChunk:
         """New tokens since the last poll (waits up to timeout_s for some)."""
-        rec = self._record(request_id)
+        rec = self.book.lookup(request_id)
         if not rec.changed.is_set():
             try:
                 await asyncio.wait_for(rec.changed.wait(), timeout_s)
@@ -177,13 +174,13 @@ class Router:
                 pass
         chunk = rec.take_chunk()
         if chunk.finished:
-            self.records.pop(request_id, None)
+            self.book.forget(request_id)
         return chunk
 
     async def result(self, request_id: str, timeout_s: float = 600.0) -> Completion:
         """The finished request; one still running after the caller's ``timeout_s`` of waiting is
         timed out (aborted everywhere, finished as a timeout error)."""
-        rec = self._record(request_id)
+        rec = self.book.lookup(request_id)
         deadline = time.monotonic() + timeout_s
         while not rec.done:
             remaining = deadline - time.monotonic()
@@ -195,31 +192,27 @@ class Router:
                 await asyncio.wait_for(rec.changed.wait(), remaining)
             except asyncio.TimeoutError:
                 pass
-        self.records.pop(request_id, None)
+        self.book.forget(request_id)
         return rec.completion()
 
     async def generate(self, prompt, params: SamplingParams | None = None, timeout_s: float = 600.0) -> Completion:
         return await self.result(await self.submit(prompt, params, timeout_s=timeout_s), timeout_s)
 
     async def abort(self, request_id: str) -> bool:
-        rec = self.records.get(request_id)
+        """Stop a request everywhere; its record leaves the live ones at once (still readable)."""
+        rec = self.book.get(request_id)
         if rec is None or rec.done:
             return False
         rec.finish("abort")
         self._free_everywhere(rec)
+        self.book.retire(rec)
         return True
 
     async def describe(self, request_id: str) -> dict:
         """Where a request is (stage and instances): for status tools and tests."""
-        rec = self._record(request_id)
+        rec = self.book.lookup(request_id)
         return {"stage": rec.stage, "prefill_instance": rec.prefill_instance,
                 "decode_instance": rec.decode_instance, "num_tokens": len(rec.token_ids)}
-
-    def _record(self, request_id: str) -> RequestRecord:
-        rec = self.records.get(request_id)
-        if rec is None:
-            raise KeyError(f"unknown request id {request_id!r} (never submitted, or already read)")
-        return rec
 
     def _free_everywhere(self, rec: RequestRecord) -> None:
         self.dispatch.forget(rec)
@@ -234,7 +227,7 @@ class Router:
         now = time.time()
         for r in results:
             rid = r.delta.request_id
-            rec = self.records.get(rid)
+            rec = self.book.get(rid)
             self.dispatch.prefill_done(instance_id, rid)
             if rec is None or rec.done:
                 if r.handle is not None and instance_id in self.prefill:
@@ -262,21 +255,21 @@ class Router:
         now = time.time()
         acks: dict[str, list[str]] = {}
         for rid in report.admitted:
-            rec = self.records.get(rid)
+            rec = self.book.get(rid)
             self.dispatch.admitted(instance_id, rid)
             if rec is not None and rec.prefill_instance:
                 rec.events["transfer_end"] = now
                 rec.stage = "decode" if not rec.done else rec.stage
                 acks.setdefault(rec.prefill_instance, []).append(rid)
         for rid, error in report.failed:
-            rec = self.records.get(rid)
+            rec = self.book.get(rid)
             self.dispatch.admitted(instance_id, rid)
             if rec is not None:
                 rec.finish("error", error, now)
                 if rec.prefill_instance:
                     acks.setdefault(rec.prefill_instance, []).append(rid)
         for delta in report.deltas:
-            rec = self.records.get(delta.request_id)
+            rec = self.book.get(delta.request_id)
             if rec is None or rec.done:
                 if not delta.finished and instance_id in self.decode:  # stale: aborted or failed meanwhile
                     self.decode[instance_id].abort.remote(delta.request_id)
@@ -294,7 +287,7 @@ class Router:
         results = await asyncio.gather(*(asyncio.wait_for(h.stats.remote(), 10) for h in handles),
                                        return_exceptions=True)
         return {
-            "requests": len(self.records),
+            "requests": len(self.book),
             "instances": {n: (r if isinstance(r, dict) else {"error": str(r)}) for n, r in zip(names, results)},
         }
 

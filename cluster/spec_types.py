@@ -93,6 +93,7 @@ class RouterSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     prefill_policy: PrefillPolicy = "least_tokens"
     decode_policy: DecodePolicy = "most_free_blocks"
     request_timeout_s: float = 600.0
+    result_ttl_s: float = 60.0  # a finished request nobody reads is dropped after this long
 
 
 class SloSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

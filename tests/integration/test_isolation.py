@@ -5,7 +5,6 @@ The faults come from ``tests/integration/faults.py``, installed in every worker 
 Ray cluster; a 2 prefill + 2 decode cluster of a tiny Llama, half a CPU per instance."""
 from __future__ import annotations
 
-import itertools
 from pathlib import Path
 
 import pytest
@@ -16,7 +15,6 @@ from tests.integration.faults import DETOKENIZE_FAULT, STEP_FAULT
 
 PARAMS = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
 NEXT = 40
-_names = itertools.count()
 
 
 @pytest.fixture(scope="module")
@@ -32,11 +30,12 @@ def ray_faulty():
     ray.shutdown()
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def cluster(ray_faulty, tiny_llama_dir):
+    """One cluster for the module, its tests in file order: the failed step comes last."""
     from tests.integration.test_cluster import _launch
 
-    launched = _launch(f"iso-{next(_names)}", tiny_llama_dir)
+    launched = _launch("isolation", tiny_llama_dir)
     yield launched
     launched.shutdown()
 

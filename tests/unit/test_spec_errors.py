@@ -100,6 +100,7 @@ OUT_OF_RANGE = [
     ("transfer.timeout_s", 0, "must be > 0, got 0"),
     ("transfer.timeout_s", -1.0, "must be > 0"),
     ("router.request_timeout_s", 0, "must be > 0"),
+    ("router.result_ttl_s", 0, "must be > 0"),
     ("slo.ttft_ms", 0, "must be > 0"),
     ("slo.tpot_ms", -5, "must be > 0"),
     ("slo.attainment", 0, "must be in (0, 1]"),

@@ -1,8 +1,10 @@
-"""Request time limits: the spec's router.request_timeout_s and Client(timeout_s), whichever ends first.
+"""How long requests and their records live.
 
-A timed-out request is aborted on every instance (blocks freed), finishes with finish_reason
-"error" and a message naming the limit, and the client raises RequestTimeout. Decode steps are
-paced (50 ms each), so a long request reliably outlives the limits while a short one does not.
+Time limits: the spec's router.request_timeout_s and Client(timeout_s), whichever ends first. A
+timed-out request is aborted on every instance (blocks freed), finishes with finish_reason "error"
+and a message naming the limit, and the client raises RequestTimeout. Decode steps are paced
+(50 ms each), so a long request reliably outlives the limits while a short one does not.
+Records: requests nobody reads, or aborted ones, leave no record in the router.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from tests.integration.conftest import assert_all_blocks_free, wait_until
 from tests.integration.test_cluster import _instance_stats, _pause
 
 ROUTER_LIMIT_S = 3.0
+RESULT_TTL_S = 1.0
 LONG = SamplingParams(max_tokens=400, temperature=0, ignore_eos=True)  # ~20 s of paced steps
 SHORT = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
 
@@ -30,7 +33,7 @@ def paced(ray_cluster, tiny_llama_dir):
     engine = EngineConfig(dtype="float32", num_blocks=64, block_size=16, step_pace=pace)
     group = InstanceGroup(1, engine, num_cpus=0.5)
     config = LaunchConfig(name="timeouts", model_dir=str(tiny_llama_dir), prefill=group, decode=group,
-                          request_timeout_s=ROUTER_LIMIT_S)
+                          request_timeout_s=ROUTER_LIMIT_S, result_ttl_s=RESULT_TTL_S)
     cluster = Cluster.launch(config, timeout_s=120)
     yield cluster
     cluster.shutdown()
@@ -97,3 +100,16 @@ def test_a_batch_returns_timed_out_requests_beside_finished_ones(paced):
     assert outs[0].finish_reason == "length" and len(outs[0].token_ids) == SHORT.max_tokens
     assert outs[1].finish_reason == "error" and "Client(timeout_s=2)" in outs[1].error
     assert_all_blocks_free(paced)
+
+
+def test_unread_and_aborted_requests_leave_no_records(paced):
+    client = paced.client(timeout_s=120)
+    unread = SamplingParams(max_tokens=1, temperature=0)  # finishes with its prefill
+    for i in range(500):
+        client.submit([5, 6, i % 200 + 10], unread)
+    for i in range(500):
+        assert client.abort(client.submit([7, 8, i % 200 + 10], LONG))
+    assert paced.stats()["requests"] <= 500  # the aborted ones left at once
+    wait_until(lambda: paced.stats()["requests"] == 0, timeout_s=60)  # the unread ones after the TTL
+    assert_all_blocks_free(paced)
+    assert paced.client().generate([9, 9, 9], SHORT).finish_reason == "length"  # and it serves on
