@@ -15,6 +15,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from tandem.cluster.client import Client
 from tandem.cluster.launcher_config import InstanceGroup, LaunchConfig
+from tandem.cluster.preflight import cpu_shortfall
 from tandem.cluster.router import Router
 from tandem.decode.actor import DecodeActor
 from tandem.engine.engine import EngineConfig
@@ -39,6 +40,9 @@ class Cluster:
 
     @classmethod
     def launch(cls, config: LaunchConfig, *, detach: bool = False, timeout_s: float = 300.0) -> "Cluster":
+        short = cpu_shortfall(config, ray.available_resources().get("CPU", 0.0), _largest_node_cpus())
+        if short is not None:  # before anything starts: nothing to clean up, no wait
+            raise LaunchError(f"cluster {config.name!r} cannot start: {short}")
         lifetime = "detached" if detach else None
         router = Router.options(name=f"{config.name}-router", namespace=NAMESPACE,
                                 lifetime=lifetime).remote(
@@ -179,6 +183,10 @@ def connect(name: str, timeout_s: float = 600.0) -> Client:
     except ValueError as exc:
         raise LookupError(f"no tandem cluster named {name!r} in namespace {NAMESPACE!r}") from exc
     return Client(router, timeout_s)
+
+
+def _largest_node_cpus() -> float:
+    return max((n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")), default=0.0)
 
 
 def _reason(exc: BaseException) -> str:

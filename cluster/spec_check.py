@@ -63,6 +63,8 @@ def _at_least(value: float, low: float, where: str, *, strict: bool = False) -> 
     if not ok or math.isnan(value):
         op = ">" if strict else ">="
         raise SpecError(where, f"must be {op} {low}, got {value}")
+    if math.isinf(value):
+        raise SpecError(where, f"must be finite, got {value}")
 
 
 def _fraction(value: float, where: str) -> None:

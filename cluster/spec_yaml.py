@@ -1,6 +1,7 @@
 """Reading a spec file: YAML to plain data, plus the line of every key so that errors found later
 (during validation) can point into the file. Duplicate keys are errors: PyYAML would silently keep
-the last one, which hides typos such as two ``decode:`` sections."""
+the last one, which hides typos such as two ``decode:`` sections. Aliases are refused before
+anything is constructed (placement/yaml_safe.py says why)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,6 +10,7 @@ from typing import Any
 import yaml
 
 from tandem.cluster.spec_types import SpecError
+from tandem.placement.yaml_safe import ALIASES_REFUSED, alias_in
 
 KeyPath = tuple[str, ...]
 
@@ -24,6 +26,9 @@ def read_yaml(path: Path) -> tuple[Any, dict[KeyPath, int]]:
         node = loader.get_single_node()
         if node is None:
             return None, {}
+        alias = alias_in(node)  # first: a node containing itself would recurse forever below
+        if alias is not None:
+            raise SpecError(".".join(alias), ALIASES_REFUSED, str(path))
         lines: dict[KeyPath, int] = {}
         _index(node, (), lines, path)
         return loader.construct_document(node), lines

@@ -20,12 +20,13 @@ import yaml
 
 from tandem.deploy.cli import CommandError
 from tandem.placement.candidates import (Shape, divisibility_error, kv_blocks, pack_high_affinity,
-                                  required_kv_blocks)
+                                         required_kv_blocks)
 from tandem.placement.evaluate import Deployment, Evaluator
 from tandem.placement.plan import Plan, format_result
 from tandem.placement.problem import Problem, SpecError, load_problem
 from tandem.placement.search import PlacementError, search
 from tandem.placement.sim_core import SimResult, SimulationError
+from tandem.placement.yaml_safe import load_yaml
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -62,8 +63,8 @@ def _load(path: str) -> Problem:
 def is_cluster_spec(path: str) -> bool:
     """Cluster specs have a `name:` (and often `placement:`); placement specs have neither."""
     try:
-        data = yaml.safe_load(Path(path).read_text())
-    except (OSError, yaml.YAMLError):
+        data = load_yaml(Path(path).read_text())
+    except (OSError, ValueError, yaml.YAMLError):
         return False  # load_problem reports it
     return isinstance(data, dict) and ("name" in data or "placement" in data)
 

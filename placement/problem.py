@@ -19,6 +19,7 @@ from .model_spec import ModelSpec, load_model, normalize_dtype
 from .policy import Policy
 from .sim_core import Slo
 from .workload import Arrival, Fixed, LengthDist, LogNormal, Uniform, Workload, load_trace
+from .yaml_safe import load_yaml
 
 Pos = Annotated[int, msgspec.Meta(ge=1)]
 
@@ -199,9 +200,11 @@ def load_problem(path: str | Path) -> Problem:
     """Read a YAML placement spec; paths inside it are relative to the file's directory."""
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text())
+        data = load_yaml(path.read_text())
     except OSError as exc:
         raise SpecError(f"{path}: {exc.strerror}") from None
     except yaml.YAMLError as exc:
         raise SpecError(f"{path}: not valid YAML ({exc})") from None
+    except ValueError as exc:  # an alias
+        raise SpecError(f"{path}: {exc}") from None
     return problem_from_dict(data, base_dir=path.parent)

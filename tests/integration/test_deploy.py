@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import textwrap
+import time
 
 import pytest
 
@@ -34,6 +35,24 @@ def test_bad_spec_fails_before_any_actor(ray_cluster, tiny_llama_dir, tmp_path, 
     assert main(["serve", str(bad)]) == 2
     assert "prefil" in capsys.readouterr().err
     assert _named_actors(ray_cluster) == before
+
+
+@pytest.mark.parametrize("body, named", [
+    ("prefill: {replicas: 8, num_cpus: 1}\ndecode: {num_cpus: 1}\n",
+     "prefill: 8 x 1 CPU + decode: 1 x 1 CPU = 9 CPU, but the Ray cluster has"),
+    ("prefill: {num_cpus: 1000}\ndecode: {num_cpus: 1}\n", "prefill.num_cpus: each instance needs 1000 CPU"),
+    ("prefill: {num_cpus: .inf}\ndecode: {}\n", "prefill.num_cpus: must be finite, got inf"),
+    ("prefill: &p {num_cpus: 1}\ndecode: *p\n", "decode: YAML aliases (*name) are not supported"),
+], ids=["too-many-cpus", "bundle-too-big", "infinite", "alias"])
+def test_infeasible_specs_fail_at_once_with_nothing_started(ray_cluster, tiny_llama_dir, tmp_path, capsys,
+                                                            body, named):
+    path = tmp_path / "infeasible.yaml"
+    path.write_text(f"name: infeasible\nmodel: {{path: {tiny_llama_dir}, dtype: float32}}\n{body}")
+    before = _named_actors(ray_cluster)
+    start = time.monotonic()
+    assert main(["serve", str(path)]) == 2
+    assert named in capsys.readouterr().err
+    assert time.monotonic() - start < 30 and _named_actors(ray_cluster) == before
 
 
 def test_serve_detached_status_connect_shutdown(ray_cluster, tiny_llama_dir, tmp_path, capsys):

@@ -9,8 +9,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from tandem.engine.kernel_linear import (SMALL_M, KernelLinear, kernel_linears_apply, native_bf16_cpu,
-                                  onednn_prefill, pack_panels, panel_width, small_gemm_available,
-                                  unpack_panels)
+                                         onednn_prefill, pack_panels, panel_width, small_gemm_available,
+                                         unpack_panels)
 
 needs_kernel = pytest.mark.skipif(not small_gemm_available(), reason="no small GEMM here (needs AVX-512 or AVX2)")
 

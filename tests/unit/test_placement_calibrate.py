@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from tandem.placement.calibrate import (CalibratedLatency, ProfileSample, fit_profile, least_squares,
-                                 load_profile, nonnegative_least_squares, save_profile)
+                                        load_profile, nonnegative_least_squares, save_profile)
 from tandem.placement.candidates import Shape
 from tandem.placement.evaluate import Evaluator
 from tandem.placement.latency import AnalyticLatency

@@ -6,7 +6,7 @@ import itertools
 import pytest
 
 from tandem.placement.candidates import (Shape, divisibility_error, kv_is_local, legal_shapes,
-                                  pack_high_affinity, required_kv_blocks)
+                                         pack_high_affinity, required_kv_blocks)
 from tandem.placement.goodput import find_goodput
 from tandem.placement.memory import instance_memory
 from tandem.placement.problem import Cluster, problem_from_dict

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -412,3 +413,23 @@ def test_every_explicit_example_is_one_the_launcher_accepts(path: Path) -> None:
     sections = list(spec.sections.values())
     assert [g.replicas for g in groups] == [s.replicas for s in sections]
     assert [g.engine.device for g in groups] == [s.device for s in sections]
+
+
+ALIAS_BOMB = "".join(f"{n}: &{n} [{', '.join([f'*{p}'] * 9)}]\n" for p, n in zip("abcdefgh", "bcdefghi"))
+
+
+@pytest.mark.parametrize("text, field", [
+    ('a: &a ["x", "x", "x", "x", "x", "x", "x", "x", "x"]\n' + ALIAS_BOMB, "b.0"),  # 9**9 values
+    ("name: x\nx: &x [*x]\n", "x.0"),  # contains itself
+    ("name: x\nprefill: &p {replicas: 1}\ndecode: *p\n", "decode"),
+], ids=["bomb", "recursive", "plain"])
+def test_yaml_aliases_are_refused_before_anything_expands(tmp_path: Path, text: str, field: str) -> None:
+    from tandem.placement.problem import SpecError as PlacementSpecError
+    from tandem.placement.problem import load_problem
+
+    path = tmp_path / "alias.yaml"
+    path.write_text(text)
+    with pytest.raises(SpecError, match=rf"^{re.escape(field)}: YAML aliases \(\*name\) are not supported"):
+        load_spec(path)
+    with pytest.raises(PlacementSpecError, match=rf"{re.escape(field)}: YAML aliases"):
+        load_problem(path)
