@@ -40,7 +40,7 @@ class Cluster:
 
     @classmethod
     def launch(cls, config: LaunchConfig, *, detach: bool = False, timeout_s: float = 300.0) -> "Cluster":
-        short = cpu_shortfall(config, ray.available_resources().get("CPU", 0.0), _largest_node_cpus())
+        short = cpu_shortfall(config, ray.cluster_resources().get("CPU", 0.0), _largest_node_cpus())
         if short is not None:  # before anything starts: nothing to clean up, no wait
             raise LaunchError(f"cluster {config.name!r} cannot start: {short}")
         lifetime = "detached" if detach else None
