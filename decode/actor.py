@@ -7,7 +7,8 @@ from tandem.decode.instance import DecodeInstance
 from tandem.engine.engine import EngineConfig
 from tandem.engine.loop import StepLoop
 from tandem.engine.params import SamplingParams
-from tandem.transfer.hosting import build_engine, close_transports, on_loop, serve_transfer
+from tandem.transfer.hosting import (build_engine, close_transports, failure_reporter, on_loop,
+                                     serve_transfer)
 from tandem.transfer.protocol import KVHandle, RequestState, StepReport
 from tandem.transfer.registry import make_transport
 
@@ -26,7 +27,8 @@ class DecodeActor:
             self.transports[transport.name] = transport
         engine = build_engine(model_dir, config, num_threads, list(self.transports.values()))
         self.instance = DecodeInstance(engine, self.transports, transfer_timeout_s)
-        self.loop = StepLoop(self.instance, self._publish, on_failure=self._failed)
+        self.loop = StepLoop(self.instance, self._publish,
+                             on_failure=failure_reporter(router, instance_id))
 
     def _publish(self, report: StepReport) -> None:
         if report.deltas or report.admitted or report.failed:
@@ -48,11 +50,6 @@ class DecodeActor:
         """Answered beside the step loop, so a long step is not taken for a death: None while the
         loop runs, else why its step failed."""
         return self.loop.failure()
-
-    def _failed(self, exc: BaseException) -> None:
-        """The step loop stopped on a failed step: tell the router at once (it fails our requests)."""
-        self.router.on_instance_failed.remote(self.instance_id, self.loop.failure())
-
     async def pause(self, paused: bool = True) -> None:
         """Stop (or resume) taking model steps at the next step boundary; calls keep working."""
         await on_loop(self.loop.call(lambda: setattr(self.loop, "paused", paused)))

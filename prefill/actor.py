@@ -7,7 +7,8 @@ from tandem.engine.engine import EngineConfig
 from tandem.engine.loop import StepLoop
 from tandem.engine.params import SamplingParams
 from tandem.prefill.instance import PrefillInstance
-from tandem.transfer.hosting import build_engine, close_transports, on_loop, serve_transfer
+from tandem.transfer.hosting import (build_engine, close_transports, failure_reporter, on_loop,
+                                     serve_transfer)
 from tandem.transfer.registry import make_transport
 
 
@@ -21,7 +22,7 @@ class PrefillActor:
         engine = build_engine(model_dir, config, num_threads, [self.transport])
         self.instance = PrefillInstance(engine, self.transport, hold_timeout_s)
         self.loop = StepLoop(self.instance, self._publish, housekeeping=self.instance.reclaim_expired,
-                             on_failure=self._failed)
+                             on_failure=failure_reporter(router, instance_id))
 
     def _publish(self, results) -> None:
         if results:  # one message per step, all of the step's requests
@@ -43,11 +44,6 @@ class PrefillActor:
         """Answered beside the step loop, so a long step is not taken for a death: None while the
         loop runs, else why its step failed."""
         return self.loop.failure()
-
-    def _failed(self, exc: BaseException) -> None:
-        """The step loop stopped on a failed step: tell the router at once (it fails our requests)."""
-        self.router.on_instance_failed.remote(self.instance_id, self.loop.failure())
-
     async def pause(self, paused: bool = True) -> None:
         """Stop (or resume) taking model steps at the next step boundary; calls keep working."""
         await on_loop(self.loop.call(lambda: setattr(self.loop, "paused", paused)))

@@ -7,7 +7,7 @@ import asyncio
 import os
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from tandem.engine.engine import Engine, EngineConfig
 from tandem.transfer.base import Transport
@@ -51,3 +51,12 @@ def close_transports(transports: Sequence[Transport]) -> None:
 async def on_loop(future: Future, timeout_s: float = 60.0):
     """Await a StepLoop call from the actor's event loop, bounded."""
     return await asyncio.wait_for(asyncio.wrap_future(future), timeout_s)
+
+
+def failure_reporter(router, instance_id: str) -> Callable[[BaseException], None]:
+    """A StepLoop ``on_failure`` that tells the router at once that this instance's step failed
+    (it drops the instance and fails its requests with the cause)."""
+    def report(exc: BaseException) -> None:
+        router.on_instance_failed.remote(instance_id, f"{type(exc).__name__}: {exc}")
+
+    return report
