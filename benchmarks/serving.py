@@ -1,7 +1,7 @@
 """Online serving on a local Ray cluster: disaggregated (1 prefill + 1 decode) vs colocated (2 engines).
 
     python -m benchmarks.serving --rates 0.5 1 2 --requests 40
-    python -m benchmarks.serving --control-plane --concurrency 256
+    python -m benchmarks.serving --control-plane --concurrency 1000 3000 10000
 
 Workload ("ShareGPT-like"): Poisson arrivals; prompt lengths lognormal (median 160 tokens, sigma 0.6,
 clipped to 16..512), output lengths lognormal (median 96, sigma 0.6, clipped to 8..256), random token
@@ -9,8 +9,9 @@ ids, greedy, ignore_eos so each request produces exactly its sampled output leng
 both deployments. SmolLM2-135M fp32, each instance one actor with one torch thread (both cores).
 Reports TTFT/TPOT p50/p90 and joint SLO attainment (TTFT <= 1 s and TPOT <= 75 ms by default).
 
---control-plane: a 1-layer random Llama (hidden 64) so the model costs ~nothing, 1 prefill + 1 decode,
-`--concurrency` streaming requests at once; reports streamed tokens/s through the router.
+--control-plane: a 1-layer random Llama (hidden 64) so the model costs ~nothing, 1 prefill + 1 decode;
+for each `--concurrency`, that many streaming requests at once (8-token prompts, `--tokens` out);
+reports streamed tokens/s, TTFT p50/max from the client, errors and the router's RSS.
 """
 from __future__ import annotations
 
@@ -111,37 +112,64 @@ async def serving(args) -> None:
     ray.shutdown()
 
 
-async def control_plane(args) -> None:
-    import ray
+def tiny_llama(path: Path) -> str:
+    """A 1-layer random Llama (hidden 64): the model costs ~nothing, the control plane is measured."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=256, max_position_embeddings=1024)
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    return str(path)
+
+
+async def stream_round(client, concurrency: int, tokens: int) -> dict:
+    """``concurrency`` streams at once (8-token prompts, ``tokens`` out each), timed from the client."""
     from tandem.engine.params import SamplingParams
 
-    with tempfile.TemporaryDirectory() as tmp:
-        torch.manual_seed(0)
-        cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
-                          num_key_value_heads=2, vocab_size=256, max_position_embeddings=1024)
-        LlamaForCausalLM(cfg).save_pretrained(Path(tmp) / "m")
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-        cluster = launch("disaggregated", str(Path(tmp) / "m"), "bench-cp")
-        client = cluster.client(timeout_s=900)
-        params = SamplingParams(max_tokens=args.tokens, temperature=0, ignore_eos=True)
+    params = SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True)
+    t0 = time.perf_counter()
 
-        async def stream(i):
-            n = 0
-            async for chunk in client.astream([5 + i % 200] * 8, params):
-                n += len(chunk.token_ids)
-            return n
-        for _ in range(2):
-            t0 = time.perf_counter()
-            counts = await asyncio.wait_for(
-                asyncio.gather(*(stream(i) for i in range(args.concurrency))), 900)
-            wall = time.perf_counter() - t0
-            print(json.dumps({"concurrency": args.concurrency, "tokens": sum(counts),
-                              "wall_s": round(wall, 2), "streamed_tok_s": round(sum(counts) / wall)}))
-        cluster.shutdown()
-        ray.shutdown()
+    async def stream(i):
+        n, first, errors = 0, None, 0
+        async for chunk in client.astream([5 + i % 200] * 8, params):
+            if first is None and chunk.token_ids:
+                first = time.perf_counter() - t0
+            n += len(chunk.token_ids)
+            errors += chunk.error is not None
+        return n, first, errors
+    results = await asyncio.wait_for(asyncio.gather(*(stream(i) for i in range(concurrency)),
+                                                    return_exceptions=True), 900)
+    wall = time.perf_counter() - t0
+    done = [r for r in results if not isinstance(r, BaseException)]
+    ttft = [r[1] for r in done if r[1] is not None]
+    return {"concurrency": concurrency, "tokens": sum(r[0] for r in done), "wall_s": round(wall, 2),
+            "streamed_tok_s": round(sum(r[0] for r in done) / wall),
+            "ttft_p50_s": round(statistics.median(ttft), 2) if ttft else None,
+            "ttft_max_s": round(max(ttft), 2) if ttft else None,
+            "errors": len(results) - len(done) + sum(r[2] for r in done)}
+
+
+async def control_plane(args) -> None:
+    import ray
+
+    with tempfile.TemporaryDirectory() as tmp:
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+        cluster = launch("disaggregated", tiny_llama(Path(tmp) / "m"), "bench-cp")
+        client = cluster.client(timeout_s=900)
+        try:
+            await stream_round(client, 64, args.tokens)  # warm-up
+            for concurrency in args.concurrency:
+                for _ in range(args.repeats):
+                    row = await stream_round(client, concurrency, args.tokens)
+                    router = cluster.stats()["router"]
+                    row.update(router_rss_mb=round(router["rss_bytes"] / 2**20),
+                               router_peak_rss_mb=round(router["peak_rss_bytes"] / 2**20))
+                    print(json.dumps(row), flush=True)
+        finally:
+            cluster.shutdown()
+            ray.shutdown()
 
 
 def main() -> None:
@@ -152,8 +180,9 @@ def main() -> None:
     ap.add_argument("--ttft-ms", type=float, default=1000)
     ap.add_argument("--tpot-ms", type=float, default=75)
     ap.add_argument("--control-plane", action="store_true")
-    ap.add_argument("--concurrency", type=int, default=256)
-    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1000, 3000, 10000])
+    ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=2)
     args = ap.parse_args()
     # One event loop for the whole run: Ray binds awaited refs to the loop that first awaits.
     asyncio.run(control_plane(args) if args.control_plane else serving(args))

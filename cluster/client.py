@@ -9,20 +9,26 @@ from __future__ import annotations
 
 import asyncio
 import time
+import weakref
 from collections.abc import AsyncIterator, Iterator, Sequence
 
 import ray
 
+from tandem.cluster.stream_hub import POLL_S, StreamHub
 from tandem.engine.outputs import Completion
 from tandem.engine.params import SamplingParams
 from tandem.transfer.protocol import StreamChunk, is_timeout, remote_cause
 
-POLL_S = 10.0  # one poll waits at most this long on the router for new tokens
 GRACE_S = 30.0  # beyond a request's limit, how long to wait for the router to say it timed out
 
 
 class RequestTimeout(TimeoutError):
     """The cluster did not finish a request in time (it has been aborted and its blocks freed)."""
+
+
+class RouterLost(RuntimeError):
+    """The cluster's router died during a call. Ray restarts it; requests that were in flight are
+    lost (the restarted router has every instance drop them, freeing their blocks): submit again."""
 
 
 class Client:
@@ -31,6 +37,7 @@ class Client:
     def __init__(self, router, timeout_s: float = 600.0) -> None:
         self.router = router
         self.timeout_s = timeout_s
+        self._hubs: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # event loop -> StreamHub
 
     # -- sync -----------------------------------------------------------------------------------
 
@@ -96,8 +103,8 @@ class Client:
             return ray.get(ref, timeout=timeout_s)
         except ray.exceptions.GetTimeoutError:
             raise RequestTimeout(f"the router did not answer within {timeout_s:g}s") from None
-        except ray.exceptions.RayTaskError as exc:
-            raise remote_cause(exc) from None
+        except ray.exceptions.RayError as exc:
+            raise client_error(exc) from None
 
     # -- asyncio --------------------------------------------------------------------------------
 
@@ -110,22 +117,43 @@ class Client:
                                                     self.timeout_s + GRACE_S))
 
     async def astream(self, prompt, params: SamplingParams | None = None) -> AsyncIterator[StreamChunk]:
-        rid = await self.asubmit(prompt, params)
-        deadline = time.monotonic() + self.timeout_s + GRACE_S
+        """As ``stream``; every astream of this client on one event loop shares one long poll."""
+        hub = self._hub()
+        rid = hub.new_request_id()
+        queue = hub.open(rid)
+        finished = False
         try:
-            while True:
-                chunk = await self._aget(self.router.poll.remote(rid, POLL_S), POLL_S + GRACE_S)
-                if chunk.token_ids or chunk.finished:
-                    yield chunk
-                if chunk.finished:
-                    _raise_if_timed_out(chunk)
-                    return
-                if time.monotonic() > deadline:
-                    raise RequestTimeout(f"request {rid!r}: the router did not finish it within "
-                                         f"Client(timeout_s={self.timeout_s:g}) + {GRACE_S:g}s")
+            await self._aget(self.router.submit.remote(prompt, params, rid, self.timeout_s, hub.mailbox_id),
+                             60.0)
+            deadline = time.monotonic() + self.timeout_s + GRACE_S
+            while not finished:
+                chunk = await self._next_chunk(queue, rid, deadline)
+                finished = chunk.finished
+                yield chunk
+            _raise_if_timed_out(chunk)
         except BaseException:
-            self.router.abort.remote(rid)
+            if not finished:
+                self.router.abort.remote(rid)  # a consumer that stops early must not leave it running
             raise
+        finally:
+            hub.close(rid)
+
+    async def _next_chunk(self, queue: asyncio.Queue, rid: str, deadline: float) -> StreamChunk:
+        try:
+            item = await asyncio.wait_for(queue.get(), max(0.0, deadline - time.monotonic()))
+        except asyncio.TimeoutError:
+            raise RequestTimeout(f"request {rid!r}: the router did not finish it within "
+                                 f"Client(timeout_s={self.timeout_s:g}) + {GRACE_S:g}s") from None
+        if isinstance(item, BaseException):
+            raise client_error(item) from None
+        return item
+
+    def _hub(self) -> StreamHub:
+        loop = asyncio.get_running_loop()
+        hub = self._hubs.get(loop)
+        if hub is None:
+            hub = self._hubs[loop] = StreamHub(self.router, GRACE_S)
+        return hub
 
     @staticmethod
     async def _aget(ref, timeout_s: float):
@@ -133,8 +161,21 @@ class Client:
             return await asyncio.wait_for(ref, timeout_s)
         except asyncio.TimeoutError:
             raise RequestTimeout(f"the router did not answer within {timeout_s:g}s") from None
-        except ray.exceptions.RayTaskError as exc:
-            raise remote_cause(exc) from None
+        except ray.exceptions.RayError as exc:
+            raise client_error(exc) from None
+
+
+def client_error(exc: BaseException) -> BaseException:
+    """What a failed router call means to a caller: the router's own exception (a bad request,
+    Overloaded, an unknown id), RouterLost when the router died, RequestTimeout when it did not
+    answer."""
+    if isinstance(exc, ray.exceptions.RayActorError):
+        return RouterLost(f"the cluster's router died during the call ({type(exc).__name__}); "
+                          "requests in flight were lost and are dropped everywhere once it "
+                          "restarts: submit again")
+    if isinstance(exc, asyncio.TimeoutError):
+        return RequestTimeout("the router did not answer a stream's poll in time")
+    return remote_cause(exc)
 
 
 def _raise_if_timed_out(finished):

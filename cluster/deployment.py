@@ -51,7 +51,7 @@ def launch_config(spec: ClusterSpec, model_dir: str) -> LaunchConfig:
         _check_nccl_here()
     common = dict(name=spec.name, model_dir=model_dir, transfer_backend=backend,
                   transfer_timeout_s=spec.transfer.timeout_s, request_timeout_s=spec.router.request_timeout_s,
-                  result_ttl_s=spec.router.result_ttl_s,
+                  result_ttl_s=spec.router.result_ttl_s, max_requests=spec.router.max_requests,
                   prefill_policy=spec.router.prefill_policy, decode_policy=spec.router.decode_policy)
     if spec.mode == "colocated":
         return LaunchConfig(mode="colocated", decode=_group("instances", spec.instances, dtype), **common)

@@ -24,16 +24,21 @@ class Dispatcher:
         self.queued: dict[str, dict[str, int]] = {}  # prefill id -> request id -> tokens
         self.free: dict[str, int] = {}  # decode id -> free blocks last reported
         self.reserved: dict[str, dict[str, int]] = {}  # decode id -> request id -> blocks
+        # Running sums of the two tables above, so a pick costs O(instances), not O(requests).
+        self.queued_total: dict[str, int] = {}
+        self.reserved_total: dict[str, int] = {}
         self._rr_prefill = self._rr_decode = None
 
     def add_prefill(self, instance_id: str) -> None:
         self.queued.setdefault(instance_id, {})
+        self.queued_total.setdefault(instance_id, 0)
 
     def set_free_blocks(self, instance_id: str, free: int, block_size: int | None = None) -> None:
         if block_size:
             self.block_size = block_size
         self.free[instance_id] = free
         self.reserved.setdefault(instance_id, {})
+        self.reserved_total.setdefault(instance_id, 0)
 
     def pick_prefill(self, request_id: str, num_tokens: int) -> str:
         if not self.queued:
@@ -42,8 +47,8 @@ class Dispatcher:
             self._rr_prefill = self._rr_prefill or itertools.cycle(sorted(self.queued))
             target = next(self._rr_prefill)
         else:
-            target = min(self.queued, key=lambda i: (sum(self.queued[i].values()), i))
-        self.queued[target][request_id] = num_tokens
+            target = min(self.queued, key=lambda i: (self.queued_total[i], i))
+        _put(self.queued[target], self.queued_total, target, request_id, num_tokens)
         return target
 
     def pick_decode(self, request_id: str, num_tokens: int) -> str:
@@ -54,25 +59,38 @@ class Dispatcher:
             target = next(self._rr_decode)
         else:
             target = max(self.free, key=lambda i: (self.free_estimate(i), i))
-        self.reserved[target][request_id] = blocks_needed(num_tokens, self.block_size)
+        _put(self.reserved[target], self.reserved_total, target, request_id,
+             blocks_needed(num_tokens, self.block_size))
         return target
 
     def free_estimate(self, instance_id: str) -> int:
-        return self.free[instance_id] - sum(self.reserved[instance_id].values())
+        return self.free[instance_id] - self.reserved_total[instance_id]
 
     def prefill_done(self, instance_id: str, request_id: str) -> None:
-        self.queued.get(instance_id, {}).pop(request_id, None)
+        _pop(self.queued, self.queued_total, instance_id, request_id)
 
     def admitted(self, instance_id: str, request_id: str) -> None:
-        self.reserved.get(instance_id, {}).pop(request_id, None)
+        _pop(self.reserved, self.reserved_total, instance_id, request_id)
 
     def remove_instance(self, instance_id: str) -> None:
-        self.queued.pop(instance_id, None)
-        self.free.pop(instance_id, None)
-        self.reserved.pop(instance_id, None)
+        for table in (self.queued, self.free, self.reserved, self.queued_total, self.reserved_total):
+            table.pop(instance_id, None)
         self._rr_prefill = self._rr_decode = None
 
     def forget(self, rec) -> None:
         """Drop every estimate that counts this request."""
-        for table in (*self.queued.values(), *self.reserved.values()):
-            table.pop(rec.request_id, None)
+        for instance_id in list(self.queued):
+            _pop(self.queued, self.queued_total, instance_id, rec.request_id)
+        for instance_id in list(self.reserved):
+            _pop(self.reserved, self.reserved_total, instance_id, rec.request_id)
+
+
+def _put(table: dict[str, int], totals: dict[str, int], instance_id: str, request_id: str, amount: int) -> None:
+    totals[instance_id] += amount - table.get(request_id, 0)
+    table[request_id] = amount
+
+
+def _pop(tables: dict[str, dict[str, int]], totals: dict[str, int], instance_id: str, request_id: str) -> None:
+    amount = tables.get(instance_id, {}).pop(request_id, None)
+    if amount is not None:
+        totals[instance_id] -= amount

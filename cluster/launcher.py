@@ -7,6 +7,7 @@ reserved. GPUs are not reserved yet: a cuda instance uses its node's first visib
 from __future__ import annotations
 
 import logging
+import re
 
 import msgspec
 import ray
@@ -14,15 +15,14 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from tandem.cluster.client import Client
-from tandem.cluster.launcher_config import InstanceGroup, LaunchConfig
+from tandem.cluster.launcher_config import (NAMESPACE, InstanceGroup, LaunchConfig, instance_names,
+                                            router_name)
 from tandem.cluster.preflight import cpu_shortfall
 from tandem.cluster.router import Router
 from tandem.decode.actor import DecodeActor
 from tandem.engine.engine import EngineConfig
 from tandem.prefill.actor import PrefillActor
 from tandem.transfer.protocol import remote_cause
-
-NAMESPACE = "tandem"
 
 log = logging.getLogger(__name__)
 
@@ -44,10 +44,8 @@ class Cluster:
         if short is not None:  # before anything starts: nothing to clean up, no wait
             raise LaunchError(f"cluster {config.name!r} cannot start: {short}")
         lifetime = "detached" if detach else None
-        router = Router.options(name=f"{config.name}-router", namespace=NAMESPACE,
-                                lifetime=lifetime).remote(
-            config.model_dir, config.mode, config.prefill_policy, config.decode_policy,
-            config.decode.engine.max_model_len, config.request_timeout_s, config.result_ttl_s)
+        router = Router.options(name=router_name(config.name), namespace=NAMESPACE, lifetime=lifetime,
+                                max_concurrency=router_concurrency(config)).remote(config)
         actors: dict[str, ray.actor.ActorHandle] = {}
         groups: list = []
         cluster = cls(config, router, actors, groups)
@@ -62,20 +60,19 @@ class Cluster:
 
     def _start_pools(self, lifetime, timeout_s: float) -> tuple[dict, dict]:
         config = self.config
+        names = instance_names(config)
         prefill: dict = {}
-        if config.mode == "disaggregated":
-            if config.prefill is None:
-                raise ValueError("disaggregated mode needs a prefill group")
+        if names["prefill"]:
             engine = msgspec.structs.replace(
                 config.prefill.engine,
                 scheduler=msgspec.structs.replace(config.prefill.engine.scheduler, enable_decode=False))
-            for i in range(config.prefill.replicas):
-                name = f"{config.name}-prefill-{i}"
+            for name in names["prefill"]:
                 prefill[name] = self._start(PrefillActor, name, config.prefill, lifetime, timeout_s,
                                             engine, config.transfer_backend)
+        elif config.mode == "disaggregated":
+            raise ValueError("disaggregated mode needs a prefill group")
         decode = {}
-        for i in range(config.decode.replicas):
-            name = f"{config.name}-decode-{i}"
+        for name in names["decode"]:
             decode[name] = self._start(DecodeActor, name, config.decode, lifetime, timeout_s,
                                        config.decode.engine, (config.transfer_backend,),
                                        transfer_timeout_s=config.transfer_timeout_s)
@@ -130,6 +127,13 @@ class Cluster:
         self.groups.clear()
 
 
+def router_concurrency(config: LaunchConfig) -> int:
+    """The router actor's concurrent calls: room for a waiting poll or result call per request
+    at the limit and its submit, so the instances' step reports never queue behind clients'
+    long polls."""
+    return 2 * config.max_requests + 1024
+
+
 def plan_on_ray(spec):
     """Plan an auto ClusterSpec for the connected Ray cluster (unless ``planning.cluster`` says
     otherwise): a PlannedSpec whose ``spec`` is explicit. Logs the plan in one line; SpecError
@@ -145,23 +149,36 @@ def plan_on_ray(spec):
 
 
 def shutdown_by_name(name: str) -> list[str]:
-    """Stop a (detached) cluster started elsewhere; returns the actors it stopped."""
-    client = connect(name)
-    names = list(client.stats()["instances"])
-    _stop_gracefully(names)
+    """Stop a (detached) cluster started elsewhere, found by its actors' and placement groups'
+    names, so a dead router is no obstacle; returns the actors it stopped. LookupError if
+    nothing of it runs."""
+    actors = _cluster_members([a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                               if a.get("namespace") == NAMESPACE], name)
+    groups = _cluster_members([g["name"] for g in ray.util.placement_group_table().values()
+                               if g.get("state") != "REMOVED"], name)
+    if not actors and not groups:
+        raise LookupError(f"no tandem cluster named {name!r} in namespace {NAMESPACE!r}")
+    instances = [a for a in actors if a != router_name(name)]
+    _stop_gracefully(instances)
     stopped = []
-    for actor_name in [*names, f"{name}-router"]:
+    for actor_name in actors:
         try:
             ray.kill(ray.get_actor(actor_name, namespace=NAMESPACE), no_restart=True)
             stopped.append(actor_name)
         except ValueError:
             pass
-    for actor_name in names:
+    for group_name in groups:
         try:
-            remove_placement_group(ray.util.get_placement_group(actor_name))
+            remove_placement_group(ray.util.get_placement_group(group_name))
         except ValueError:
             pass
     return stopped
+
+
+def _cluster_members(names: list[str], cluster_name: str) -> list[str]:
+    """Those of ``names`` that belong to the cluster: its router and its numbered instances."""
+    pattern = re.compile(rf"{re.escape(cluster_name)}-(router|(prefill|decode)-\d+)")
+    return sorted({n for n in names if n and pattern.fullmatch(n)})
 
 
 def _stop_gracefully(actor_names: list[str], grace_s: float = 10.0) -> None:
@@ -179,7 +196,7 @@ def _stop_gracefully(actor_names: list[str], grace_s: float = 10.0) -> None:
 def connect(name: str, timeout_s: float = 600.0) -> Client:
     """A client for a cluster started elsewhere (e.g. `tandem serve --detach`)."""
     try:
-        router = ray.get_actor(f"{name}-router", namespace=NAMESPACE)
+        router = ray.get_actor(router_name(name), namespace=NAMESPACE)
     except ValueError as exc:
         raise LookupError(f"no tandem cluster named {name!r} in namespace {NAMESPACE!r}") from exc
     return Client(router, timeout_s)

@@ -5,6 +5,8 @@ import msgspec
 
 from tandem.engine.engine import EngineConfig
 
+NAMESPACE = "tandem"  # the Ray namespace of every tandem actor
+
 
 class InstanceGroup(msgspec.Struct, frozen=True):
     replicas: int
@@ -24,6 +26,19 @@ class LaunchConfig(msgspec.Struct, frozen=True):
     transfer_backend: str = "ray"
     transfer_timeout_s: float = 30.0
     request_timeout_s: float = 600.0  # the router times out any request older than this
+    max_requests: int = 20_000  # beyond this many requests in flight, submit raises Overloaded
     result_ttl_s: float = 60.0  # how long the router keeps a finished request nobody reads
     prefill_policy: str = "least_tokens"
     decode_policy: str = "most_free_blocks"
+
+
+def instance_names(config: LaunchConfig) -> dict[str, list[str]]:
+    """The Ray actor names of a launch's instances by role: the launcher names them so, and a
+    restarted router finds them again by these names."""
+    num_prefill = config.prefill.replicas if config.mode == "disaggregated" and config.prefill else 0
+    return {"prefill": [f"{config.name}-prefill-{i}" for i in range(num_prefill)],
+            "decode": [f"{config.name}-decode-{i}" for i in range(config.decode.replicas)]}
+
+
+def router_name(cluster_name: str) -> str:
+    return f"{cluster_name}-router"

@@ -14,6 +14,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
+from tandem.cluster.mailbox import Mailbox
 from tandem.engine.outputs import Completion, TokenDelta
 from tandem.engine.params import SamplingParams
 from tandem.transfer.protocol import StreamChunk
@@ -40,6 +41,7 @@ class RequestRecord:
     unread_text_from: int = 0
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     deadline: asyncio.TimerHandle | None = None  # the request's time limit, cancelled on finish
+    mailbox: Mailbox | None = None  # the client's mailbox, when it streams through one
 
     @property
     def done(self) -> bool:
@@ -61,7 +63,7 @@ class RequestRecord:
             self.logprobs.extend(delta.logprobs)
         if delta.finish_reason is not None:
             self.finish(delta.finish_reason, delta.error, now)
-        self.changed.set()
+        self._notify()
 
     def finish(self, reason: str, error: str | None = None, now: float | None = None) -> None:
         if self.done:
@@ -70,7 +72,13 @@ class RequestRecord:
         if self.deadline is not None:
             self.deadline.cancel()
         self.events["finish"] = now or time.time()
+        self._notify()
+
+    def _notify(self) -> None:
+        """Wake whoever waits for this request: its own poll, or its client's mailbox."""
         self.changed.set()
+        if self.mailbox is not None:
+            self.mailbox.post(self)
 
     def take_chunk(self) -> StreamChunk:
         """What the client has not read yet; marks it read."""
@@ -113,6 +121,7 @@ class RequestBook:
         self.live: dict[str, RequestRecord] = {}
         self._retired: OrderedDict[str, RequestRecord] = OrderedDict()
         self._ids = itertools.count()
+        self.restarted = False  # a restarted router has lost every earlier request
 
     def __len__(self) -> int:
         return len(self.live)
@@ -142,8 +151,9 @@ class RequestBook:
         """A live or retired record, for the client; KeyError if neither."""
         rec = self.live.get(request_id) or self._retired.get(request_id)
         if rec is None:
+            lost = ", or lost when the router restarted" if self.restarted else ""
             raise KeyError(f"unknown request id {request_id!r} (never submitted, already read, "
-                           "or finished and unread too long)")
+                           f"or finished and unread too long{lost})")
         return rec
 
     def forget(self, request_id: str) -> None:

@@ -12,12 +12,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import resource
 import time
 from pathlib import Path
 
 import ray
 
 from tandem.cluster.dispatch import Dispatcher
+from tandem.cluster.launcher_config import NAMESPACE, LaunchConfig, instance_names
+from tandem.cluster.mailbox import Mailboxes
 from tandem.cluster.requests import RequestBook, RequestRecord
 from tandem.engine.config import load_config
 from tandem.engine.engine import context_limit
@@ -26,40 +30,72 @@ from tandem.engine.outputs import Completion
 from tandem.engine.params import SamplingParams
 from tandem.engine.tokenizer import Tokenizer
 from tandem.engine.validation import prompt_token_ids, validate_request
-from tandem.transfer.protocol import PrefillResult, StepReport, StreamChunk, remote_cause, timeout_error
+from tandem.transfer.protocol import (Overloaded, PrefillResult, StepReport, StreamChunk, remote_cause,
+                                      timeout_error)
 
 log = logging.getLogger(__name__)
 
 INLINE_TOKENIZE_CHARS = 4096  # shorter prompts tokenize in well under a millisecond
+CALL_TIMEOUT_S = 30.0  # the longest the router waits on one call to an instance
+MAILBOX_GRACE_S = 60.0  # a mailbox outlives its client's last poll by the result TTL plus this
 
 
-@ray.remote(num_cpus=0, max_restarts=0)
+@ray.remote(num_cpus=0, max_restarts=-1)
 class Router:
-    def __init__(self, model_dir: str, mode: str = "disaggregated", prefill_policy: str = "least_tokens",
-                 decode_policy: str = "most_free_blocks", max_model_len: int | None = None,
-                 request_timeout_s: float = 600.0, result_ttl_s: float = 60.0) -> None:
-        model_config = load_config(Path(model_dir))
-        self.tokenizer = Tokenizer.from_model_dir(Path(model_dir))
+    """Restarted by Ray when its process dies: every request in flight then is lost (its clients'
+    calls fail, the instances are told to drop it), and the restarted router finds its instances
+    by name and serves new requests."""
+
+    def __init__(self, config: LaunchConfig) -> None:
+        model_config = load_config(Path(config.model_dir))
+        self.config = config
+        self.tokenizer = Tokenizer.from_model_dir(Path(config.model_dir))
         self.vocab_size = model_config.vocab_size
-        self.max_model_len = context_limit(model_config, max_model_len)
-        self.mode = mode
-        self.request_timeout_s = request_timeout_s
-        self.dispatch = Dispatcher(prefill_policy, decode_policy)
+        self.max_model_len = context_limit(model_config, config.decode.engine.max_model_len)
+        self.mode = config.mode
+        self.request_timeout_s = config.request_timeout_s
+        self.dispatch = Dispatcher(config.prefill_policy, config.decode_policy)
         self.prefill: dict[str, ray.actor.ActorHandle] = {}
         self.decode: dict[str, ray.actor.ActorHandle] = {}
         self.capacity_tokens = 0
-        self.book = RequestBook(result_ttl_s)
+        self.book = RequestBook(config.result_ttl_s)
+        self.mailboxes = Mailboxes(idle_s=config.result_ttl_s + MAILBOX_GRACE_S)
+        self.registered = asyncio.Event()
+        self.polls = 0  # poll and poll_mailbox calls answered: how well streams coalesce
+        self._watcher: asyncio.Future | None = None
+        self.book.restarted = ray.get_runtime_context().was_current_actor_reconstructed
+        if self.book.restarted:
+            self._recovery = asyncio.get_running_loop().create_task(self._recover())
 
     async def register(self, prefill: dict, decode: dict, block_size: int) -> None:
         """Attach the instance pools; learns each decode instance's cache size."""
+        stats = await asyncio.gather(*(asyncio.wait_for(h.stats.remote(), CALL_TIMEOUT_S)
+                                       for h in (*prefill.values(), *decode.values())))
         self.prefill, self.decode = dict(prefill), dict(decode)
-        stats = await asyncio.gather(*(h.stats.remote() for h in (*prefill.values(), *decode.values())))
         self.capacity_tokens = min(s["num_blocks"] for s in stats) * block_size
         for iid, s in zip(decode, stats[len(prefill):]):
             self.dispatch.set_free_blocks(iid, s["free_blocks"], block_size)
         for iid in prefill:
             self.dispatch.add_prefill(iid)
-        self._watcher = asyncio.ensure_future(self._watch_health())
+        if self._watcher is None:
+            self._watcher = asyncio.ensure_future(self._watch_health())
+        self.registered.set()
+
+    async def _recover(self) -> None:
+        """After a restart: find the instances by name, have each drop every request (they were
+        the previous router's, and nobody can read them now), then serve again."""
+        found = {role: _named_actors(names) for role, names in instance_names(self.config).items()}
+        handles = [(role, iid, h) for role, pool in found.items() for iid, h in pool.items()]
+        results = await asyncio.gather(
+            *(asyncio.wait_for(h.abort_all.remote(), CALL_TIMEOUT_S) for _, _, h in handles),
+            return_exceptions=True)
+        for (role, iid, _), result in zip(handles, results):
+            if isinstance(result, BaseException):
+                log.error("%s instance %s did not answer the restarted router: %s", role, iid, result)
+                found[role].pop(iid)
+        log.warning("router restarted: %d requests in flight were lost; serving with %s",
+                    sum(r for r in results if isinstance(r, int)), [*found["prefill"], *found["decode"]])
+        await self.register(found["prefill"], found["decode"], self.config.decode.engine.block_size)
 
     async def _watch_health(self, interval_s: float = 1.0, timeout_s: float = 10.0) -> None:
         """Ask every instance how it is (answered beside its step loop, so a long step is no
@@ -68,6 +104,7 @@ class Router:
         while True:
             await asyncio.sleep(interval_s)
             self.book.expire(time.time())
+            self.mailboxes.expire(time.monotonic())
             pools = [("prefill", iid, h) for iid, h in self.prefill.items()]
             pools += [("decode", iid, h) for iid, h in self.decode.items()]
             results = await asyncio.gather(
@@ -104,25 +141,42 @@ class Router:
     # -- client side ----------------------------------------------------------------------------
 
     async def submit(self, prompt, params: SamplingParams | None = None, request_id: str | None = None,
-                     timeout_s: float | None = None) -> str:
-        """Validate and dispatch; raises ValueError for a bad request (nothing else is affected).
-        The request is timed out at ``router.request_timeout_s`` or at the caller's ``timeout_s``,
-        whichever ends first."""
+                     timeout_s: float | None = None, mailbox: str | None = None) -> str:
+        """Validate and dispatch; raises ValueError for a bad request (nothing else is affected)
+        and Overloaded at ``router.max_requests`` requests in flight. The request is timed out at
+        ``router.request_timeout_s`` or at the caller's ``timeout_s``, whichever ends first. With
+        ``mailbox``, its changes are posted there for ``poll_mailbox``."""
+        await self._wait_registered()
+        if len(self.book) >= self.config.max_requests:
+            raise Overloaded(f"the cluster is overloaded: {len(self.book)} requests in flight, the "
+                             f"limit router.max_requests={self.config.max_requests}; retry later")
         params = SamplingParams() if params is None else params
         ids = await self._tokenize(prompt)
         validate_request(ids, params, vocab_size=self.vocab_size, max_model_len=self.max_model_len,
                          capacity_tokens=self.capacity_tokens, has_tokenizer=self.tokenizer is not None)
         rec = self.book.add(request_id or None, ids, params)
         rid = rec.request_id
+        if mailbox is not None:
+            rec.mailbox = self.mailboxes.get(mailbox)
         self._set_deadline(rec, timeout_s)
         try:
             await self._dispatch_new(rec)
         except Exception as exc:
             self.book.forget(rid)
+            rec.mailbox = None  # nothing to stream: the caller gets the error
             rec.finish("abort")  # cancels its deadline
             self.dispatch.forget(rec)
             raise remote_cause(exc) from None
         return rid
+
+    async def _wait_registered(self) -> None:
+        """Requests wait for the instance pools (a restarted router is finding them), bounded."""
+        if not self.registered.is_set():
+            try:
+                await asyncio.wait_for(self.registered.wait(), CALL_TIMEOUT_S)
+            except asyncio.TimeoutError:
+                raise RuntimeError(f"the router has no instances yet ({CALL_TIMEOUT_S:g}s after it "
+                                   "started): is the cluster still launching?") from None
 
     def _set_deadline(self, rec: RequestRecord, caller_timeout_s: float | None) -> None:
         limit, seconds = f"router.request_timeout_s={self.request_timeout_s:g}s", self.request_timeout_s
@@ -166,6 +220,7 @@ class Router:
 
     async def poll(self, request_id: str, timeout_s: float = 30.0) -> StreamChunk:
         """New tokens since the last poll (waits up to timeout_s for some)."""
+        self.polls += 1
         rec = self.book.lookup(request_id)
         if not rec.changed.is_set():
             try:
@@ -176,6 +231,19 @@ class Router:
         if chunk.finished:
             self.book.forget(request_id)
         return chunk
+
+    async def poll_mailbox(self, mailbox_id: str, timeout_s: float = 30.0) -> list[StreamChunk]:
+        """A chunk for every request streaming through this mailbox that changed since the last
+        call (waits up to timeout_s for one): one call per client, however many streams it has."""
+        self.polls += 1
+        chunks = []
+        for rec in await self.mailboxes.get(mailbox_id).take(timeout_s):
+            chunk = rec.take_chunk()
+            if chunk.token_ids or chunk.finished:
+                chunks.append(chunk)
+            if chunk.finished:
+                self.book.forget(rec.request_id)
+        return chunks
 
     async def result(self, request_id: str, timeout_s: float = 600.0) -> Completion:
         """The finished request; one still running after the caller's ``timeout_s`` of waiting is
@@ -225,6 +293,7 @@ class Router:
 
     async def on_prefilled(self, instance_id: str, results: list[PrefillResult]) -> None:
         now = time.time()
+        handovers: dict[str, list[tuple[RequestRecord, PrefillResult]]] = {}
         for r in results:
             rid = r.delta.request_id
             rec = self.book.get(rid)
@@ -236,20 +305,28 @@ class Router:
             rec.events.update(prefill_start=r.prefill_start, prefill_end=r.prefill_end)
             rec.add_delta(r.delta, now)
             if r.state is not None and not rec.done:
-                self._hand_over(rec, r)
+                handovers.setdefault(self._hand_over(rec, r), []).append((rec, r))
+        for target, batch in handovers.items():  # one admission call per decode instance
+            asyncio.ensure_future(self._admit(target, batch))
 
-    def _hand_over(self, rec: RequestRecord, r: PrefillResult) -> None:
+    def _hand_over(self, rec: RequestRecord, r: PrefillResult) -> str:
+        """Choose the decode instance that will pull this request's KV."""
         target = self.dispatch.pick_decode(rec.request_id, r.handle.num_tokens + 1)
         rec.decode_instance, rec.stage = target, "transfer"
         rec.events["transfer_start"] = time.time()
-        asyncio.ensure_future(self._admit(rec, target, r))
+        return target
 
-    async def _admit(self, rec: RequestRecord, target: str, r: PrefillResult) -> None:
+    async def _admit(self, target: str, batch: list[tuple[RequestRecord, PrefillResult]]) -> None:
+        """Hand a prefill step's requests to one decode instance; those it refuses (or all, if it
+        is dead) fail alone."""
         try:
-            await self.decode[target].admit.remote(r.state, r.handle)
-        except Exception as exc:  # a dead or refusing decode instance: fail this request only
-            rec.finish("error", f"decode instance {target} refused the request: {remote_cause(exc)}")
-            self._free_everywhere(rec)
+            refused = dict(await self.decode[target].admit.remote([(r.state, r.handle) for _, r in batch]))
+        except Exception as exc:
+            refused = {rec.request_id: str(remote_cause(exc)) for rec, _ in batch}
+        for rec, _ in batch:
+            if rec.request_id in refused:
+                rec.finish("error", f"decode instance {target} refused the request: {refused[rec.request_id]}")
+                self._free_everywhere(rec)
 
     async def on_decode_step(self, instance_id: str, report: StepReport) -> None:
         now = time.time()
@@ -289,7 +366,16 @@ class Router:
         return {
             "requests": len(self.book),
             "instances": {n: (r if isinstance(r, dict) else {"error": str(r)}) for n, r in zip(names, results)},
+            "router": {"mailboxes": len(self.mailboxes), "polls": self.polls, "max_requests": self.config.max_requests,
+                       "restarted": self.book.restarted, **process_memory()},
         }
+
+
+def process_memory() -> dict[str, int]:
+    """This process's resident memory now and at its peak, in bytes (Linux)."""
+    with open("/proc/self/statm") as statm:
+        rss = int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    return {"rss_bytes": rss, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
 
 
 def _lost_instance(exc: BaseException) -> str | None:
@@ -299,3 +385,14 @@ def _lost_instance(exc: BaseException) -> str | None:
         return f"died ({type(exc).__name__})"
     cause = remote_cause(exc)
     return f"is stopped ({cause})" if isinstance(cause, InstanceStopped) else None
+
+
+def _named_actors(names: list[str]) -> dict[str, ray.actor.ActorHandle]:
+    """The live actors among ``names`` in tandem's namespace."""
+    found = {}
+    for name in names:
+        try:
+            found[name] = ray.get_actor(name, namespace=NAMESPACE)
+        except ValueError:
+            log.error("instance %s is gone (no actor by that name)", name)
+    return found

@@ -30,6 +30,7 @@ def check_spec(spec: ClusterSpec) -> None:
     _at_least(spec.transfer.timeout_s, 0, "transfer.timeout_s", strict=True)
     _at_least(spec.router.request_timeout_s, 0, "router.request_timeout_s", strict=True)
     _at_least(spec.router.result_ttl_s, 0, "router.result_ttl_s", strict=True)
+    _at_least(spec.router.max_requests, 1, "router.max_requests")
     if spec.slo is not None:
         _at_least(spec.slo.ttft_ms, 0, "slo.ttft_ms", strict=True)
         _at_least(spec.slo.tpot_ms, 0, "slo.tpot_ms", strict=True)

@@ -94,6 +94,7 @@ class RouterSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     decode_policy: DecodePolicy = "most_free_blocks"
     request_timeout_s: float = 600.0
     result_ttl_s: float = 60.0  # a finished request nobody reads is dropped after this long
+    max_requests: int = 20_000  # requests in flight beyond which submit fails as overloaded
 
 
 class SloSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

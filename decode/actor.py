@@ -34,14 +34,19 @@ class DecodeActor:
         if report.deltas or report.admitted or report.failed:
             self.router.on_decode_step.remote(self.instance_id, report)
 
-    async def admit(self, state: RequestState, handle: KVHandle) -> None:
-        await on_loop(self.loop.call(lambda: self.instance.admit(state, handle)))
+    async def admit(self, items: list[tuple[RequestState, KVHandle]]) -> list[tuple[str, str]]:
+        """Queue admissions (one call per prefill step); the ones refused here, with why."""
+        return await on_loop(self.loop.call(lambda: self.instance.admit_all(items)))
 
     async def submit(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
         await on_loop(self.loop.call(lambda: self.instance.submit(request_id, prompt_ids, params)))
 
     async def abort(self, request_id: str) -> None:
         await on_loop(self.loop.call(lambda: self.instance.abort(request_id)))
+
+    async def abort_all(self) -> int:
+        """Drop every request (a restarted router lost them all); how many there were."""
+        return await on_loop(self.loop.call(self.instance.abort_all))
 
     async def stats(self) -> dict:
         return await on_loop(self.loop.call(self.instance.stats))

@@ -28,6 +28,16 @@ class DecodeInstance:
             raise ValueError(f"no {handle.transport!r} transport on this instance")
         self.pending.append((state, handle))
 
+    def admit_all(self, items: list[tuple[RequestState, KVHandle]]) -> list[tuple[str, str]]:
+        """``admit`` each; returns (request id, why) for those refused, the rest are queued."""
+        refused = []
+        for state, handle in items:
+            try:
+                self.admit(state, handle)
+            except ValueError as exc:
+                refused.append((state.request_id, str(exc)))
+        return refused
+
     def submit(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> None:
         """Colocated mode: a raw request prefilled here."""
         self.engine.add_request(prompt, params, request_id)
@@ -65,6 +75,15 @@ class DecodeInstance:
                 self.pending.remove(item)
                 return True
         return self.engine.abort(request_id) is not None
+
+    def abort_all(self) -> int:
+        """Drop every request here, queued for admission or running; how many."""
+        request_ids = [state.request_id for state, _ in self.pending] + self.engine.request_ids()
+        self.pending.clear()
+        for rid in self.engine.request_ids():
+            self.engine.abort(rid)
+            self.engine.release(rid)
+        return len(request_ids)
 
     def stats(self) -> dict[str, int]:
         return {**self.engine.stats(), "pending_admissions": len(self.pending)}

@@ -140,6 +140,11 @@ class Engine:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
 
+    def request_ids(self) -> list[str]:
+        """Every request this engine holds: scheduled (waiting or running), exported or reserved."""
+        return [*(s.request_id for s in (*self.scheduler.waiting, *self.scheduler.running)),
+                *self._exports, *self._reserved]
+
     def stats(self) -> dict[str, int]:
         return {"num_blocks": self.blocks.num_blocks, "free_blocks": self.blocks.num_free,
                 "waiting": len(self.scheduler.waiting), "running": len(self.scheduler.running),

@@ -37,6 +37,10 @@ class PrefillActor:
     async def abort(self, request_id: str) -> None:
         await on_loop(self.loop.call(lambda: self.instance.abort(request_id)))
 
+    async def abort_all(self) -> int:
+        """Drop every request (a restarted router lost them all); how many there were."""
+        return await on_loop(self.loop.call(self.instance.abort_all))
+
     async def stats(self) -> dict:
         return await on_loop(self.loop.call(self.instance.stats))
 

@@ -59,6 +59,13 @@ class PrefillInstance:
         self.engine.abort(request_id)
         self.ack(request_id)
 
+    def abort_all(self) -> int:
+        """Drop every request here, queued, running or held for a destination; how many."""
+        request_ids = {*self.engine.request_ids(), *self.held}
+        for rid in request_ids:
+            self.abort(rid)
+        return len(request_ids)
+
     def reclaim_expired(self) -> list[str]:
         """Free exports nobody acked in time (a dead or stuck destination)."""
         now = time.monotonic()

@@ -92,6 +92,11 @@ class StreamChunk(msgspec.Struct, frozen=True):
         return self.finish_reason is not None
 
 
+class Overloaded(RuntimeError):
+    """The cluster refused a new request: it has as many in flight as its limit allows. Nothing was
+    started; retrying later may succeed (an HTTP front end answers 429)."""
+
+
 def timeout_error(request_id: str, limit: str) -> str:
     """The error of a request aborted for running past ``limit`` (which names the setting)."""
     return f"request {request_id!r}{_TIMED_OUT}it ran past {limit}; aborted, its blocks freed"

@@ -147,3 +147,29 @@ def _one_state(model_dir):
     engine.add_request(PROMPTS["b"], GREEDY, "moving")
     engine.step()
     return engine.export("moving").state
+
+
+def test_abort_all_frees_every_block_wherever_requests_are(tiny_llama_dir):
+    """What a restarted router asks of every instance: queued, held, pending and running requests
+    all dropped, every block free, and the instance serves a new request as transformers does."""
+    transport = LocalTransport()
+    prefill = PrefillInstance(PublicOnly(_engine(tiny_llama_dir, decode=False)), transport)
+    decode = DecodeInstance(PublicOnly(_engine(tiny_llama_dir, decode=True)), {"local": transport})
+    for rid in ("a", "b"):
+        prefill.submit(rid, PROMPTS[rid], GREEDY)
+    results = prefill.step()  # both prefilled: their KV is held for the decode side
+    prefill.submit("c", PROMPTS["c"], GREEDY)  # queued
+    decode.admit(results[0].state, results[0].handle)
+    decode.step()  # "a" runs on the decode side
+    decode.admit(results[1].state, results[1].handle)  # "b" waits to be admitted
+    assert (prefill.abort_all(), decode.abort_all()) == (3, 2)
+    for inst in (prefill, decode):
+        stats = inst.engine.stats()
+        assert (stats["free_blocks"], stats["held"], stats["waiting"], stats["running"]) == (NUM_BLOCKS, 0, 0, 0)
+    assert not prefill.held and not decode.has_work()
+    prefill.submit("c", PROMPTS["c"], SamplingParams(max_tokens=1, temperature=0, ignore_eos=True))
+    assert prefill.step()[0].delta.token_ids == reference_first(tiny_llama_dir, PROMPTS["c"])
+
+
+def reference_first(model_dir, prompt: list[int]) -> list[int]:
+    return hf_greedy(model_dir, [prompt], 1)[0]
