@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 
 import msgspec
 import ray
@@ -17,7 +18,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from tandem.cluster.client import Client
 from tandem.cluster.launcher_config import (NAMESPACE, InstanceGroup, LaunchConfig, instance_names,
                                             router_name)
-from tandem.cluster.preflight import cpu_shortfall
+from tandem.cluster.preflight import Capacity, shortfall
 from tandem.cluster.router import Router
 from tandem.decode.actor import DecodeActor
 from tandem.engine.engine import EngineConfig
@@ -40,21 +41,23 @@ class Cluster:
 
     @classmethod
     def launch(cls, config: LaunchConfig, *, detach: bool = False, timeout_s: float = 300.0) -> "Cluster":
-        short = cpu_shortfall(config, ray.cluster_resources().get("CPU", 0.0), _largest_node_cpus())
+        short = shortfall(config, ray_capacity(), _model_shape(config))
         if short is not None:  # before anything starts: nothing to clean up, no wait
             raise LaunchError(f"cluster {config.name!r} cannot start: {short}")
         lifetime = "detached" if detach else None
-        router = Router.options(name=router_name(config.name), namespace=NAMESPACE, lifetime=lifetime,
-                                max_concurrency=router_concurrency(config)).remote(config)
-        actors: dict[str, ray.actor.ActorHandle] = {}
-        groups: list = []
-        cluster = cls(config, router, actors, groups)
+        cluster = cls(config, None, {}, [])
         try:
+            cluster.router = Router.options(
+                name=router_name(config.name), namespace=NAMESPACE, lifetime=lifetime,
+                max_concurrency=router_concurrency(config)).remote(config)
             prefill, decode = cluster._start_pools(lifetime, timeout_s)
             block_size = config.decode.engine.block_size
-            ray.get(router.register.remote(prefill, decode, block_size), timeout=timeout_s)
-        except Exception as exc:
-            cluster.shutdown()
+            ray.get(cluster.router.register.remote(prefill, decode, block_size), timeout=timeout_s)
+        except BaseException as exc:
+            cluster.shutdown()  # a failure or Ctrl-C: nothing this launch started is left behind
+            if not isinstance(exc, Exception):
+                raise
+            log.info("cluster %r failed to start", config.name, exc_info=exc)  # the full remote error
             raise LaunchError(f"cluster {config.name!r} failed to start: {_reason(exc)}") from exc
         return cluster
 
@@ -82,7 +85,7 @@ class Cluster:
                engine: EngineConfig, transport, **kwargs):
         pg = placement_group([{"CPU": group.num_cpus}], strategy="PACK", name=name, lifetime=lifetime)
         self.groups.append(pg)
-        if not pg.wait(timeout_seconds=int(max(1, timeout_s))):
+        if not _wait_placed(pg, timeout_s):
             raise LaunchError(f"could not reserve {group.num_cpus} CPU for {name}: "
                               f"the Ray cluster has {ray.available_resources().get('CPU', 0)} CPU free")
         handle = actor_cls.options(
@@ -120,7 +123,8 @@ class Cluster:
         if stopping:
             ray.wait(stopping, num_returns=len(stopping), timeout=grace_s)
         for handle in [*self.actors.values(), self.router]:
-            ray.kill(handle, no_restart=True)
+            if handle is not None:
+                ray.kill(handle, no_restart=True)
         for pg in self.groups:
             remove_placement_group(pg)
         self.actors.clear()
@@ -202,9 +206,41 @@ def connect(name: str, timeout_s: float = 600.0) -> Client:
     return Client(router, timeout_s)
 
 
-def _largest_node_cpus() -> float:
-    return max((n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")), default=0.0)
+def ray_capacity() -> Capacity:
+    """The connected Ray cluster's CPUs, GPUs and memory over its live nodes."""
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    memory = [r.get("memory", 0.0) + r.get("object_store_memory", 0.0) for r in nodes]
+    return Capacity(cpus=sum(r.get("CPU", 0.0) for r in nodes),
+                    largest_node_cpus=max((r.get("CPU", 0.0) for r in nodes), default=0.0),
+                    gpus=sum(r.get("GPU", 0.0) for r in nodes),
+                    memory_bytes=sum(memory), largest_node_memory_bytes=max(memory, default=0.0))
+
+
+def _model_shape(config: LaunchConfig):
+    from tandem.placement.model_spec import load_model
+
+    try:
+        return load_model(config.model_dir)
+    except ValueError as exc:
+        raise LaunchError(f"cluster {config.name!r} cannot start: model: {exc}") from None
+
+
+def _wait_placed(pg, timeout_s: float) -> bool:
+    """Wait for a placement group in one-second slices, so Ctrl-C is handled between them."""
+    deadline = time.monotonic() + timeout_s
+    while not pg.wait(timeout_seconds=1):
+        if time.monotonic() > deadline:
+            return False
+    return True
 
 
 def _reason(exc: BaseException) -> str:
-    return str(remote_cause(exc))
+    """The cause of a failed launch in one line: the remote exception's message, or for an actor
+    whose constructor raised, the exception line that ends Ray's report (its traceback is logged)."""
+    cause = remote_cause(exc)
+    lines = [line.strip() for line in str(cause).splitlines() if line.strip()]
+    if not lines:
+        return type(cause).__name__
+    if "creation task" in lines[0]:
+        return lines[-1]
+    return lines[0]

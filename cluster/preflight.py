@@ -1,11 +1,27 @@
-"""Pre-flight: could the instances a launch asks for ever fit the Ray cluster's CPUs? Checked
-before any actor or placement group starts, so an infeasible spec fails in seconds, naming the
-pool and what is short, instead of blocking in a placement-group wait. Against the cluster's
-capacity, not what is free right now: CPUs that other work holds may be released (the launch then
-waits for them, bounded). Pure (no Ray): the launcher passes in what Ray reports."""
+"""Pre-flight: could the instances a launch asks for ever fit the Ray cluster? Checked before any
+actor or placement group starts, so an infeasible spec fails in seconds, naming the pool and what
+is short, instead of blocking in a placement-group wait or failing inside the actors after the
+model has loaded. CPUs and memory are checked against the cluster's capacity, not what is free
+right now: what other work holds may be released (the launch then waits for it, bounded). Pure
+(no Ray): the launcher passes in what Ray reports."""
 from __future__ import annotations
 
+import msgspec
+
 from tandem.cluster.launcher_config import InstanceGroup, LaunchConfig
+from tandem.placement.model_spec import ModelSpec, normalize_dtype
+
+GIB = 2**30
+
+
+class Capacity(msgspec.Struct, frozen=True):
+    """The Ray cluster's resources as Ray reports them, over all live nodes and on the largest."""
+
+    cpus: float
+    largest_node_cpus: float
+    gpus: float
+    memory_bytes: float  # Ray's memory and object store resources together: the nodes' RAM
+    largest_node_memory_bytes: float
 
 
 def pools(config: LaunchConfig) -> dict[str, InstanceGroup]:
@@ -13,6 +29,12 @@ def pools(config: LaunchConfig) -> dict[str, InstanceGroup]:
     if config.mode == "colocated" or config.prefill is None:
         return {"instances" if config.mode == "colocated" else "decode": config.decode}
     return {"prefill": config.prefill, "decode": config.decode}
+
+
+def shortfall(config: LaunchConfig, capacity: Capacity, model: ModelSpec) -> str | None:
+    """Why the launch can never fit the cluster (CPUs, GPUs, host memory), or None."""
+    return (cpu_shortfall(config, capacity.cpus, capacity.largest_node_cpus)
+            or gpu_shortfall(config, capacity.gpus) or memory_shortfall(config, capacity, model))
 
 
 def cpu_shortfall(config: LaunchConfig, total_cpus: float, largest_node_cpus: float) -> str | None:
@@ -27,3 +49,58 @@ def cpu_shortfall(config: LaunchConfig, total_cpus: float, largest_node_cpus: fl
         asked = " + ".join(f"{s}: {g.replicas} x {g.num_cpus:g} CPU" for s, g in groups.items())
         return f"{asked} = {need:g} CPU, but the Ray cluster has {total_cpus:g} CPU in all"
     return None
+
+
+def gpu_shortfall(config: LaunchConfig, total_gpus: float) -> str | None:
+    """A cuda pool on a Ray cluster that reports no GPU at all."""
+    for section, group in pools(config).items():
+        if group.engine.device != "cpu" and total_gpus < 1:
+            return f"{section}.device: {group.engine.device}, but the Ray cluster reports no GPU"
+    return None
+
+
+def memory_shortfall(config: LaunchConfig, capacity: Capacity, model: ModelSpec) -> str | None:
+    """CPU pools whose weights plus KV cache cannot fit the nodes' memory (a lower bound: the
+    engine's activations and packed weights come on top)."""
+    cpu_pools = {s: g for s, g in pools(config).items() if g.engine.device == "cpu"}
+    for section, group in cpu_pools.items():
+        weights, kv = instance_memory_bytes(group, model)
+        if weights + kv > capacity.largest_node_memory_bytes:
+            return (f"{section}: each instance needs at least {_gib(weights + kv)} of host memory "
+                    f"(weights {_gib(weights)} + KV cache {_gib(kv)}, {_kv_source(group)}), but the "
+                    f"largest node of the Ray cluster has {_gib(capacity.largest_node_memory_bytes)}")
+    need = sum(g.replicas * sum(instance_memory_bytes(g, model)) for g in cpu_pools.values())
+    if need > capacity.memory_bytes:
+        asked = " + ".join(f"{s}: {g.replicas} x {_gib(sum(instance_memory_bytes(g, model)))}"
+                           for s, g in cpu_pools.items())
+        return f"{asked} of host memory = {_gib(need)}, but the Ray cluster has {_gib(capacity.memory_bytes)}"
+    return None
+
+
+def instance_memory_bytes(group: InstanceGroup, model: ModelSpec) -> tuple[int, int]:
+    """(weights, KV cache) bytes of one instance of ``group``, as its engine will size them."""
+    engine = group.engine
+    dtype = _dtype(engine.dtype, model, engine.device)
+    per_block = int(engine.block_size * model.kv_bytes_per_token(dtype))
+    num_blocks = engine.num_blocks or max(1, engine.kv_cache_bytes // per_block)
+    return int(model.weight_bytes(dtype)), num_blocks * per_block
+
+
+def _dtype(name: str, model: ModelSpec, device: str) -> str:
+    """The engine's dtype (``auto``: fp32 checkpoints stay fp32; others run bf16 on CPU)."""
+    if name != "auto":
+        return normalize_dtype(name)
+    if model.default_dtype == "fp32":
+        return "fp32"
+    return "bf16" if device == "cpu" else model.default_dtype
+
+
+def _kv_source(group: InstanceGroup) -> str:
+    engine = group.engine
+    if engine.num_blocks:
+        return f"num_blocks={engine.num_blocks} x block_size={engine.block_size}"
+    return f"block_size={engine.block_size} in a {_gib(engine.kv_cache_bytes)} budget"
+
+
+def _gib(num_bytes: float) -> str:
+    return f"{num_bytes / GIB:.3g} GiB"
