@@ -90,9 +90,9 @@ class Cluster:
                               f"the Ray cluster has {ray.available_resources().get('CPU', 0)} CPU free")
         handle = actor_cls.options(
             name=name, namespace=NAMESPACE, lifetime=lifetime, num_cpus=group.num_cpus,
-            scheduling_strategy=PlacementGroupSchedulingStrategy(pg),
+            max_restarts=group.max_restarts, scheduling_strategy=PlacementGroupSchedulingStrategy(pg),
         ).remote(name, self.config.model_dir, engine, self.router, transport,
-                 num_threads=group.num_threads, **kwargs)
+                 num_threads=group.num_threads, restart_on_failure=group.max_restarts > 0, **kwargs)
         self.actors[name] = handle
         return handle
 

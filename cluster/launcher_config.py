@@ -13,6 +13,7 @@ class InstanceGroup(msgspec.Struct, frozen=True):
     engine: EngineConfig
     num_cpus: float = 1.0
     num_threads: int = 1
+    max_restarts: int = 0  # times Ray restarts an instance whose process died or whose step failed
 
 
 class LaunchConfig(msgspec.Struct, frozen=True):
@@ -27,6 +28,7 @@ class LaunchConfig(msgspec.Struct, frozen=True):
     transfer_timeout_s: float = 30.0
     request_timeout_s: float = 600.0  # the router times out any request older than this
     max_requests: int = 20_000  # beyond this many requests in flight, submit raises Overloaded
+    health_timeout_s: float = 10.0  # an instance silent this long is taken out of service
     result_ttl_s: float = 60.0  # how long the router keeps a finished request nobody reads
     prefill_policy: str = "least_tokens"
     decode_policy: str = "most_free_blocks"

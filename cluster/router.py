@@ -20,23 +20,24 @@ from pathlib import Path
 import ray
 
 from tandem.cluster.dispatch import Dispatcher
+from tandem.cluster.health import BENCH, DROP, Verdict, health_verdict, lost_verdict
 from tandem.cluster.launcher_config import NAMESPACE, LaunchConfig, instance_names
 from tandem.cluster.mailbox import Mailboxes
 from tandem.cluster.requests import RequestBook, RequestRecord
 from tandem.engine.config import load_config
 from tandem.engine.engine import context_limit
-from tandem.engine.loop import InstanceStopped
 from tandem.engine.outputs import Completion
 from tandem.engine.params import SamplingParams
 from tandem.engine.tokenizer import Tokenizer
 from tandem.engine.validation import prompt_token_ids, validate_request
-from tandem.transfer.protocol import (Overloaded, PrefillResult, StepReport, StreamChunk, remote_cause,
-                                      timeout_error)
+from tandem.transfer.protocol import (HealthReport, Overloaded, PrefillResult, StepReport, StreamChunk,
+                                      remote_cause, timeout_error)
 
 log = logging.getLogger(__name__)
 
 INLINE_TOKENIZE_CHARS = 4096  # shorter prompts tokenize in well under a millisecond
 CALL_TIMEOUT_S = 30.0  # the longest the router waits on one call to an instance
+HEALTH_INTERVAL_S = 1.0  # how often every instance is asked how it is
 MAILBOX_GRACE_S = 60.0  # a mailbox outlives its client's last poll by the result TTL plus this
 
 
@@ -62,68 +63,122 @@ class Router:
         self.mailboxes = Mailboxes(idle_s=config.result_ttl_s + MAILBOX_GRACE_S)
         self.registered = asyncio.Event()
         self.polls = 0  # poll and poll_mailbox calls answered: how well streams coalesce
+        self.benched: dict[str, tuple[str, ray.actor.ActorHandle, str]] = {}  # id -> (role, handle, why)
+        self.incarnations: dict[str, str] = {}  # id -> the incarnation in service (HealthReport)
+        self._rejoining: set[str] = set()
         self._watcher: asyncio.Future | None = None
         self.book.restarted = ray.get_runtime_context().was_current_actor_reconstructed
         if self.book.restarted:
             self._recovery = asyncio.get_running_loop().create_task(self._recover())
 
-    async def register(self, prefill: dict, decode: dict, block_size: int) -> None:
+    async def register(self, prefill: dict, decode: dict, block_size: int | None = None) -> None:
         """Attach the instance pools; learns each decode instance's cache size."""
+        handles = [("prefill", iid, h) for iid, h in prefill.items()]
+        handles += [("decode", iid, h) for iid, h in decode.items()]
         stats = await asyncio.gather(*(asyncio.wait_for(h.stats.remote(), CALL_TIMEOUT_S)
-                                       for h in (*prefill.values(), *decode.values())))
-        self.prefill, self.decode = dict(prefill), dict(decode)
-        self.capacity_tokens = min(s["num_blocks"] for s in stats) * block_size
-        for iid, s in zip(decode, stats[len(prefill):]):
-            self.dispatch.set_free_blocks(iid, s["free_blocks"], block_size)
-        for iid in prefill:
-            self.dispatch.add_prefill(iid)
+                                       for _, _, h in handles))
+        for (role, iid, handle), s in zip(handles, stats):
+            self._add(role, iid, handle, s)
+        if stats:
+            self.capacity_tokens = min(s["num_blocks"] for s in stats) * self.config.decode.engine.block_size
         if self._watcher is None:
             self._watcher = asyncio.ensure_future(self._watch_health())
         self.registered.set()
 
+    def _add(self, role: str, iid: str, handle, stats: dict) -> None:
+        """Put an instance in service (dispatch learns its free blocks)."""
+        (self.prefill if role == "prefill" else self.decode)[iid] = handle
+        self.incarnations[iid] = stats.get("incarnation")
+        if role == "prefill":
+            self.dispatch.add_prefill(iid)
+        else:
+            self.dispatch.set_free_blocks(iid, stats["free_blocks"], self.config.decode.engine.block_size)
+
     async def _recover(self) -> None:
         """After a restart: find the instances by name, have each drop every request (they were
-        the previous router's, and nobody can read them now), then serve again."""
+        the previous router's, and nobody can read them now), then serve again. One that does not
+        answer is benched: it rejoins once it does."""
         found = {role: _named_actors(names) for role, names in instance_names(self.config).items()}
         handles = [(role, iid, h) for role, pool in found.items() for iid, h in pool.items()]
         results = await asyncio.gather(
             *(asyncio.wait_for(h.abort_all.remote(), CALL_TIMEOUT_S) for _, _, h in handles),
             return_exceptions=True)
-        for (role, iid, _), result in zip(handles, results):
+        for (role, iid, handle), result in zip(handles, results):
             if isinstance(result, BaseException):
-                log.error("%s instance %s did not answer the restarted router: %s", role, iid, result)
+                log.error("%s instance %s did not answer the restarted router: %r", role, iid, result)
                 found[role].pop(iid)
+                self.benched[iid] = (role, handle, "did not answer the restarted router")
         log.warning("router restarted: %d requests in flight were lost; serving with %s",
                     sum(r for r in results if isinstance(r, int)), [*found["prefill"], *found["decode"]])
-        await self.register(found["prefill"], found["decode"], self.config.decode.engine.block_size)
+        await self.register(found["prefill"], found["decode"])
 
-    async def _watch_health(self, interval_s: float = 1.0, timeout_s: float = 10.0) -> None:
-        """Ask every instance how it is (answered beside its step loop, so a long step is no
-        death); a dead, failed or stalled one fails its requests with the cause and leaves the
-        pools. A stalled one is also told to shut down: it must not wake and decode for nobody."""
+    async def _watch_health(self) -> None:
+        """Every second: retire stale records and mailboxes, and check on every instance."""
         while True:
-            await asyncio.sleep(interval_s)
+            await asyncio.sleep(HEALTH_INTERVAL_S)
             self.book.expire(time.time())
             self.mailboxes.expire(time.monotonic())
-            pools = [("prefill", iid, h) for iid, h in self.prefill.items()]
-            pools += [("decode", iid, h) for iid, h in self.decode.items()]
-            results = await asyncio.gather(
-                *(asyncio.wait_for(h.health.remote(), timeout_s) for _, _, h in pools),
-                return_exceptions=True)
-            for (role, iid, handle), result in zip(pools, results):
-                if isinstance(result, str):
-                    self._drop_instance(role, iid, f"its step failed ({result})")
-                elif isinstance(result, ray.exceptions.RayActorError):
-                    self._drop_instance(role, iid, f"died ({type(result).__name__})")
-                elif isinstance(result, asyncio.TimeoutError):
-                    self._drop_instance(role, iid, f"stopped answering for {timeout_s:g}s")
-                    handle.shutdown.remote()
+            await self._check_instances()
+
+    async def _check_instances(self) -> None:
+        """Ask every instance how it is (answered beside its step loop, so a long step is no
+        death). One that failed, died, restarted or stalled leaves service and its requests fail
+        with the cause; a benched one that answers healthy rejoins (``_rejoin``)."""
+        timeout_s = self.config.health_timeout_s
+        entries = [(role, iid, h) for role, pool in self._pools() for iid, h in pool.items()]
+        entries += [(role, iid, h) for iid, (role, h, _) in self.benched.items()]
+        answers = await asyncio.gather(
+            *(asyncio.wait_for(h.health.remote(), timeout_s) for _, _, h in entries),
+            return_exceptions=True)
+        for (role, iid, handle), answer in zip(entries, answers):
+            verdict = health_verdict(answer, restartable=self._restartable(role),
+                                     known_incarnation=self.incarnations.get(iid), timeout_s=timeout_s)
+            if iid not in self.benched:
+                if verdict is not None:
+                    self._take_out(role, iid, handle, verdict)
+            elif isinstance(answer, HealthReport) and answer.failure is None:
+                asyncio.ensure_future(self._rejoin(role, iid, handle))
+            elif verdict is not None and verdict.action == DROP:
+                log.error("%s instance %s is gone for good: it %s", role, iid, verdict.why)
+                self.benched.pop(iid, None)
+
+    async def _rejoin(self, role: str, iid: str, handle) -> None:
+        """A benched instance answers again: it drops every request it still holds (the router
+        failed them when it left), then takes new ones."""
+        if iid in self._rejoining:
+            return
+        self._rejoining.add(iid)
+        try:
+            dropped = await asyncio.wait_for(handle.abort_all.remote(), CALL_TIMEOUT_S)
+            stats = await asyncio.wait_for(handle.stats.remote(), CALL_TIMEOUT_S)
+        except Exception as exc:  # not ready after all: the next check tries again
+            log.warning("%s instance %s could not rejoin yet: %r", role, iid, exc)
+            return
+        finally:
+            self._rejoining.discard(iid)
+        if self.benched.pop(iid, None) is not None:
+            self._add(role, iid, handle, stats)
+            log.warning("%s instance %s is back in service (it dropped %d stale requests)", role, iid, dropped)
 
     async def on_instance_failed(self, instance_id: str, failure: str) -> None:
-        """An instance's step failed and its loop stopped: drop it now, not at the next ping."""
-        for role, pool in (("prefill", self.prefill), ("decode", self.decode)):
+        """An instance's step failed and its loop stopped: out of service now, not at the next
+        check (benched when Ray may restart it, which it then asks for by exiting)."""
+        for role, pool in self._pools():
             if instance_id in pool:
-                self._drop_instance(role, instance_id, f"its step failed ({failure})")
+                action = BENCH if self._restartable(role) else DROP
+                self._take_out(role, instance_id, pool[instance_id], Verdict(action, f"its step failed ({failure})"))
+
+    def _pools(self) -> tuple[tuple[str, dict], ...]:
+        return ("prefill", self.prefill), ("decode", self.decode)
+
+    def _restartable(self, role: str) -> bool:
+        group = self.config.prefill if role == "prefill" else self.config.decode
+        return group is not None and group.max_restarts > 0
+
+    def _take_out(self, role: str, iid: str, handle, verdict: Verdict) -> None:
+        self._drop_instance(role, iid, verdict.why)
+        if verdict.action == BENCH:
+            self.benched[iid] = (role, handle, verdict.why)
 
     def _drop_instance(self, role: str, iid: str, what_happened: str) -> None:
         log.error("%s instance %s is gone: %s", role, iid, what_happened)
@@ -204,13 +259,13 @@ class Router:
                 await pool[iid].submit.remote(rec.request_id, rec.prompt_ids, rec.params)
                 return
             except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as exc:
-                lost = _lost_instance(exc)
-                if lost is None:
+                verdict = lost_verdict(exc, restartable=self._restartable(role))
+                if verdict is None:
                     raise  # the instance refused this request: its error goes to the caller
                 self.dispatch.forget(rec)
                 rec.prefill_instance = rec.decode_instance = None  # not one of the lost one's requests
                 if iid in pool:
-                    self._drop_instance(role, iid, lost)  # then pick among the survivors
+                    self._take_out(role, iid, pool[iid], verdict)  # then pick among the survivors
 
     async def _tokenize(self, prompt) -> list[int]:
         """Long text is tokenized off the event loop, so it never stalls other requests' streams."""
@@ -348,8 +403,9 @@ class Router:
         for delta in report.deltas:
             rec = self.book.get(delta.request_id)
             if rec is None or rec.done:
-                if not delta.finished and instance_id in self.decode:  # stale: aborted or failed meanwhile
-                    self.decode[instance_id].abort.remote(delta.request_id)
+                handle = self.decode.get(instance_id) or self.benched.get(instance_id, (None, None))[1]
+                if not delta.finished and handle is not None:  # stale: aborted or failed meanwhile
+                    handle.abort.remote(delta.request_id)
                 continue
             rec.add_delta(delta, now)
         if instance_id in self.decode:
@@ -363,9 +419,11 @@ class Router:
         handles = [*self.prefill.values(), *self.decode.values()]
         results = await asyncio.gather(*(asyncio.wait_for(h.stats.remote(), 10) for h in handles),
                                        return_exceptions=True)
+        instances = {n: (r if isinstance(r, dict) else {"error": str(r)}) for n, r in zip(names, results)}
+        instances.update({n: {"error": f"out of service: it {why}"} for n, (_, _, why) in self.benched.items()})
         return {
             "requests": len(self.book),
-            "instances": {n: (r if isinstance(r, dict) else {"error": str(r)}) for n, r in zip(names, results)},
+            "instances": instances,
             "router": {"mailboxes": len(self.mailboxes), "polls": self.polls, "max_requests": self.config.max_requests,
                        "restarted": self.book.restarted, **process_memory()},
         }
@@ -376,15 +434,6 @@ def process_memory() -> dict[str, int]:
     with open("/proc/self/statm") as statm:
         rss = int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     return {"rss_bytes": rss, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
-
-
-def _lost_instance(exc: BaseException) -> str | None:
-    """What happened to an instance that a call could not reach (dead actor, stopped step loop),
-    or None when the call reached it and it raised (e.g. it refused the request)."""
-    if isinstance(exc, ray.exceptions.RayActorError):
-        return f"died ({type(exc).__name__})"
-    cause = remote_cause(exc)
-    return f"is stopped ({cause})" if isinstance(cause, InstanceStopped) else None
 
 
 def _named_actors(names: list[str]) -> dict[str, ray.actor.ActorHandle]:

@@ -31,6 +31,7 @@ def check_spec(spec: ClusterSpec) -> None:
     _at_least(spec.router.request_timeout_s, 0, "router.request_timeout_s", strict=True)
     _at_least(spec.router.result_ttl_s, 0, "router.result_ttl_s", strict=True)
     _at_least(spec.router.max_requests, 1, "router.max_requests")
+    _at_least(spec.router.health_timeout_s, 0, "router.health_timeout_s", strict=True)
     if spec.slo is not None:
         _at_least(spec.slo.ttft_ms, 0, "slo.ttft_ms", strict=True)
         _at_least(spec.slo.tpot_ms, 0, "slo.tpot_ms", strict=True)
@@ -40,6 +41,7 @@ def check_spec(spec: ClusterSpec) -> None:
 
 def check_instance(section: InstanceSpec, where: str) -> None:
     """Ranges of one pool's fields."""
+    _at_least(section.max_restarts, 0, f"{where}.max_restarts")
     for field in ("replicas", "tp", "pp"):
         value = getattr(section, field)
         if value is not None:

@@ -71,6 +71,7 @@ class InstanceSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     max_num_seqs: int = 128
     device: Device = "cpu"
     num_cpus: float = 1.0  # Ray CPUs reserved for each instance (one actor today)
+    max_restarts: int = 3  # Ray restarts an instance whose process dies or whose step fails
 
     @property
     def is_planned(self) -> bool:
@@ -95,6 +96,7 @@ class RouterSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     request_timeout_s: float = 600.0
     result_ttl_s: float = 60.0  # a finished request nobody reads is dropped after this long
     max_requests: int = 20_000  # requests in flight beyond which submit fails as overloaded
+    health_timeout_s: float = 10.0  # an instance silent this long leaves service until it answers
 
 
 class SloSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

@@ -7,9 +7,9 @@ from tandem.decode.instance import DecodeInstance
 from tandem.engine.engine import EngineConfig
 from tandem.engine.loop import StepLoop
 from tandem.engine.params import SamplingParams
-from tandem.transfer.hosting import (build_engine, close_transports, failure_reporter, on_loop,
-                                     serve_transfer)
-from tandem.transfer.protocol import KVHandle, RequestState, StepReport
+from tandem.transfer.hosting import (build_engine, close_transports, failure_reporter, incarnation,
+                                     on_loop, serve_transfer)
+from tandem.transfer.protocol import HealthReport, KVHandle, RequestState, StepReport
 from tandem.transfer.registry import make_transport
 
 
@@ -17,8 +17,9 @@ from tandem.transfer.registry import make_transport
 class DecodeActor:
     def __init__(self, instance_id: str, model_dir: str, config: EngineConfig, router,
                  transports: tuple[str, ...] = ("ray",), num_threads: int = 1,
-                 transfer_timeout_s: float = 30.0) -> None:
+                 transfer_timeout_s: float = 30.0, restart_on_failure: bool = False) -> None:
         self.instance_id = instance_id
+        self.incarnation = incarnation()
         self.router = router
         # Transports first: one of them may allocate the KV cache (shared memory for shm/auto).
         self.transports = {}
@@ -28,7 +29,7 @@ class DecodeActor:
         engine = build_engine(model_dir, config, num_threads, list(self.transports.values()))
         self.instance = DecodeInstance(engine, self.transports, transfer_timeout_s)
         self.loop = StepLoop(self.instance, self._publish,
-                             on_failure=failure_reporter(router, instance_id))
+                             on_failure=failure_reporter(router, instance_id, restart_on_failure))
 
     def _publish(self, report: StepReport) -> None:
         if report.deltas or report.admitted or report.failed:
@@ -49,12 +50,12 @@ class DecodeActor:
         return await on_loop(self.loop.call(self.instance.abort_all))
 
     async def stats(self) -> dict:
-        return await on_loop(self.loop.call(self.instance.stats))
+        return {**await on_loop(self.loop.call(self.instance.stats)), "incarnation": self.incarnation}
 
-    async def health(self) -> str | None:
-        """Answered beside the step loop, so a long step is not taken for a death: None while the
-        loop runs, else why its step failed."""
-        return self.loop.failure()
+    async def health(self) -> HealthReport:
+        """Answered beside the step loop, so a long step is not taken for a death."""
+        return HealthReport(self.incarnation, self.loop.failure())
+
     async def pause(self, paused: bool = True) -> None:
         """Stop (or resume) taking model steps at the next step boundary; calls keep working."""
         await on_loop(self.loop.call(lambda: setattr(self.loop, "paused", paused)))

@@ -7,22 +7,25 @@ from tandem.engine.engine import EngineConfig
 from tandem.engine.loop import StepLoop
 from tandem.engine.params import SamplingParams
 from tandem.prefill.instance import PrefillInstance
-from tandem.transfer.hosting import (build_engine, close_transports, failure_reporter, on_loop,
-                                     serve_transfer)
+from tandem.transfer.hosting import (build_engine, close_transports, failure_reporter, incarnation,
+                                     on_loop, serve_transfer)
+from tandem.transfer.protocol import HealthReport
 from tandem.transfer.registry import make_transport
 
 
 @ray.remote(max_restarts=0)
 class PrefillActor:
     def __init__(self, instance_id: str, model_dir: str, config: EngineConfig, router,
-                 transport: str = "ray", num_threads: int = 1, hold_timeout_s: float = 60.0) -> None:
+                 transport: str = "ray", num_threads: int = 1, hold_timeout_s: float = 60.0,
+                 restart_on_failure: bool = False) -> None:
         self.instance_id = instance_id
+        self.incarnation = incarnation()
         self.router = router
         self.transport = make_transport(transport)  # first: it may allocate the KV cache
         engine = build_engine(model_dir, config, num_threads, [self.transport])
         self.instance = PrefillInstance(engine, self.transport, hold_timeout_s)
         self.loop = StepLoop(self.instance, self._publish, housekeeping=self.instance.reclaim_expired,
-                             on_failure=failure_reporter(router, instance_id))
+                             on_failure=failure_reporter(router, instance_id, restart_on_failure))
 
     def _publish(self, results) -> None:
         if results:  # one message per step, all of the step's requests
@@ -42,12 +45,12 @@ class PrefillActor:
         return await on_loop(self.loop.call(self.instance.abort_all))
 
     async def stats(self) -> dict:
-        return await on_loop(self.loop.call(self.instance.stats))
+        return {**await on_loop(self.loop.call(self.instance.stats)), "incarnation": self.incarnation}
 
-    async def health(self) -> str | None:
-        """Answered beside the step loop, so a long step is not taken for a death: None while the
-        loop runs, else why its step failed."""
-        return self.loop.failure()
+    async def health(self) -> HealthReport:
+        """Answered beside the step loop, so a long step is not taken for a death."""
+        return HealthReport(self.incarnation, self.loop.failure())
+
     async def pause(self, paused: bool = True) -> None:
         """Stop (or resume) taking model steps at the next step boundary; calls keep working."""
         await on_loop(self.loop.call(lambda: setattr(self.loop, "paused", paused)))

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import os
+import uuid
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from tandem.engine.engine import Engine, EngineConfig
 from tandem.transfer.base import Transport
+
+REPORT_TIMEOUT_S = 5.0  # how long a failing instance waits for the router to take its report
 
 
 def build_engine(model_dir: str, config: EngineConfig, num_threads: int,
@@ -53,10 +56,24 @@ async def on_loop(future: Future, timeout_s: float = 60.0):
     return await asyncio.wait_for(asyncio.wrap_future(future), timeout_s)
 
 
-def failure_reporter(router, instance_id: str) -> Callable[[BaseException], None]:
+def failure_reporter(router, instance_id: str, exit_process: bool = False) -> Callable[[BaseException], None]:
     """A StepLoop ``on_failure`` that tells the router at once that this instance's step failed
-    (it drops the instance and fails its requests with the cause)."""
+    (it takes the instance out of service and fails its requests with the cause). With
+    ``exit_process`` (Ray may restart the actor) the process then exits, once the report is
+    delivered or after a few seconds: a failed step may have left the engine in any state, and a
+    fresh process rejoins the router clean."""
     def report(exc: BaseException) -> None:
-        router.on_instance_failed.remote(instance_id, f"{type(exc).__name__}: {exc}")
+        ref = router.on_instance_failed.remote(instance_id, f"{type(exc).__name__}: {exc}")
+        if exit_process:
+            try:
+                ref.future().result(timeout=REPORT_TIMEOUT_S)
+            except Exception:  # the router is gone too: Ray restarts this actor all the same
+                pass
+            os._exit(1)
 
     return report
+
+
+def incarnation() -> str:
+    """A new id for each start of an instance actor's process (see HealthReport)."""
+    return uuid.uuid4().hex

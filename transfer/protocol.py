@@ -92,6 +92,13 @@ class StreamChunk(msgspec.Struct, frozen=True):
         return self.finish_reason is not None
 
 
+class HealthReport(msgspec.Struct, frozen=True):
+    """An instance's answer to the router's health check, given beside its step loop."""
+
+    incarnation: str  # new each time the actor's process starts: a change means it was restarted
+    failure: str | None = None  # why its step loop stopped ("Type: message"), if it did
+
+
 class Overloaded(RuntimeError):
     """The cluster refused a new request: it has as many in flight as its limit allows. Nothing was
     started; retrying later may succeed (an HTTP front end answers 429)."""

@@ -67,3 +67,34 @@ def test_a_failed_step_drops_its_instance_at_once_and_the_rest_serve(cluster):
     assert len(failed) == 1 and len(instances) == 3  # dropped from the router's pools
     _serves(client)
     wait_until(lambda: all_blocks_free(cluster))
+
+
+def test_a_failed_step_restarts_a_restartable_instance_which_rejoins(ray_faulty, tiny_llama_dir):
+    """With restarts allowed, the instance whose step failed exits after reporting it; Ray starts
+    a fresh process, which the router puts back in service."""
+    import os
+
+    import ray
+
+    from tandem.cluster.launcher import Cluster
+    from tandem.cluster.launcher_config import InstanceGroup, LaunchConfig
+    from tandem.engine.engine import EngineConfig
+
+    engine = EngineConfig(dtype="float32", num_blocks=64, block_size=16)
+    config = LaunchConfig(name="phoenix", model_dir=str(tiny_llama_dir),
+                          prefill=InstanceGroup(1, engine, num_cpus=0.5, max_restarts=1),
+                          decode=InstanceGroup(1, engine, num_cpus=0.5), health_timeout_s=5.0)
+    cluster = Cluster.launch(config, timeout_s=120)
+    try:
+        prefill = cluster.actors["phoenix-prefill-0"]
+        pid = ray.get(prefill.__ray_call__.remote(lambda actor: os.getpid()), timeout=30)
+        client = cluster.client(timeout_s=60)
+        out = client.generate([STEP_FAULT, 6, 7], PARAMS)
+        assert out.finish_reason == "error" and "its step failed (RuntimeError: injected step fault)" in out.error
+        wait_until(lambda: all("error" not in s for s in cluster.stats()["instances"].values())
+                   and len(cluster.stats()["instances"]) == 2, timeout_s=90)
+        assert ray.get(prefill.__ray_call__.remote(lambda actor: os.getpid()), timeout=30) != pid
+        _serves(client, 10)
+        wait_until(lambda: all_blocks_free(cluster))
+    finally:
+        cluster.shutdown()
