@@ -30,6 +30,7 @@ class DecodeActor:
         self.instance = DecodeInstance(engine, self.transports, transfer_timeout_s)
         self.loop = StepLoop(self.instance, self._publish,
                              on_failure=failure_reporter(router, instance_id, restart_on_failure))
+        self.instance.wake = self.loop.wake  # a KV pull landed: admit it at the next step
 
     def _publish(self, report: StepReport) -> None:
         if report.deltas or report.admitted or report.failed:
@@ -66,4 +67,5 @@ class DecodeActor:
 
     async def shutdown(self) -> None:
         self.loop.stop()
+        self.instance.close()
         close_transports(list(self.transports.values()))

@@ -50,6 +50,10 @@ class StepLoop:
             self._inbox.put((fn, future))
         return future
 
+    def wake(self) -> None:
+        """Make an idle loop look at its instance again (from any thread)."""
+        self._inbox.put((lambda: None, Future()))
+
     def stop(self, timeout_s: float = 10.0) -> None:
         self._stopped.set()
         self._inbox.put((lambda: None, Future()))

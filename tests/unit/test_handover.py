@@ -64,7 +64,7 @@ def test_instances_on_the_public_api_alone_match_transformers(tiny_llama_dir, re
         for result in prefill.step():
             tokens[result.delta.request_id] += result.delta.token_ids
             decode.admit(result.state, result.handle)
-    while decode.has_work():
+    while not decode.idle():
         report = decode.step()
         assert not report.failed, report.failed
         for rid in report.admitted:
@@ -160,16 +160,26 @@ def test_abort_all_frees_every_block_wherever_requests_are(tiny_llama_dir):
     results = prefill.step()  # both prefilled: their KV is held for the decode side
     prefill.submit("c", PROMPTS["c"], GREEDY)  # queued
     decode.admit(results[0].state, results[0].handle)
-    decode.step()  # "a" runs on the decode side
-    decode.admit(results[1].state, results[1].handle)  # "b" waits to be admitted
+    _step_until_admitted(decode, "a")  # "a" runs on the decode side
+    decode.admit(results[1].state, results[1].handle)
+    decode.step()  # "b"'s KV is being pulled (or has landed, not yet admitted)
     assert (prefill.abort_all(), decode.abort_all()) == (3, 2)
+    while not decode.idle():  # a pull aborted in flight gives its blocks back once it lands
+        assert not decode.step().admitted
     for inst in (prefill, decode):
         stats = inst.engine.stats()
         assert (stats["free_blocks"], stats["held"], stats["waiting"], stats["running"]) == (NUM_BLOCKS, 0, 0, 0)
-    assert not prefill.held and not decode.has_work()
+    assert not prefill.held and decode.idle()
     prefill.submit("c", PROMPTS["c"], SamplingParams(max_tokens=1, temperature=0, ignore_eos=True))
     assert prefill.step()[0].delta.token_ids == reference_first(tiny_llama_dir, PROMPTS["c"])
 
 
 def reference_first(model_dir, prompt: list[int]) -> list[int]:
     return hf_greedy(model_dir, [prompt], 1)[0]
+
+
+def _step_until_admitted(decode: DecodeInstance, rid: str, limit: int = 10_000) -> None:
+    for _ in range(limit):
+        if rid in decode.step().admitted:
+            return
+    raise AssertionError(f"{rid!r} was not admitted in {limit} steps")

@@ -47,7 +47,7 @@ def _prefill(prefill: PrefillInstance, rid: str):
 
 def _decode_all(decode: DecodeInstance, rid: str) -> list[int]:
     tokens = []
-    while decode.has_work():
+    while not decode.idle():  # KV pulls land on their own thread: step until they have too
         report = decode.step()
         assert not report.failed, report.failed
         tokens += [t for d in report.deltas if d.request_id == rid for t in d.token_ids]
@@ -80,6 +80,9 @@ def test_a_fetch_after_the_source_let_go_fails_and_frees_the_reservation(pair):
     _prefill(prefill, "r2")  # reuses the freed blocks with another request's KV
     decode.admit(result.state, result.handle)
     report = decode.step()
+    while not report.failed:  # the pull fails on the transfer thread; a later step reports it
+        assert not decode.idle() and not report.admitted
+        report = decode.step()
     assert report.admitted == [] and report.failed[0][0] == "r1"
     assert "released before the fetch" in report.failed[0][1]
-    assert decode.engine.num_free_blocks == 12 and not decode.has_work()
+    assert decode.engine.num_free_blocks == 12 and decode.idle()
