@@ -20,23 +20,23 @@ from pathlib import Path
 import ray
 
 from tandem.cluster.dispatch import Dispatcher
-from tandem.cluster.health import BENCH, DROP, Verdict, health_verdict, lost_verdict
+from tandem.cluster.health import lost_verdict
 from tandem.cluster.launcher_config import NAMESPACE, LaunchConfig, instance_names
 from tandem.cluster.mailbox import Mailboxes
 from tandem.cluster.requests import RequestBook, RequestRecord
+from tandem.cluster.roster import CALL_TIMEOUT_S, Roster
 from tandem.engine.config import load_config
 from tandem.engine.engine import context_limit
 from tandem.engine.outputs import Completion
 from tandem.engine.params import SamplingParams
 from tandem.engine.tokenizer import Tokenizer
 from tandem.engine.validation import prompt_token_ids, validate_request
-from tandem.transfer.protocol import (HealthReport, Overloaded, PrefillResult, StepReport, StreamChunk,
-                                      remote_cause, timeout_error)
+from tandem.transfer.protocol import (Overloaded, PrefillResult, StepReport, StreamChunk, remote_cause,
+                                      timeout_error)
 
 log = logging.getLogger(__name__)
 
 INLINE_TOKENIZE_CHARS = 4096  # shorter prompts tokenize in well under a millisecond
-CALL_TIMEOUT_S = 30.0  # the longest the router waits on one call to an instance
 HEALTH_INTERVAL_S = 1.0  # how often every instance is asked how it is
 MAILBOX_GRACE_S = 60.0  # a mailbox outlives its client's last poll by the result TTL plus this
 
@@ -56,16 +56,13 @@ class Router:
         self.mode = config.mode
         self.request_timeout_s = config.request_timeout_s
         self.dispatch = Dispatcher(config.prefill_policy, config.decode_policy)
-        self.prefill: dict[str, ray.actor.ActorHandle] = {}
-        self.decode: dict[str, ray.actor.ActorHandle] = {}
+        self.roster = Roster(config, self.dispatch, on_out=self._fail_requests_on)
+        self.prefill, self.decode = self.roster.prefill, self.roster.decode  # in service, by id
         self.capacity_tokens = 0
         self.book = RequestBook(config.result_ttl_s)
         self.mailboxes = Mailboxes(idle_s=config.result_ttl_s + MAILBOX_GRACE_S)
         self.registered = asyncio.Event()
         self.polls = 0  # poll and poll_mailbox calls answered: how well streams coalesce
-        self.benched: dict[str, tuple[str, ray.actor.ActorHandle, str]] = {}  # id -> (role, handle, why)
-        self.incarnations: dict[str, str] = {}  # id -> the incarnation in service (HealthReport)
-        self._rejoining: set[str] = set()
         self._watcher: asyncio.Future | None = None
         self.book.restarted = ray.get_runtime_context().was_current_actor_reconstructed
         if self.book.restarted:
@@ -78,21 +75,12 @@ class Router:
         stats = await asyncio.gather(*(asyncio.wait_for(h.stats.remote(), CALL_TIMEOUT_S)
                                        for _, _, h in handles))
         for (role, iid, handle), s in zip(handles, stats):
-            self._add(role, iid, handle, s)
+            self.roster.add(role, iid, handle, s)
         if stats:
             self.capacity_tokens = min(s["num_blocks"] for s in stats) * self.config.decode.engine.block_size
         if self._watcher is None:
             self._watcher = asyncio.ensure_future(self._watch_health())
         self.registered.set()
-
-    def _add(self, role: str, iid: str, handle, stats: dict) -> None:
-        """Put an instance in service (dispatch learns its free blocks)."""
-        (self.prefill if role == "prefill" else self.decode)[iid] = handle
-        self.incarnations[iid] = stats.get("incarnation")
-        if role == "prefill":
-            self.dispatch.add_prefill(iid)
-        else:
-            self.dispatch.set_free_blocks(iid, stats["free_blocks"], self.config.decode.engine.block_size)
 
     async def _recover(self) -> None:
         """After a restart: find the instances by name, have each drop every request (they were
@@ -107,7 +95,7 @@ class Router:
             if isinstance(result, BaseException):
                 log.error("%s instance %s did not answer the restarted router: %r", role, iid, result)
                 found[role].pop(iid)
-                self.benched[iid] = (role, handle, "did not answer the restarted router")
+                self.roster.bench(role, iid, handle, "did not answer the restarted router")
         log.warning("router restarted: %d requests in flight were lost; serving with %s",
                     sum(r for r in results if isinstance(r, int)), [*found["prefill"], *found["decode"]])
         await self.register(found["prefill"], found["decode"])
@@ -118,72 +106,15 @@ class Router:
             await asyncio.sleep(HEALTH_INTERVAL_S)
             self.book.expire(time.time())
             self.mailboxes.expire(time.monotonic())
-            await self._check_instances()
-
-    async def _check_instances(self) -> None:
-        """Ask every instance how it is (answered beside its step loop, so a long step is no
-        death). One that failed, died, restarted or stalled leaves service and its requests fail
-        with the cause; a benched one that answers healthy rejoins (``_rejoin``)."""
-        timeout_s = self.config.health_timeout_s
-        entries = [(role, iid, h) for role, pool in self._pools() for iid, h in pool.items()]
-        entries += [(role, iid, h) for iid, (role, h, _) in self.benched.items()]
-        answers = await asyncio.gather(
-            *(asyncio.wait_for(h.health.remote(), timeout_s) for _, _, h in entries),
-            return_exceptions=True)
-        for (role, iid, handle), answer in zip(entries, answers):
-            verdict = health_verdict(answer, restartable=self._restartable(role),
-                                     known_incarnation=self.incarnations.get(iid), timeout_s=timeout_s)
-            if iid not in self.benched:
-                if verdict is not None:
-                    self._take_out(role, iid, handle, verdict)
-            elif isinstance(answer, HealthReport) and answer.failure is None:
-                asyncio.ensure_future(self._rejoin(role, iid, handle))
-            elif verdict is not None and verdict.action == DROP:
-                log.error("%s instance %s is gone for good: it %s", role, iid, verdict.why)
-                self.benched.pop(iid, None)
-
-    async def _rejoin(self, role: str, iid: str, handle) -> None:
-        """A benched instance answers again: it drops every request it still holds (the router
-        failed them when it left), then takes new ones."""
-        if iid in self._rejoining:
-            return
-        self._rejoining.add(iid)
-        try:
-            dropped = await asyncio.wait_for(handle.abort_all.remote(), CALL_TIMEOUT_S)
-            stats = await asyncio.wait_for(handle.stats.remote(), CALL_TIMEOUT_S)
-        except Exception as exc:  # not ready after all: the next check tries again
-            log.warning("%s instance %s could not rejoin yet: %r", role, iid, exc)
-            return
-        finally:
-            self._rejoining.discard(iid)
-        if self.benched.pop(iid, None) is not None:
-            self._add(role, iid, handle, stats)
-            log.warning("%s instance %s is back in service (it dropped %d stale requests)", role, iid, dropped)
+            await self.roster.check()
 
     async def on_instance_failed(self, instance_id: str, failure: str) -> None:
         """An instance's step failed and its loop stopped: out of service now, not at the next
-        check (benched when Ray may restart it, which it then asks for by exiting)."""
-        for role, pool in self._pools():
-            if instance_id in pool:
-                action = BENCH if self._restartable(role) else DROP
-                self._take_out(role, instance_id, pool[instance_id], Verdict(action, f"its step failed ({failure})"))
+        health round."""
+        self.roster.step_failed(instance_id, failure)
 
-    def _pools(self) -> tuple[tuple[str, dict], ...]:
-        return ("prefill", self.prefill), ("decode", self.decode)
-
-    def _restartable(self, role: str) -> bool:
-        group = self.config.prefill if role == "prefill" else self.config.decode
-        return group is not None and group.max_restarts > 0
-
-    def _take_out(self, role: str, iid: str, handle, verdict: Verdict) -> None:
-        self._drop_instance(role, iid, verdict.why)
-        if verdict.action == BENCH:
-            self.benched[iid] = (role, handle, verdict.why)
-
-    def _drop_instance(self, role: str, iid: str, what_happened: str) -> None:
-        log.error("%s instance %s is gone: %s", role, iid, what_happened)
-        (self.prefill if role == "prefill" else self.decode).pop(iid, None)
-        self.dispatch.remove_instance(iid)
+    def _fail_requests_on(self, role: str, iid: str, what_happened: str) -> None:
+        """An instance left service: its requests fail with the cause."""
         reason = f"{role} instance {iid} {what_happened}"
         for rec in list(self.book.live.values()):
             on_it = rec.prefill_instance == iid if role == "prefill" else rec.decode_instance == iid
@@ -259,13 +190,12 @@ class Router:
                 await pool[iid].submit.remote(rec.request_id, rec.prompt_ids, rec.params)
                 return
             except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as exc:
-                verdict = lost_verdict(exc, restartable=self._restartable(role))
+                verdict = lost_verdict(exc, restartable=self.roster.restartable(role))
                 if verdict is None:
                     raise  # the instance refused this request: its error goes to the caller
                 self.dispatch.forget(rec)
                 rec.prefill_instance = rec.decode_instance = None  # not one of the lost one's requests
-                if iid in pool:
-                    self._take_out(role, iid, pool[iid], verdict)  # then pick among the survivors
+                self.roster.take_out(role, iid, verdict)  # then pick among the survivors
 
     async def _tokenize(self, prompt) -> list[int]:
         """Long text is tokenized off the event loop, so it never stalls other requests' streams."""
@@ -403,7 +333,7 @@ class Router:
         for delta in report.deltas:
             rec = self.book.get(delta.request_id)
             if rec is None or rec.done:
-                handle = self.decode.get(instance_id) or self.benched.get(instance_id, (None, None))[1]
+                handle = self.roster.handle(instance_id)
                 if not delta.finished and handle is not None:  # stale: aborted or failed meanwhile
                     handle.abort.remote(delta.request_id)
                 continue
@@ -420,7 +350,7 @@ class Router:
         results = await asyncio.gather(*(asyncio.wait_for(h.stats.remote(), 10) for h in handles),
                                        return_exceptions=True)
         instances = {n: (r if isinstance(r, dict) else {"error": str(r)}) for n, r in zip(names, results)}
-        instances.update({n: {"error": f"out of service: it {why}"} for n, (_, _, why) in self.benched.items()})
+        instances.update({n: {"error": f"out of service: it {why}"} for n, (_, _, why) in self.roster.benched.items()})
         return {
             "requests": len(self.book),
             "instances": instances,
