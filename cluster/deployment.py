@@ -26,8 +26,10 @@ def _group(section: str, inst: InstanceSpec, dtype: str) -> InstanceGroup:
         scheduler=SchedulerConfig(max_num_seqs=inst.max_num_seqs,
                                   max_num_batched_tokens=inst.max_batch_tokens),
     )
+    num_gpus = inst.num_gpus if inst.num_gpus is not None else float(inst.device != "cpu")
     return InstanceGroup(replicas=inst.replicas or 1, engine=engine, num_cpus=inst.num_cpus,
-                         num_threads=max(1, int(inst.num_cpus)), max_restarts=inst.max_restarts)
+                         num_gpus=num_gpus, num_threads=max(1, int(inst.num_cpus)),
+                         max_restarts=inst.max_restarts)
 
 
 def model_directory(spec: ClusterSpec):

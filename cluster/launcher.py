@@ -1,8 +1,8 @@
 """Launcher: a LaunchConfig -> placement groups -> instance actors -> a registered router.
 
-Every instance gets its own placement group of one bundle, so Ray reserves its CPUs before any
-model loads, and a cluster that is too small fails fast with a message saying what could not be
-reserved. GPUs are not reserved yet: a cuda instance uses its node's first visible GPU.
+Every instance gets its own placement group of one bundle (its CPUs, and a cuda instance's GPU or
+GPU share), so Ray reserves them before any model loads; a launch the cluster can never hold
+fails before anything starts (``cluster/preflight.py``), naming what is short.
 """
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from tandem.cluster.client import Client
-from tandem.cluster.launcher_config import (NAMESPACE, InstanceGroup, LaunchConfig, instance_names,
-                                            router_name)
+from tandem.cluster.launcher_config import (NAMESPACE, InstanceGroup, LaunchConfig, instance_bundle,
+                                            instance_names, router_name)
 from tandem.cluster.preflight import Capacity, shortfall
 from tandem.cluster.router import Router
 from tandem.decode.actor import DecodeActor
@@ -83,14 +83,15 @@ class Cluster:
 
     def _start(self, actor_cls, name: str, group: InstanceGroup, lifetime, timeout_s: float,
                engine: EngineConfig, transport, **kwargs):
-        pg = placement_group([{"CPU": group.num_cpus}], strategy="PACK", name=name, lifetime=lifetime)
+        pg = placement_group([instance_bundle(group)], strategy="PACK", name=name, lifetime=lifetime)
         self.groups.append(pg)
         if not _wait_placed(pg, timeout_s):
-            raise LaunchError(f"could not reserve {group.num_cpus} CPU for {name}: "
-                              f"the Ray cluster has {ray.available_resources().get('CPU', 0)} CPU free")
+            free = ray.available_resources()
+            raise LaunchError(f"could not reserve {instance_bundle(group)} for {name}: the Ray cluster has "
+                              f"{free.get('CPU', 0):g} CPU and {free.get('GPU', 0):g} GPU free")
         handle = actor_cls.options(
             name=name, namespace=NAMESPACE, lifetime=lifetime, num_cpus=group.num_cpus,
-            max_restarts=group.max_restarts, scheduling_strategy=PlacementGroupSchedulingStrategy(pg),
+            num_gpus=group.num_gpus, max_restarts=group.max_restarts, scheduling_strategy=PlacementGroupSchedulingStrategy(pg),
         ).remote(name, self.config.model_dir, engine, self.router, transport,
                  num_threads=group.num_threads, restart_on_failure=group.max_restarts > 0, **kwargs)
         self.actors[name] = handle
@@ -213,6 +214,7 @@ def ray_capacity() -> Capacity:
     return Capacity(cpus=sum(r.get("CPU", 0.0) for r in nodes),
                     largest_node_cpus=max((r.get("CPU", 0.0) for r in nodes), default=0.0),
                     gpus=sum(r.get("GPU", 0.0) for r in nodes),
+                    largest_node_gpus=max((r.get("GPU", 0.0) for r in nodes), default=0.0),
                     memory_bytes=sum(memory), largest_node_memory_bytes=max(memory, default=0.0))
 
 

@@ -12,6 +12,7 @@ class InstanceGroup(msgspec.Struct, frozen=True):
     replicas: int
     engine: EngineConfig
     num_cpus: float = 1.0
+    num_gpus: float = 0.0  # GPUs (or a share of one) Ray reserves for each instance
     num_threads: int = 1
     max_restarts: int = 0  # times Ray restarts an instance whose process died or whose step failed
 
@@ -32,6 +33,14 @@ class LaunchConfig(msgspec.Struct, frozen=True):
     result_ttl_s: float = 60.0  # how long the router keeps a finished request nobody reads
     prefill_policy: str = "least_tokens"
     decode_policy: str = "most_free_blocks"
+
+
+def instance_bundle(group: InstanceGroup) -> dict[str, float]:
+    """The Ray resources one instance of ``group`` reserves (its placement-group bundle)."""
+    bundle = {"CPU": group.num_cpus}
+    if group.num_gpus:
+        bundle["GPU"] = group.num_gpus
+    return bundle
 
 
 def instance_names(config: LaunchConfig) -> dict[str, list[str]]:

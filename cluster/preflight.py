@@ -20,6 +20,7 @@ class Capacity(msgspec.Struct, frozen=True):
     cpus: float
     largest_node_cpus: float
     gpus: float
+    largest_node_gpus: float
     memory_bytes: float  # Ray's memory and object store resources together: the nodes' RAM
     largest_node_memory_bytes: float
 
@@ -33,29 +34,38 @@ def pools(config: LaunchConfig) -> dict[str, InstanceGroup]:
 
 def shortfall(config: LaunchConfig, capacity: Capacity, model: ModelSpec) -> str | None:
     """Why the launch can never fit the cluster (CPUs, GPUs, host memory), or None."""
-    return (cpu_shortfall(config, capacity.cpus, capacity.largest_node_cpus)
-            or gpu_shortfall(config, capacity.gpus) or memory_shortfall(config, capacity, model))
+    return (_resource_shortfall(config, "CPU", capacity.cpus, capacity.largest_node_cpus)
+            or _gpu_less_cuda(config)
+            or _resource_shortfall(config, "GPU", capacity.gpus, capacity.largest_node_gpus)
+            or memory_shortfall(config, capacity, model))
+
+
+def _gpu_less_cuda(config: LaunchConfig) -> str | None:
+    for section, group in pools(config).items():
+        if group.engine.device != "cpu" and group.num_gpus <= 0:
+            return (f"{section}.num_gpus: a {group.engine.device} instance must reserve a GPU or a "
+                    f"share of one, got {group.num_gpus:g}")
+    return None
 
 
 def cpu_shortfall(config: LaunchConfig, total_cpus: float, largest_node_cpus: float) -> str | None:
     """Why the launch's CPU bundles cannot be placed (one per instance), or None if they may."""
-    groups = pools(config)
+    return _resource_shortfall(config, "CPU", total_cpus, largest_node_cpus)
+
+
+def _resource_shortfall(config: LaunchConfig, resource: str, total: float, largest_node: float) -> str | None:
+    """Why one bundle per instance cannot hold ``resource`` (CPU or GPU): an instance larger
+    than the largest node, or more in all than the cluster has; None if they may fit."""
+    field = "num_cpus" if resource == "CPU" else "num_gpus"
+    groups = {s: g for s, g in pools(config).items() if getattr(g, field) > 0}
     for section, group in groups.items():
-        if group.num_cpus > largest_node_cpus:
-            return (f"{section}.num_cpus: each instance needs {group.num_cpus:g} CPU, but the largest "
-                    f"node of the Ray cluster has {largest_node_cpus:g}")
-    need = sum(g.replicas * g.num_cpus for g in groups.values())
-    if need > total_cpus + 1e-9:
-        asked = " + ".join(f"{s}: {g.replicas} x {g.num_cpus:g} CPU" for s, g in groups.items())
-        return f"{asked} = {need:g} CPU, but the Ray cluster has {total_cpus:g} CPU in all"
-    return None
-
-
-def gpu_shortfall(config: LaunchConfig, total_gpus: float) -> str | None:
-    """A cuda pool on a Ray cluster that reports no GPU at all."""
-    for section, group in pools(config).items():
-        if group.engine.device != "cpu" and total_gpus < 1:
-            return f"{section}.device: {group.engine.device}, but the Ray cluster reports no GPU"
+        if getattr(group, field) > largest_node:
+            return (f"{section}.{field}: each instance needs {getattr(group, field):g} {resource}, but the "
+                    f"largest node of the Ray cluster has {largest_node:g}")
+    need = sum(g.replicas * getattr(g, field) for g in groups.values())
+    if need > total + 1e-9:
+        asked = " + ".join(f"{s}: {g.replicas} x {getattr(g, field):g} {resource}" for s, g in groups.items())
+        return f"{asked} = {need:g} {resource}, but the Ray cluster has {total:g} {resource} in all"
     return None
 
 

@@ -42,6 +42,7 @@ def check_spec(spec: ClusterSpec) -> None:
 def check_instance(section: InstanceSpec, where: str) -> None:
     """Ranges of one pool's fields."""
     _at_least(section.max_restarts, 0, f"{where}.max_restarts")
+    _check_gpus(section, where)
     for field in ("replicas", "tp", "pp"):
         value = getattr(section, field)
         if value is not None:
@@ -68,6 +69,17 @@ def _at_least(value: float, low: float, where: str, *, strict: bool = False) -> 
         raise SpecError(where, f"must be {op} {low}, got {value}")
     if math.isinf(value):
         raise SpecError(where, f"must be finite, got {value}")
+
+
+def _check_gpus(section: InstanceSpec, where: str) -> None:
+    if section.num_gpus is None:
+        return
+    if section.device == "cpu" and section.num_gpus != 0:
+        raise SpecError(f"{where}.num_gpus", f"only cuda pools reserve GPUs (this pool's device is cpu), "
+                                             f"got {section.num_gpus}")
+    if section.device != "cpu" and not 0 < section.num_gpus <= 1:
+        raise SpecError(f"{where}.num_gpus", "a single-device instance takes one GPU or a share of one: "
+                                             f"must be in (0, 1], got {section.num_gpus}")
 
 
 def _fraction(value: float, where: str) -> None:

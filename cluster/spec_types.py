@@ -59,7 +59,8 @@ class InstanceSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     here (and checked against the model) but not yet supported: the launcher refuses them. KV
     capacity per instance: ``num_blocks`` blocks, or ``memory_fraction`` of the host's RAM (also
     for cuda pools), at most one of the two; neither gives the engine's default, 1 GiB of KV.
-    ``device: cuda`` reserves no GPU: an instance uses its node's first visible GPU."""
+    A ``device: cuda`` instance reserves ``num_gpus`` of a GPU from Ray (default 1; a fraction lets
+    small instances share one) and sees only the GPU Ray assigns it."""
 
     replicas: int | None = None
     tp: int | None = None
@@ -71,6 +72,7 @@ class InstanceSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     max_num_seqs: int = 128
     device: Device = "cpu"
     num_cpus: float = 1.0  # Ray CPUs reserved for each instance (one actor today)
+    num_gpus: float | None = None  # GPUs reserved for each cuda instance: 1, or a share of one
     max_restarts: int = 3  # Ray restarts an instance whose process dies or whose step fails
 
     @property

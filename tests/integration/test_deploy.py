@@ -47,7 +47,7 @@ def test_bad_spec_fails_before_any_actor(ray_cluster, tiny_llama_dir, tmp_path, 
     ("prefill: {num_cpus: 0.5}\ndecode: {num_cpus: 0.5, num_blocks: 100000000}\n",
      "decode: each instance needs at least"),
     ("prefill: {num_cpus: 0.5, device: cuda}\ndecode: {num_cpus: 0.5}\n",
-     "prefill.device: cuda, but the Ray cluster reports no GPU"),
+     "prefill.num_gpus: each instance needs 1 GPU, but the largest node of the Ray cluster has 0"),
 ], ids=["too-many-cpus", "bundle-too-big", "infinite", "alias", "too-much-kv", "no-gpu"])
 def test_infeasible_specs_fail_at_once_with_nothing_started(ray_cluster, tiny_llama_dir, tmp_path, capsys,
                                                             body, named):

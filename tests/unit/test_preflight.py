@@ -43,17 +43,18 @@ def _model(**fields):
     return ModelSpec(**{**shape, **fields})
 
 
-def _capacity(memory_gib=24.0, largest_gib=None, gpus=0.0):
+def _capacity(memory_gib=24.0, largest_gib=None, gpus=0.0, largest_node_gpus=None):
     from tandem.cluster.preflight import GIB, Capacity
 
     largest = memory_gib if largest_gib is None else largest_gib
-    return Capacity(cpus=4, largest_node_cpus=4, gpus=gpus, memory_bytes=memory_gib * GIB,
-                    largest_node_memory_bytes=largest * GIB)
+    return Capacity(cpus=4, largest_node_cpus=4, gpus=gpus,
+                    largest_node_gpus=gpus if largest_node_gpus is None else largest_node_gpus,
+                    memory_bytes=memory_gib * GIB, largest_node_memory_bytes=largest * GIB)
 
 
-def _engine_config(**fields):
+def _engine_config(num_gpus=0.0, **fields):
     return LaunchConfig(name="t", model_dir="/m", prefill=InstanceGroup(1, EngineConfig(dtype="float32")),
-                        decode=InstanceGroup(2, EngineConfig(dtype="float32", **fields)))
+                        decode=InstanceGroup(2, EngineConfig(dtype="float32", **fields), num_gpus=num_gpus))
 
 
 def test_memory_is_weights_plus_the_kv_cache_the_engine_will_allocate():
@@ -78,7 +79,13 @@ def test_memory_is_weights_plus_the_kv_cache_the_engine_will_allocate():
      "KV cache 763 GiB, num_blocks=100000000 x block_size=16), but the largest node of the Ray cluster has 24 GiB"),
     (_engine_config(num_blocks=1_000_000), _capacity(memory_gib=12, largest_gib=8),
      "prefill: 1 x 1 GiB + decode: 2 x 7.63 GiB of host memory = 16.3 GiB, but the Ray cluster has 12 GiB"),
-    (_engine_config(device="cuda"), _capacity(gpus=0), "decode.device: cuda, but the Ray cluster reports no GPU"),
+    (_engine_config(device="cuda", num_gpus=1), _capacity(gpus=0),
+     "decode.num_gpus: each instance needs 1 GPU, but the largest node of the Ray cluster has 0"),
+    (_engine_config(device="cuda", num_gpus=1), _capacity(gpus=1),
+     "decode: 2 x 1 GPU = 2 GPU, but the Ray cluster has 1 GPU in all"),
+    (_engine_config(device="cuda", num_gpus=0.5), _capacity(gpus=2, largest_node_gpus=0.25),
+     "decode.num_gpus: each instance needs 0.5 GPU, but the largest node of the Ray cluster has 0.25"),
+    (_engine_config(device="cuda"), _capacity(gpus=1), "decode.num_gpus: a cuda instance must reserve a GPU"),
 ])
 def test_launches_beyond_memory_or_without_gpus_are_named(config, capacity, named):
     from tandem.cluster.preflight import shortfall
@@ -91,4 +98,5 @@ def test_a_launch_that_fits_memory_and_gpus_passes():
 
     assert shortfall(_engine_config(num_blocks=1024), _capacity(memory_gib=2), _model()) is None
     # cuda pools' weights and KV live on the GPU: host memory is not theirs to check
-    assert shortfall(_engine_config(device="cuda", num_blocks=100_000_000), _capacity(gpus=1), _model()) is None
+    assert shortfall(_engine_config(device="cuda", num_gpus=0.5, num_blocks=100_000_000), _capacity(gpus=1),
+                     _model()) is None  # two half shares of one GPU
