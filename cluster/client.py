@@ -94,6 +94,12 @@ class Client:
     def abort(self, request_id: str) -> bool:
         return self._get(self.router.abort.remote(request_id), 30.0)
 
+    def migrate(self, request_id: str, to: str | None = None) -> str:
+        """Move a decoding request, live, to decode instance ``to`` (default: the one with the
+        most free blocks); returns the destination. Raises MigrationError, the request going on
+        where it was, if it cannot move (not decoding, already moving, finished meanwhile)."""
+        return self._get(self.router.migrate.remote(request_id, to), 60.0)
+
     def stats(self) -> dict:
         return self._get(self.router.stats.remote(), 60.0)
 

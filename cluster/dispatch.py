@@ -63,6 +63,17 @@ class Dispatcher:
              blocks_needed(num_tokens, self.block_size))
         return target
 
+    def freest_decode(self, exclude: str | None = None) -> str | None:
+        """The decode instance with the most free blocks (estimated), other than ``exclude``."""
+        candidates = [i for i in self.free if i != exclude]
+        return max(candidates, key=lambda i: (self.free_estimate(i), i), default=None)
+
+    def reserve_decode(self, instance_id: str, request_id: str, num_tokens: int) -> None:
+        """Count a request sent to a decode instance against its free blocks until admitted."""
+        if instance_id in self.reserved:
+            _put(self.reserved[instance_id], self.reserved_total, instance_id, request_id,
+                 blocks_needed(num_tokens, self.block_size))
+
     def free_estimate(self, instance_id: str) -> int:
         return self.free[instance_id] - self.reserved_total[instance_id]
 

@@ -42,10 +42,23 @@ class RequestRecord:
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     deadline: asyncio.TimerHandle | None = None  # the request's time limit, cancelled on finish
     mailbox: Mailbox | None = None  # the client's mailbox, when it streams through one
+    # Decode ownership once a request has migrated: (instance, index of the first token it
+    # produces), in order; a delta counts only from the instance that owned its index.
+    owners: list[tuple[str, int]] = field(default_factory=list)
+    migration: object | None = None  # the migration in flight (cluster/migration.py)
+    migrations: list[dict] = field(default_factory=list)  # finished ones: from, to, times
 
     @property
     def done(self) -> bool:
         return self.finish_reason is not None
+
+    def owned_by(self, instance_id: str, index: int) -> bool:
+        """Whether ``instance_id`` owned the request when it produced token ``index``."""
+        owner = None
+        for candidate, first in self.owners:
+            if first <= index:
+                owner = candidate
+        return owner is None or owner == instance_id
 
     def add_delta(self, delta: TokenDelta, now: float) -> None:
         """Apply deltas in token order: instances' messages may arrive out of order."""
@@ -98,6 +111,7 @@ class RequestRecord:
         if "transfer_start" in self.events and "transfer_end" in self.events:
             m["transfer_time"] = self.events["transfer_end"] - self.events["transfer_start"]
         m["num_prompt_tokens"] = float(len(self.prompt_ids))
+        m["num_migrations"] = float(len(self.migrations))
         m["num_output_tokens"] = float(len(self.token_ids))
         return m
 

@@ -23,6 +23,7 @@ from tandem.cluster.dispatch import Dispatcher
 from tandem.cluster.health import lost_verdict
 from tandem.cluster.launcher_config import NAMESPACE, LaunchConfig, instance_names
 from tandem.cluster.mailbox import Mailboxes
+from tandem.cluster.migration import MigrationDesk
 from tandem.cluster.requests import RequestBook, RequestRecord
 from tandem.cluster.roster import CALL_TIMEOUT_S, Roster
 from tandem.engine.config import load_config
@@ -58,6 +59,7 @@ class Router:
         self.dispatch = Dispatcher(config.prefill_policy, config.decode_policy)
         self.roster = Roster(config, self.dispatch, on_out=self._fail_requests_on)
         self.prefill, self.decode = self.roster.prefill, self.roster.decode  # in service, by id
+        self.migrations = MigrationDesk(self.decode, self.dispatch, self._free_everywhere, CALL_TIMEOUT_S)
         self.capacity_tokens = 0
         self.book = RequestBook(config.result_ttl_s)
         self.mailboxes = Mailboxes(idle_s=config.result_ttl_s + MAILBOX_GRACE_S)
@@ -121,6 +123,8 @@ class Router:
             # A lost prefill instance loses the requests it had not finished prefilling; one in
             # transfer lives or dies by the decode side's fetch (the exported KV may outlive it).
             if on_it and not rec.done and (role == "decode" or rec.stage == "prefill"):
+                if role == "decode" and self.migrations.resume(rec, reason):
+                    continue  # it was migrating to the lost instance: it goes on at its source
                 rec.finish("error", reason)
                 self._free_everywhere(rec)
 
@@ -265,10 +269,21 @@ class Router:
         """Where a request is (stage and instances): for status tools and tests."""
         rec = self.book.lookup(request_id)
         return {"stage": rec.stage, "prefill_instance": rec.prefill_instance,
-                "decode_instance": rec.decode_instance, "num_tokens": len(rec.token_ids)}
+                "decode_instance": rec.decode_instance, "num_tokens": len(rec.token_ids),
+                "migrating": rec.migration is not None, "migrations": list(rec.migrations)}
+
+    async def migrate(self, request_id: str, to: str | None = None) -> str:
+        """Move a decoding request, live, to decode instance ``to`` (default: the one with the
+        most free blocks); returns the destination. MigrationError (the request goes on where it
+        was) if it is not decoding, already migrating, or cannot leave its instance."""
+        rec = self.book.get(request_id)
+        if rec is None:
+            raise KeyError(f"unknown request id {request_id!r} (not in flight)")
+        return await self.migrations.start(rec, to)
 
     def _free_everywhere(self, rec: RequestRecord) -> None:
         self.dispatch.forget(rec)
+        self.migrations.abort_source(rec)
         if rec.prefill_instance in self.prefill:
             self.prefill[rec.prefill_instance].abort.remote(rec.request_id)
         if rec.decode_instance in self.decode:
@@ -319,6 +334,8 @@ class Router:
         for rid in report.admitted:
             rec = self.book.get(rid)
             self.dispatch.admitted(instance_id, rid)
+            if rec is not None and self.migrations.committed(rec, instance_id):
+                continue
             if rec is not None and rec.prefill_instance:
                 rec.events["transfer_end"] = now
                 rec.stage = "decode" if not rec.done else rec.stage
@@ -326,6 +343,8 @@ class Router:
         for rid, error in report.failed:
             rec = self.book.get(rid)
             self.dispatch.admitted(instance_id, rid)
+            if rec is not None and self.migrations.resume(rec, f"{instance_id} could not pull it: {error}"):
+                continue
             if rec is not None:
                 rec.finish("error", error, now)
                 if rec.prefill_instance:
@@ -337,7 +356,8 @@ class Router:
                 if not delta.finished and handle is not None:  # stale: aborted or failed meanwhile
                     handle.abort.remote(delta.request_id)
                 continue
-            rec.add_delta(delta, now)
+            if rec.owned_by(instance_id, delta.index):  # else a stale owner's: never counted twice
+                rec.add_delta(delta, now)
         if instance_id in self.decode:
             self.dispatch.set_free_blocks(instance_id, report.free_blocks)
         for prefill_id, rids in acks.items():

@@ -28,7 +28,7 @@ class DecodeActor:
             self.transports[transport.name] = transport
         engine = build_engine(model_dir, config, num_threads, list(self.transports.values()))
         self.instance = DecodeInstance(engine, self.transports, transfer_timeout_s)
-        self.loop = StepLoop(self.instance, self._publish,
+        self.loop = StepLoop(self.instance, self._publish, housekeeping=self.instance.reclaim_expired,
                              on_failure=failure_reporter(router, instance_id, restart_on_failure))
         self.instance.wake = self.loop.wake  # a KV pull landed: admit it at the next step
 
@@ -39,6 +39,17 @@ class DecodeActor:
     async def admit(self, items: list[tuple[RequestState, KVHandle]]) -> list[tuple[str, str]]:
         """Queue admissions (one call per prefill step); the ones refused here, with why."""
         return await on_loop(self.loop.call(lambda: self.instance.admit_all(items)))
+
+    async def export(self, request_id: str) -> tuple[RequestState, KVHandle]:
+        """Migration source: take the request off the batch at the next step boundary, publish
+        its KV; held until ``release_export`` (committed elsewhere) or ``resume_export``."""
+        return await on_loop(self.loop.call(lambda: self.instance.export(request_id)))
+
+    async def release_export(self, request_id: str) -> bool:
+        return await on_loop(self.loop.call(lambda: self.instance.release_export(request_id)))
+
+    async def resume_export(self, request_id: str) -> bool:
+        return await on_loop(self.loop.call(lambda: self.instance.resume_export(request_id)))
 
     async def submit(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
         await on_loop(self.loop.call(lambda: self.instance.submit(request_id, prompt_ids, params)))

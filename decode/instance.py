@@ -17,14 +17,18 @@ from tandem.engine.handover import HandoverEngine
 from tandem.decode.pulls import Pulls
 from tandem.engine.params import SamplingParams
 from tandem.transfer.base import TransferError, Transport
+from tandem.transfer.holds import ExportHolds
 from tandem.transfer.protocol import KVHandle, RequestState, StepReport
 
 
 class DecodeInstance:
-    def __init__(self, engine: HandoverEngine, transports: dict[str, Transport], timeout_s: float = 30.0) -> None:
+    def __init__(self, engine: HandoverEngine, transports: dict[str, Transport], timeout_s: float = 30.0,
+                 hold_timeout_s: float = 60.0) -> None:
         self.engine = engine
         self.transports = transports
         self.timeout_s = timeout_s
+        # Requests migrating away leave through the first transport, held until the router says.
+        self.outgoing = ExportHolds(engine, next(iter(transports.values())), hold_timeout_s)
         self.pending: deque[tuple[RequestState, KVHandle]] = deque()  # waiting for blocks
         self.pulls = Pulls(wake=lambda: self.wake())
         self.wake: Callable[[], None] = lambda: None  # set by the host: a pull landed
@@ -95,6 +99,8 @@ class DecodeInstance:
                 return True
         if self.pulls.cancel(request_id):
             return True  # its blocks are released when the pull lands
+        if self.outgoing.release(request_id):
+            return True  # it was migrating away
         return self.engine.abort(request_id) is not None
 
     def abort_all(self) -> int:
@@ -102,16 +108,40 @@ class DecodeInstance:
         in_flight = list(self.pulls.in_flight)
         for rid in in_flight:
             self.pulls.cancel(rid)
+        outgoing = list(self.outgoing)
+        for rid in outgoing:
+            self.outgoing.release(rid)
         request_ids = [state.request_id for state, _ in self.pending] + [
             rid for rid in self.engine.request_ids() if rid not in self.pulls]
         self.pending.clear()
         for rid in request_ids:
             self.engine.abort(rid)
             self.engine.release(rid)
-        return len(request_ids) + len(in_flight)
+        return len(request_ids) + len(in_flight) + len(outgoing)
+
+    # -- migration: this instance as the source ---------------------------------------------------
+
+    def export(self, request_id: str) -> tuple[RequestState, KVHandle]:
+        """Take a running request off the batch (at a step boundary) and publish its KV for
+        another instance; it is held until ``release_export`` or ``resume_export``. ValueError if
+        it is not running here (finished, waiting, unknown)."""
+        return self.outgoing.export(request_id)
+
+    def release_export(self, request_id: str) -> bool:
+        """The destination committed the request: free its blocks here."""
+        return self.outgoing.release(request_id)
+
+    def resume_export(self, request_id: str) -> bool:
+        """The migration failed before commit: the request decodes on here."""
+        return self.outgoing.resume(request_id)
+
+    def reclaim_expired(self) -> list[str]:
+        """Outgoing requests the router neither committed nor resumed in time: freed."""
+        return self.outgoing.reclaim_expired()
 
     def stats(self) -> dict[str, int]:
-        return {**self.engine.stats(), "pending_admissions": len(self.pending) + len(self.pulls)}
+        return {**self.engine.stats(), "pending_admissions": len(self.pending) + len(self.pulls),
+                "migrating_out": len(self.outgoing)}
 
     def close(self) -> None:
         self.pulls.close()

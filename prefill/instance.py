@@ -14,7 +14,8 @@ from tandem.engine.handover import HandoverEngine
 from tandem.engine.outputs import TokenDelta
 from tandem.engine.params import SamplingParams
 from tandem.transfer.base import Transport
-from tandem.transfer.protocol import KVHandle, PrefillResult
+from tandem.transfer.holds import ExportHolds
+from tandem.transfer.protocol import PrefillResult
 
 
 class PrefillInstance:
@@ -23,8 +24,7 @@ class PrefillInstance:
             raise ValueError("a prefill instance needs an engine scheduled with enable_decode=False")
         self.engine = engine
         self.transport = transport
-        self.hold_timeout_s = hold_timeout_s
-        self.held: dict[str, tuple[KVHandle, float]] = {}  # request id -> (handle, deadline)
+        self.held = ExportHolds(engine, transport, hold_timeout_s)
 
     def submit(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> None:
         """Queue a request; raises ValueError if it can never run here."""
@@ -42,18 +42,12 @@ class PrefillInstance:
     def _publish(self, delta: TokenDelta, start: float, end: float) -> PrefillResult:
         if delta.finished:  # e.g. max_tokens=1 or EOS first: nothing to hand over
             return PrefillResult(delta, None, None, start, end)
-        export = self.engine.export(delta.request_id)
-        handle = self.transport.export(self.engine.kv_cache, delta.request_id, export.block_ids,
-                                       export.num_kv_tokens)
-        self.held[delta.request_id] = (handle, time.monotonic() + self.hold_timeout_s)
-        return PrefillResult(delta, export.state, handle, start, end)
+        state, handle = self.held.export(delta.request_id)
+        return PrefillResult(delta, state, handle, start, end)
 
     def ack(self, request_id: str) -> None:
         """The destination has the KV (or gave up): free the source blocks."""
-        entry = self.held.pop(request_id, None)
-        if entry is not None:
-            self.transport.release(entry[0])
-            self.engine.release(request_id)
+        self.held.release(request_id)
 
     def abort(self, request_id: str) -> None:
         self.engine.abort(request_id)
@@ -68,11 +62,7 @@ class PrefillInstance:
 
     def reclaim_expired(self) -> list[str]:
         """Free exports nobody acked in time (a dead or stuck destination)."""
-        now = time.monotonic()
-        expired = [rid for rid, (_, deadline) in self.held.items() if deadline < now]
-        for rid in expired:
-            self.ack(rid)
-        return expired
+        return self.held.reclaim_expired()
 
     def stats(self) -> dict[str, int]:
         stats = self.engine.stats()

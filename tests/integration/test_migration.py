@@ -1,0 +1,150 @@
+"""Live migration between decode instances (stop-and-copy): requests moved mid-stream, some more
+than once (A -> B -> A), give exactly the tokens of a run without migration (the in-process
+engine: greedy and seeded sampling), under the shm and ray transports; a migration whose
+destination is lost before commit goes on at the source; an abort mid-migration frees both
+sides; and every block is free afterwards."""
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from tandem.engine import LLM, SamplingParams
+from tests.integration.conftest import assert_all_blocks_free, wait_until
+
+NUM = 8
+A, B = "mig-{}-decode-0", "mig-{}-decode-1"
+
+
+@pytest.fixture(scope="module")
+def workload():
+    rng = random.Random(11)
+    prompts = [[rng.randrange(3, 256) for _ in range(rng.randint(3, 40))] for _ in range(NUM)]
+    params = [SamplingParams(max_tokens=48, temperature=0, ignore_eos=True) if i % 2 else
+              SamplingParams(max_tokens=48, temperature=0.8, top_k=20, seed=100 + i, ignore_eos=True)
+              for i in range(NUM)]
+    return prompts, params
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_llama_dir, workload):
+    prompts, params = workload
+    return [o.token_ids for o in LLM(tiny_llama_dir, dtype="float32", num_blocks=256).generate(prompts, params)]
+
+
+@pytest.fixture(scope="module", params=["shm", "ray"])
+def cluster(request, ray_cluster, tiny_llama_dir):
+    """1 prefill + 2 decode; decode steps paced (25 ms) so requests are mid-stream when moved."""
+    from tandem.cluster.launcher import Cluster
+    from tandem.cluster.launcher_config import InstanceGroup, LaunchConfig
+    from tandem.engine.engine import EngineConfig
+    from tandem.engine.pacing import StepPace
+
+    pace = StepPace(prefill=(0.0, 0.0, 0.0), decode=(0.025, 0.0, 0.0))
+    engine = EngineConfig(dtype="float32", num_blocks=96, block_size=16, step_pace=pace)
+    group = lambda n: InstanceGroup(n, engine, num_cpus=0.5)  # noqa: E731
+    config = LaunchConfig(name=f"mig-{request.param}", model_dir=str(tiny_llama_dir), prefill=group(1),
+                          decode=group(2), transfer_backend=request.param)
+    launched = Cluster.launch(config, timeout_s=120)
+    launched.names = (A.format(request.param), B.format(request.param))
+    yield launched
+    launched.shutdown()
+
+
+def _describe(client, rid):
+    import ray
+
+    return ray.get(client.router.describe.remote(rid), timeout=30)
+
+
+def _move(client, rid, to):
+    return client.migrate(rid, to)
+
+
+def _when_decoding(client, rid, min_tokens=3):
+    return wait_until(lambda: (d := _describe(client, rid))["stage"] == "decode"
+                      and not d["migrating"] and d["num_tokens"] >= min_tokens and d)
+
+
+def test_migrated_requests_match_a_run_without_migration(cluster, workload, reference):
+    client = cluster.client(timeout_s=120)
+    a, b = cluster.names
+    prompts, params = workload
+    rids = [client.submit(p, sp) for p, sp in zip(prompts, params)]
+    moves = {rid: 0 for rid in rids}
+    for i, rid in enumerate(rids):
+        here = _when_decoding(client, rid)["decode_instance"]
+        there = b if here == a else a
+        assert _move(client, rid, there) == there
+        moves[rid] += 1
+        if i % 3 == 0:  # and back again: A -> B -> A
+            _when_decoding(client, rid, min_tokens=_describe(client, rid)["num_tokens"] + 2)
+            assert _move(client, rid, here) == here
+            moves[rid] += 1
+    for rid in rids:  # every move committed (none resumed at its source): in the request's lifetime
+        wait_until(lambda: len(_describe(client, rid)["migrations"]) == moves[rid])
+    assert sum(moves.values()) == NUM + 3
+    outs = [client.result(rid) for rid in rids]
+    assert [(o.finish_reason, o.error) for o in outs] == [("length", None)] * NUM
+    assert [o.token_ids for o in outs] == reference
+    assert [o.metrics["num_migrations"] for o in outs] == [float(moves[rid]) for rid in rids]
+    assert_all_blocks_free(cluster)
+
+
+def test_a_migration_whose_destination_dies_goes_on_at_the_source(cluster, workload, reference):
+    import ray
+
+    client = cluster.client(timeout_s=120)
+    prompts, params = workload
+    rid = client.submit(prompts[1], params[1])
+    source = _when_decoding(client, rid)["decode_instance"]
+    dest = next(n for n in cluster.names if n != source)
+    ray.get(cluster.actors[dest].pause.remote(True), timeout=30)  # its pull never starts
+    assert _move(client, rid, dest) == dest
+    assert _describe(client, rid)["migrating"]
+    ray.kill(cluster.actors[dest], no_restart=True)
+    out = client.result(rid)
+    assert (out.finish_reason, out.error, out.token_ids) == ("length", None, reference[1])
+    wait_until(lambda: dest not in cluster.stats()["instances"])
+    assert_all_blocks_free(cluster)  # the survivors'
+
+
+def test_an_abort_mid_migration_frees_both_sides(ray_cluster, tiny_llama_dir):
+    import ray
+
+    from tandem.cluster.launcher import Cluster
+    from tandem.cluster.launcher_config import InstanceGroup, LaunchConfig
+    from tandem.engine.engine import EngineConfig
+    from tandem.engine.pacing import StepPace
+
+    pace = StepPace(prefill=(0.0, 0.0, 0.0), decode=(0.025, 0.0, 0.0))
+    group = lambda n: InstanceGroup(n, EngineConfig(dtype="float32", num_blocks=64, block_size=16,  # noqa: E731
+                                                    step_pace=pace), num_cpus=0.5)
+    cluster = Cluster.launch(LaunchConfig(name="migabort", model_dir=str(tiny_llama_dir), prefill=group(1),
+                                          decode=group(2)), timeout_s=120)
+    try:
+        client = cluster.client(timeout_s=60)
+        rid = client.submit([4, 5, 6, 7], SamplingParams(max_tokens=300, temperature=0, ignore_eos=True))
+        source = _when_decoding(client, rid)["decode_instance"]
+        dest = next(n for n in cluster.actors if "-decode-" in n and n != source)
+        ray.get(cluster.actors[dest].pause.remote(True), timeout=30)
+        _move(client, rid, dest)
+        stats = cluster.stats()["instances"]
+        assert stats[source]["migrating_out"] == 1 and stats[dest]["pending_admissions"] == 1
+        assert client.abort(rid)
+        ray.get(cluster.actors[dest].pause.remote(False), timeout=30)
+        assert client.result(rid).finish_reason == "abort"
+        assert_all_blocks_free(cluster)
+    finally:
+        cluster.shutdown()
+
+
+def test_a_request_that_is_not_decoding_is_not_moved(cluster):
+    from tandem.cluster.migration import MigrationError
+
+    client = cluster.client(timeout_s=60)
+    rid = client.submit([9, 9, 9], SamplingParams(max_tokens=2, temperature=0))
+    wait_until(lambda: _describe(client, rid)["stage"] == "done")
+    with pytest.raises(MigrationError, match="is not decoding"):
+        client.migrate(rid)
+    assert client.result(rid).finish_reason == "length"
