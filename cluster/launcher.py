@@ -92,8 +92,9 @@ class Cluster:
         handle = actor_cls.options(
             name=name, namespace=NAMESPACE, lifetime=lifetime, num_cpus=group.num_cpus,
             num_gpus=group.num_gpus, max_restarts=group.max_restarts, scheduling_strategy=PlacementGroupSchedulingStrategy(pg),
-        ).remote(name, self.config.model_dir, engine, self.router, transport,
-                 num_threads=group.num_threads, restart_on_failure=group.max_restarts > 0, **kwargs)
+        ).remote(name, self.config.model_dir, engine, router_name(self.config.name), transport,
+                 num_threads=group.num_threads, restart_on_failure=group.max_restarts > 0,
+                 router_namespace=NAMESPACE, **kwargs)
         self.actors[name] = handle
         return handle
 

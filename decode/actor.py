@@ -15,12 +15,15 @@ from tandem.transfer.registry import make_transport
 
 @ray.remote(max_restarts=0)
 class DecodeActor:
-    def __init__(self, instance_id: str, model_dir: str, config: EngineConfig, router,
+    def __init__(self, instance_id: str, model_dir: str, config: EngineConfig, router_name: str,
                  transports: tuple[str, ...] = ("ray",), num_threads: int = 1,
-                 transfer_timeout_s: float = 30.0, restart_on_failure: bool = False) -> None:
+                 transfer_timeout_s: float = 30.0, restart_on_failure: bool = False,
+                 router_namespace: str = "tandem") -> None:
         self.instance_id = instance_id
         self.incarnation = incarnation()
-        self.router = router
+        # The router by name, not by handle: a handle argument would pin an object that a
+        # restart of this actor needs and Ray may have let go (ray-project/ray#53727).
+        self.router = ray.get_actor(router_name, namespace=router_namespace)
         # Transports first: one of them may allocate the KV cache (shared memory for shm/auto).
         self.transports = {}
         for name in transports:
@@ -29,7 +32,7 @@ class DecodeActor:
         engine = build_engine(model_dir, config, num_threads, list(self.transports.values()))
         self.instance = DecodeInstance(engine, self.transports, transfer_timeout_s)
         self.loop = StepLoop(self.instance, self._publish, housekeeping=self.instance.reclaim_expired,
-                             on_failure=failure_reporter(router, instance_id, restart_on_failure))
+                             on_failure=failure_reporter(self.router, instance_id, restart_on_failure))
         self.instance.wake = self.loop.wake  # a KV pull landed: admit it at the next step
 
     def _publish(self, report: StepReport) -> None:

@@ -15,17 +15,19 @@ from tandem.transfer.registry import make_transport
 
 @ray.remote(max_restarts=0)
 class PrefillActor:
-    def __init__(self, instance_id: str, model_dir: str, config: EngineConfig, router,
+    def __init__(self, instance_id: str, model_dir: str, config: EngineConfig, router_name: str,
                  transport: str = "ray", num_threads: int = 1, hold_timeout_s: float = 60.0,
-                 restart_on_failure: bool = False) -> None:
+                 restart_on_failure: bool = False, router_namespace: str = "tandem") -> None:
         self.instance_id = instance_id
         self.incarnation = incarnation()
-        self.router = router
+        # The router by name, not by handle: a handle argument would pin an object that a
+        # restart of this actor needs and Ray may have let go (ray-project/ray#53727).
+        self.router = ray.get_actor(router_name, namespace=router_namespace)
         self.transport = make_transport(transport)  # first: it may allocate the KV cache
         engine = build_engine(model_dir, config, num_threads, [self.transport])
         self.instance = PrefillInstance(engine, self.transport, hold_timeout_s)
         self.loop = StepLoop(self.instance, self._publish, housekeeping=self.instance.reclaim_expired,
-                             on_failure=failure_reporter(router, instance_id, restart_on_failure))
+                             on_failure=failure_reporter(self.router, instance_id, restart_on_failure))
 
     def _publish(self, results) -> None:
         if results:  # one message per step, all of the step's requests
