@@ -68,6 +68,7 @@ class DecodeInstance:
 
     def _start_pulls(self) -> None:
         """Reserve blocks for queued admissions, FIFO, and start pulling their KV."""
+        batch = []
         while self.pending:
             state, handle = self.pending[0]
             table = self.engine.reserve(state.request_id, handle.num_tokens)
@@ -75,7 +76,8 @@ class DecodeInstance:
                 break  # FIFO: wait for blocks to free up
             self.pending.popleft()
             fetch = self.transports[handle.transport].fetch
-            self.pulls.start(state, partial(fetch, handle, self.engine.kv_cache, table, self.timeout_s))
+            batch.append((state, partial(fetch, handle, self.engine.kv_cache, table, self.timeout_s)))
+        self.pulls.start(batch)
 
     def _land_pulls(self) -> tuple[list[str], list[tuple[str, str]]]:
         """Landed pulls join the batch; failed ones give their blocks back and are reported."""

@@ -27,7 +27,7 @@ class Pulls:
         """``wake()`` runs on the transfer thread when a pull ends (to wake an idle step loop)."""
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="kv-pull")
         self._wake = wake
-        self.in_flight: dict[str, tuple[RequestState, Future]] = {}
+        self.in_flight: dict[str, tuple[RequestState, Future, int]] = {}  # id -> (state, batch, index)
         self.cancelled: set[str] = set()
 
     def __len__(self) -> int:
@@ -36,23 +36,29 @@ class Pulls:
     def __contains__(self, request_id: str) -> bool:
         return request_id in self.in_flight
 
-    def start(self, state: RequestState, copy: Callable[[], None]) -> None:
-        future = self._executor.submit(copy)
+    def start(self, batch: list[tuple[RequestState, Callable[[], None]]]) -> None:
+        """Pull a step's admissions, one after another, as one task on the transfer thread (one
+        wake-up for all of them)."""
+        if not batch:
+            return
+        future = self._executor.submit(_copy_all, [copy for _, copy in batch])
         future.add_done_callback(lambda _: self._wake())
-        self.in_flight[state.request_id] = (state, future)
+        for index, (state, _) in enumerate(batch):
+            self.in_flight[state.request_id] = (state, future, index)
 
     def any_landed(self) -> bool:
-        return any(future.done() for _, future in self.in_flight.values())
+        return any(future.done() for _, future, _ in self.in_flight.values())
 
     def take_landed(self) -> list[Landed]:
         """Pulls that have ended, in the order they were started; they leave the in-flight set."""
         landed = []
-        for rid, (state, future) in list(self.in_flight.items()):
+        for rid, (state, future, index) in list(self.in_flight.items()):
             if future.done():
                 del self.in_flight[rid]
                 cancelled = rid in self.cancelled
                 self.cancelled.discard(rid)
-                landed.append(Landed(state, future.exception(), cancelled))
+                failure = future.exception() or future.result()[index]
+                landed.append(Landed(state, failure, cancelled))
         return landed
 
     def cancel(self, request_id: str) -> bool:
@@ -66,3 +72,15 @@ class Pulls:
         """Cancel pulls not started; wait for the one copying (bounded by its transfer timeout),
         so nothing writes into a cache that is about to be unmapped."""
         self._executor.shutdown(wait=True, cancel_futures=True)
+
+
+def _copy_all(copies: list[Callable[[], None]]) -> list[BaseException | None]:
+    """Run each copy; what each raised (None if it succeeded), so one failure fails only its own."""
+    failures: list[BaseException | None] = []
+    for copy in copies:
+        try:
+            copy()
+            failures.append(None)
+        except Exception as exc:
+            failures.append(exc)
+    return failures
