@@ -100,6 +100,12 @@ class Client:
         where it was, if it cannot move (not decoding, already moving, finished meanwhile)."""
         return self._get(self.router.migrate.remote(request_id, to), 60.0)
 
+    def drain(self, instance_id: str, timeout_s: float = 120.0) -> dict:
+        """Empty decode instance ``instance_id``: no new requests go to it and its requests move,
+        live, to the others. ``{"moved": n, "left": m}``; m > 0 if some were still there after
+        ``timeout_s``."""
+        return self._get(self.router.drain.remote(instance_id, timeout_s), timeout_s + GRACE_S)
+
     def stats(self) -> dict:
         return self._get(self.router.stats.remote(), 60.0)
 

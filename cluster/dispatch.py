@@ -28,6 +28,7 @@ class Dispatcher:
         self.queued_total: dict[str, int] = {}
         self.reserved_total: dict[str, int] = {}
         self._rr_prefill = self._rr_decode = None
+        self.draining: set[str] = set()  # decode instances that take no new requests
 
     def add_prefill(self, instance_id: str) -> None:
         self.queued.setdefault(instance_id, {})
@@ -52,20 +53,23 @@ class Dispatcher:
         return target
 
     def pick_decode(self, request_id: str, num_tokens: int) -> str:
-        if not self.free:
+        open_ = [i for i in self.free if i not in self.draining]
+        if not open_:
             raise RuntimeError("no live decode instance to serve the request")
         if self.decode_policy == "round_robin":
-            self._rr_decode = self._rr_decode or itertools.cycle(sorted(self.free))
+            self._rr_decode = self._rr_decode or itertools.cycle(sorted(open_))
             target = next(self._rr_decode)
+            while target in self.draining:
+                target = next(self._rr_decode)
         else:
-            target = max(self.free, key=lambda i: (self.free_estimate(i), i))
+            target = max(open_, key=lambda i: (self.free_estimate(i), i))
         _put(self.reserved[target], self.reserved_total, target, request_id,
              blocks_needed(num_tokens, self.block_size))
         return target
 
     def freest_decode(self, exclude: str | None = None) -> str | None:
         """The decode instance with the most free blocks (estimated), other than ``exclude``."""
-        candidates = [i for i in self.free if i != exclude]
+        candidates = [i for i in self.free if i != exclude and i not in self.draining]
         return max(candidates, key=lambda i: (self.free_estimate(i), i), default=None)
 
     def reserve_decode(self, instance_id: str, request_id: str, num_tokens: int) -> None:
@@ -83,7 +87,13 @@ class Dispatcher:
     def admitted(self, instance_id: str, request_id: str) -> None:
         _pop(self.reserved, self.reserved_total, instance_id, request_id)
 
+    def drain(self, instance_id: str) -> None:
+        """Send no new request to this decode instance (its own keep running)."""
+        self.draining.add(instance_id)
+        self._rr_decode = None
+
     def remove_instance(self, instance_id: str) -> None:
+        self.draining.discard(instance_id)
         for table in (self.queued, self.free, self.reserved, self.queued_total, self.reserved_total):
             table.pop(instance_id, None)
         self._rr_prefill = self._rr_decode = None

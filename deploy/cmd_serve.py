@@ -1,4 +1,5 @@
-"""`tandem serve SPEC [--detach]`, `tandem status NAME`, `tandem shutdown NAME`."""
+"""`tandem serve SPEC [--detach]`, `tandem status NAME`, `tandem drain NAME INSTANCE`,
+`tandem shutdown NAME`."""
 from __future__ import annotations
 
 import argparse
@@ -21,6 +22,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     status.add_argument("--address")
     status.add_argument("--json", action="store_true")
     status.set_defaults(func=_status)
+
+    drain = subparsers.add_parser("drain", help="move every request off a decode instance; it takes no new ones")
+    drain.add_argument("name")
+    drain.add_argument("instance", help="the decode instance, as `tandem status NAME` lists it")
+    drain.add_argument("--timeout", type=float, default=120.0, help="seconds (default %(default)s)")
+    drain.add_argument("--address")
+    drain.set_defaults(func=_drain)
 
     stop = subparsers.add_parser("shutdown", help="stop a detached cluster")
     stop.add_argument("name")
@@ -102,6 +110,19 @@ def _status(args: argparse.Namespace) -> int:
         blocks = f"{s['free_blocks']}/{s['num_blocks']}"
         print(f"{name:32} {blocks:>18} {s['waiting']:>8} {s['running']:>8}")
     return 0
+
+
+def _drain(args: argparse.Namespace) -> int:
+    from tandem.cluster.launcher import connect
+    from tandem.deploy.ray_session import connect_ray
+
+    connect_ray(args.address, local_ok=False)
+    try:
+        result = connect(args.name).drain(args.instance, args.timeout)
+    except (LookupError, ValueError) as exc:
+        raise CommandError(str(exc)) from exc
+    print(f"{args.instance}: {result['moved']} requests moved, {result['left']} left; it takes no new requests")
+    return 0 if result["left"] == 0 else 1
 
 
 def _shutdown(args: argparse.Namespace) -> int:

@@ -32,8 +32,7 @@ def reference(tiny_llama_dir, workload):
     return [o.token_ids for o in LLM(tiny_llama_dir, dtype="float32", num_blocks=256).generate(prompts, params)]
 
 
-@pytest.fixture(scope="module", params=["shm", "ray"])
-def cluster(request, ray_cluster, tiny_llama_dir):
+def _launch(name: str, model_dir, backend: str = "ray"):
     """1 prefill + 2 decode; decode steps paced (25 ms) so requests are mid-stream when moved."""
     from tandem.cluster.launcher import Cluster
     from tandem.cluster.launcher_config import InstanceGroup, LaunchConfig
@@ -43,9 +42,14 @@ def cluster(request, ray_cluster, tiny_llama_dir):
     pace = StepPace(prefill=(0.0, 0.0, 0.0), decode=(0.025, 0.0, 0.0))
     engine = EngineConfig(dtype="float32", num_blocks=96, block_size=16, step_pace=pace)
     group = lambda n: InstanceGroup(n, engine, num_cpus=0.5)  # noqa: E731
-    config = LaunchConfig(name=f"mig-{request.param}", model_dir=str(tiny_llama_dir), prefill=group(1),
-                          decode=group(2), transfer_backend=request.param)
-    launched = Cluster.launch(config, timeout_s=120)
+    config = LaunchConfig(name=name, model_dir=str(model_dir), prefill=group(1), decode=group(2),
+                          transfer_backend=backend)
+    return Cluster.launch(config, timeout_s=120)
+
+
+@pytest.fixture(scope="module", params=["shm", "ray"])
+def cluster(request, ray_cluster, tiny_llama_dir):
+    launched = _launch(f"mig-{request.param}", tiny_llama_dir, request.param)
     launched.names = (A.format(request.param), B.format(request.param))
     yield launched
     launched.shutdown()
@@ -112,16 +116,7 @@ def test_a_migration_whose_destination_dies_goes_on_at_the_source(cluster, workl
 def test_an_abort_mid_migration_frees_both_sides(ray_cluster, tiny_llama_dir):
     import ray
 
-    from tandem.cluster.launcher import Cluster
-    from tandem.cluster.launcher_config import InstanceGroup, LaunchConfig
-    from tandem.engine.engine import EngineConfig
-    from tandem.engine.pacing import StepPace
-
-    pace = StepPace(prefill=(0.0, 0.0, 0.0), decode=(0.025, 0.0, 0.0))
-    group = lambda n: InstanceGroup(n, EngineConfig(dtype="float32", num_blocks=64, block_size=16,  # noqa: E731
-                                                    step_pace=pace), num_cpus=0.5)
-    cluster = Cluster.launch(LaunchConfig(name="migabort", model_dir=str(tiny_llama_dir), prefill=group(1),
-                                          decode=group(2)), timeout_s=120)
+    cluster = _launch("migabort", tiny_llama_dir)
     try:
         client = cluster.client(timeout_s=60)
         rid = client.submit([4, 5, 6, 7], SamplingParams(max_tokens=300, temperature=0, ignore_eos=True))
@@ -148,3 +143,28 @@ def test_a_request_that_is_not_decoding_is_not_moved(cluster):
     with pytest.raises(MigrationError, match="is not decoding"):
         client.migrate(rid)
     assert client.result(rid).finish_reason == "length"
+
+
+def test_a_drained_instance_empties_and_takes_no_new_requests(ray_cluster, tiny_llama_dir, workload, reference):
+    from tandem.deploy.cli import main
+
+    cluster = _launch("drain", tiny_llama_dir)
+    try:
+        client = cluster.client(timeout_s=120)
+        prompts, params = workload
+        rids = [client.submit(p, sp) for p, sp in zip(prompts, params)]
+        wait_until(lambda: {_describe(client, r)["decode_instance"] for r in rids}
+                   == {"drain-decode-0", "drain-decode-1"})
+        assert main(["drain", "drain", "drain-prefill-0"]) == 2  # not a decode instance: named error
+        assert main(["drain", "drain", "drain-decode-0"]) == 0  # the CLI, on this Ray cluster
+        assert {_describe(client, r)["decode_instance"] for r in rids} == {"drain-decode-1"}
+        late = client.submit(prompts[0], params[0])  # new requests avoid the drained instance
+        wait_until(lambda: _describe(client, late)["decode_instance"] == "drain-decode-1")
+        outs = [client.result(r) for r in rids]
+        assert [o.token_ids for o in outs] == reference  # identical to an undisturbed run
+        assert sum(o.metrics["num_migrations"] for o in outs) >= 1
+        assert client.result(late).token_ids == reference[0]
+        assert cluster.stats()["instances"]["drain-decode-0"]["running"] == 0
+        assert_all_blocks_free(cluster)
+    finally:
+        cluster.shutdown()

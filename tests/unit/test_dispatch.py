@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import random
 
+import pytest
+
 from tandem.cluster.dispatch import Dispatcher
 from tandem.engine.block_manager import blocks_needed
 
@@ -58,3 +60,16 @@ def test_least_tokens_and_most_free_blocks_pick_by_load():
     assert d.pick_decode("a", 64) == "d1"  # 12 free
     assert d.free_estimate("d1") == 12 - blocks_needed(64, 16)
     assert d.pick_decode("b", 16) == "d0"  # 10 against 8
+
+
+def test_a_draining_instance_gets_no_new_requests_under_either_policy():
+    for policy in ("most_free_blocks", "round_robin"):
+        d = Dispatcher(decode_policy=policy)
+        d.set_free_blocks("d0", 100, block_size=16)
+        d.set_free_blocks("d1", 1, block_size=16)
+        d.drain("d0")
+        assert {d.pick_decode(f"r{i}", 16) for i in range(6)} == {"d1"}
+        assert d.freest_decode() == "d1" and d.freest_decode(exclude="d1") is None
+        d.drain("d1")
+        with pytest.raises(RuntimeError, match="no live decode instance"):
+            d.pick_decode("x", 16)
