@@ -44,6 +44,7 @@ class MigrationDesk:
     def __init__(self, decode: dict, dispatch, free_everywhere, call_timeout_s: float) -> None:
         self.decode, self.dispatch = decode, dispatch
         self.free_everywhere, self.call_timeout_s = free_everywhere, call_timeout_s
+        self.totals = {"started": 0, "committed": 0, "resumed": 0}  # since the router started
 
     async def start(self, rec: RequestRecord, to: str | None) -> str:
         """Move a decoding request to ``to`` (or the decode instance with the most free blocks
@@ -66,6 +67,7 @@ class MigrationDesk:
         if rec.done:  # aborted or timed out while exporting: nothing to move
             self.free_everywhere(rec)
             return source
+        self.totals["started"] += 1
         rec.owners = (rec.owners or [(source, 0)]) + [(dest, index)]
         rec.decode_instance = dest
         self.dispatch.reserve_decode(dest, rec.request_id, handle.num_tokens + 1)
@@ -85,6 +87,7 @@ class MigrationDesk:
         if not isinstance(migration, Migration) or migration.dest != instance_id:
             return False
         rec.migration = None
+        self.totals["committed"] += 1
         if migration.source in self.decode:
             self.decode[migration.source].release_export.remote(rec.request_id)
         rec.migrations.append({"from": migration.source, "to": migration.dest, "start": migration.start,
@@ -98,6 +101,7 @@ class MigrationDesk:
         if not isinstance(migration, Migration):
             return False
         rec.migration = None
+        self.totals["resumed"] += 1
         self.dispatch.forget(rec)
         if rec.done:
             return True

@@ -398,6 +398,8 @@ class Router:
         return {
             "requests": len(self.book),
             "instances": instances,
+            "migrations": {**self.migrations.totals,
+                           "in_flight": sum(rec.migration is not None for rec in self.book.live.values())},
             "router": {"mailboxes": len(self.mailboxes), "polls": self.polls, "max_requests": self.config.max_requests,
                        "restarted": self.book.restarted, **process_memory()},
         }

@@ -102,6 +102,9 @@ def _status(args: argparse.Namespace) -> int:
         print(json.dumps(stats, indent=1))
         return 0
     print(f"{args.name}: {stats['requests']} requests in flight")
+    moves = stats["migrations"]
+    print(f"migrations: {moves['in_flight']} in flight; {moves['committed']} committed and "
+          f"{moves['resumed']} resumed at their source, of {moves['started']} started")
     print(f"{'instance':32} {'free/total blocks':>18} {'waiting':>8} {'running':>8}")
     for name, s in stats["instances"].items():
         if "error" in s:

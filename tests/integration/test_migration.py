@@ -145,7 +145,8 @@ def test_a_request_that_is_not_decoding_is_not_moved(cluster):
     assert client.result(rid).finish_reason == "length"
 
 
-def test_a_drained_instance_empties_and_takes_no_new_requests(ray_cluster, tiny_llama_dir, workload, reference):
+def test_a_drained_instance_empties_and_takes_no_new_requests(ray_cluster, tiny_llama_dir, workload, reference,
+                                                              capsys):
     from tandem.deploy.cli import main
 
     cluster = _launch("drain", tiny_llama_dir)
@@ -162,8 +163,14 @@ def test_a_drained_instance_empties_and_takes_no_new_requests(ray_cluster, tiny_
         wait_until(lambda: _describe(client, late)["decode_instance"] == "drain-decode-1")
         outs = [client.result(r) for r in rids]
         assert [o.token_ids for o in outs] == reference  # identical to an undisturbed run
-        assert sum(o.metrics["num_migrations"] for o in outs) >= 1
+        moved = sum(o.metrics["num_migrations"] for o in outs)
+        assert moved >= 1
         assert client.result(late).token_ids == reference[0]
+        assert client.stats()["migrations"] == {"started": moved, "committed": moved, "resumed": 0,
+                                                "in_flight": 0}
+        capsys.readouterr()
+        assert main(["status", "drain"]) == 0
+        assert f"0 in flight; {moved:g} committed and 0 resumed at their source" in capsys.readouterr().out
         assert cluster.stats()["instances"]["drain-decode-0"]["running"] == 0
         assert_all_blocks_free(cluster)
     finally:
