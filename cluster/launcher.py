@@ -51,8 +51,7 @@ class Cluster:
                 name=router_name(config.name), namespace=NAMESPACE, lifetime=lifetime,
                 max_concurrency=router_concurrency(config)).remote(config)
             prefill, decode = cluster._start_pools(lifetime, timeout_s)
-            block_size = config.decode.engine.block_size
-            ray.get(cluster.router.register.remote(prefill, decode, block_size), timeout=timeout_s)
+            ray.get(cluster.router.register.remote(prefill, decode), timeout=timeout_s)
         except BaseException as exc:
             cluster.shutdown()  # a failure or Ctrl-C: nothing this launch started is left behind
             if not isinstance(exc, Exception):
@@ -91,7 +90,8 @@ class Cluster:
                               f"{free.get('CPU', 0):g} CPU and {free.get('GPU', 0):g} GPU free")
         handle = actor_cls.options(
             name=name, namespace=NAMESPACE, lifetime=lifetime, num_cpus=group.num_cpus,
-            num_gpus=group.num_gpus, max_restarts=group.max_restarts, scheduling_strategy=PlacementGroupSchedulingStrategy(pg),
+            num_gpus=group.num_gpus, max_restarts=group.max_restarts,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(pg),
         ).remote(name, self.config.model_dir, engine, router_name(self.config.name), transport,
                  num_threads=group.num_threads, restart_on_failure=group.max_restarts > 0,
                  router_namespace=NAMESPACE, **kwargs)

@@ -18,23 +18,12 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass
-
-from tandem.cluster.requests import RequestRecord
+from tandem.cluster.requests import Migration, RequestRecord
 from tandem.transfer.protocol import remote_cause
 
 
 class MigrationError(RuntimeError):
     """A migration could not start; the request goes on where it was."""
-
-
-@dataclass
-class Migration:
-    source: str
-    dest: str
-    index: int  # the first token index the destination produces
-    start: float
-    num_tokens: int  # tokens whose KV moves
 
 
 class MigrationDesk:
@@ -84,7 +73,7 @@ class MigrationDesk:
         """The destination admitted the request: free it on the source. False if this admission
         is not a migration's."""
         migration = rec.migration
-        if not isinstance(migration, Migration) or migration.dest != instance_id:
+        if migration is None or migration.dest != instance_id:
             return False
         rec.migration = None
         self.totals["committed"] += 1
@@ -98,7 +87,7 @@ class MigrationDesk:
         """The migration failed before commit: the request decodes on at the source (or fails,
         if the source is gone too). False if the request was not migrating."""
         migration = rec.migration
-        if not isinstance(migration, Migration):
+        if migration is None:
             return False
         rec.migration = None
         self.totals["resumed"] += 1
@@ -118,5 +107,5 @@ class MigrationDesk:
     def abort_source(self, rec: RequestRecord) -> None:
         """An aborted request that was migrating: free it on the source too."""
         migration = rec.migration
-        if isinstance(migration, Migration) and migration.source in self.decode:
+        if migration is not None and migration.source in self.decode:
             self.decode[migration.source].abort.remote(rec.request_id)

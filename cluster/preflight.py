@@ -34,9 +34,9 @@ def pools(config: LaunchConfig) -> dict[str, InstanceGroup]:
 
 def shortfall(config: LaunchConfig, capacity: Capacity, model: ModelSpec) -> str | None:
     """Why the launch can never fit the cluster (CPUs, GPUs, host memory), or None."""
-    return (_resource_shortfall(config, "CPU", capacity.cpus, capacity.largest_node_cpus)
+    return (resource_shortfall(config, "CPU", capacity.cpus, capacity.largest_node_cpus)
             or _gpu_less_cuda(config)
-            or _resource_shortfall(config, "GPU", capacity.gpus, capacity.largest_node_gpus)
+            or resource_shortfall(config, "GPU", capacity.gpus, capacity.largest_node_gpus)
             or memory_shortfall(config, capacity, model))
 
 
@@ -48,12 +48,7 @@ def _gpu_less_cuda(config: LaunchConfig) -> str | None:
     return None
 
 
-def cpu_shortfall(config: LaunchConfig, total_cpus: float, largest_node_cpus: float) -> str | None:
-    """Why the launch's CPU bundles cannot be placed (one per instance), or None if they may."""
-    return _resource_shortfall(config, "CPU", total_cpus, largest_node_cpus)
-
-
-def _resource_shortfall(config: LaunchConfig, resource: str, total: float, largest_node: float) -> str | None:
+def resource_shortfall(config: LaunchConfig, resource: str, total: float, largest_node: float) -> str | None:
     """Why one bundle per instance cannot hold ``resource`` (CPU or GPU): an instance larger
     than the largest node, or more in all than the cluster has; None if they may fit."""
     field = "num_cpus" if resource == "CPU" else "num_gpus"

@@ -20,6 +20,17 @@ from tandem.engine.params import SamplingParams
 from tandem.transfer.protocol import StreamChunk
 
 
+@dataclass
+class Migration:
+    """A migration in flight (cluster/migration.py runs it)."""
+
+    source: str
+    dest: str
+    index: int  # the first token index the destination produces
+    start: float
+    num_tokens: int  # tokens whose KV moves
+
+
 @dataclass(eq=False)
 class RequestRecord:
     request_id: str
@@ -45,7 +56,7 @@ class RequestRecord:
     # Decode ownership once a request has migrated: (instance, index of the first token it
     # produces), in order; a delta counts only from the instance that owned its index.
     owners: list[tuple[str, int]] = field(default_factory=list)
-    migration: object | None = None  # the migration in flight (cluster/migration.py)
+    migration: Migration | None = None
     migrations: list[dict] = field(default_factory=list)  # finished ones: from, to, times
 
     @property

@@ -55,8 +55,6 @@ class Router:
         self.tokenizer = Tokenizer.from_model_dir(Path(config.model_dir))
         self.vocab_size = model_config.vocab_size
         self.max_model_len = context_limit(model_config, config.decode.engine.max_model_len)
-        self.mode = config.mode
-        self.request_timeout_s = config.request_timeout_s
         self.dispatch = Dispatcher(config.prefill_policy, config.decode_policy)
         self.roster = Roster(config, self.dispatch, on_out=self._fail_requests_on)
         self.prefill, self.decode = self.roster.prefill, self.roster.decode  # in service, by id
@@ -71,7 +69,7 @@ class Router:
         if self.book.restarted:
             self._recovery = asyncio.get_running_loop().create_task(self._recover())
 
-    async def register(self, prefill: dict, decode: dict, block_size: int | None = None) -> None:
+    async def register(self, prefill: dict, decode: dict) -> None:
         """Attach the instance pools; learns each decode instance's cache size."""
         handles = [("prefill", iid, h) for iid, h in prefill.items()]
         handles += [("decode", iid, h) for iid, h in decode.items()]
@@ -170,7 +168,8 @@ class Router:
                                    "started): is the cluster still launching?") from None
 
     def _set_deadline(self, rec: RequestRecord, caller_timeout_s: float | None) -> None:
-        limit, seconds = f"router.request_timeout_s={self.request_timeout_s:g}s", self.request_timeout_s
+        seconds = self.config.request_timeout_s
+        limit = f"router.request_timeout_s={seconds:g}s"
         if caller_timeout_s is not None and caller_timeout_s < seconds:
             limit, seconds = f"the caller's Client(timeout_s={caller_timeout_s:g})", caller_timeout_s
         rec.deadline = asyncio.get_running_loop().call_later(seconds, self._time_out, rec, limit)
@@ -183,7 +182,7 @@ class Router:
 
     async def _dispatch_new(self, rec: RequestRecord) -> None:
         """Send a new request to an instance; an instance found dead is dropped and another tried."""
-        role = "decode" if self.mode == "colocated" else "prefill"
+        role = "decode" if self.config.mode == "colocated" else "prefill"
         pool = self.decode if role == "decode" else self.prefill
         while True:
             if role == "decode":
@@ -394,14 +393,16 @@ class Router:
         results = await asyncio.gather(*(asyncio.wait_for(h.stats.remote(), 10) for h in handles),
                                        return_exceptions=True)
         instances = {n: (r if isinstance(r, dict) else {"error": str(r)}) for n, r in zip(names, results)}
-        instances.update({n: {"error": f"out of service: it {why}"} for n, (_, _, why) in self.roster.benched.items()})
+        for name, (_, _, why) in self.roster.benched.items():
+            instances[name] = {"error": f"out of service: it {why}"}
         return {
             "requests": len(self.book),
             "instances": instances,
             "migrations": {**self.migrations.totals,
                            "in_flight": sum(rec.migration is not None for rec in self.book.live.values())},
-            "router": {"mailboxes": len(self.mailboxes), "polls": self.polls, "max_requests": self.config.max_requests,
-                       "restarted": self.book.restarted, **process_memory()},
+            "router": {"mailboxes": len(self.mailboxes), "polls": self.polls,
+                       "max_requests": self.config.max_requests, "restarted": self.book.restarted,
+                       **process_memory()},
         }
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from tandem.cluster.launcher_config import InstanceGroup, LaunchConfig
-from tandem.cluster.preflight import cpu_shortfall
+from tandem.cluster.preflight import resource_shortfall
 from tandem.engine.engine import EngineConfig
 
 
@@ -22,7 +22,7 @@ def _config(prefill=(1, 1.0), decode=(1, 1.0), mode="disaggregated") -> LaunchCo
     (_config(decode=(3, 1.0), mode="colocated"), 2.0, 4.0, "instances: 3 x 1 CPU = 3 CPU"),
 ])
 def test_infeasible_launches_are_named(config, total, largest, named):
-    assert named in cpu_shortfall(config, total, largest)
+    assert named in resource_shortfall(config, "CPU", total, largest)
 
 
 @pytest.mark.parametrize("config, total, largest", [
@@ -31,7 +31,7 @@ def test_infeasible_launches_are_named(config, total, largest, named):
     (_config(prefill=(1, 0.0), decode=(1, 0.0)), 0.0, 0.0),  # zero-CPU instances need nothing
 ])
 def test_feasible_launches_pass(config, total, largest):
-    assert cpu_shortfall(config, total, largest) is None
+    assert resource_shortfall(config, "CPU", total, largest) is None
 
 
 def _model(**fields):

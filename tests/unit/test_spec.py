@@ -390,31 +390,6 @@ def test_spec_modules_import_neither_ray_nor_torch() -> None:
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-@pytest.mark.parametrize("mode", ["disaggregated", "colocated"])
-def test_the_router_limits_reach_the_launch_config(mode: str) -> None:
-    from tandem.cluster.deployment import launch_config
-
-    data = with_value(base(), "router.request_timeout_s", 42.5)
-    if mode == "colocated":
-        data = {**{k: v for k, v in data.items() if k not in ("prefill", "decode")},
-                "mode": "colocated", "instances": {"device": "cpu"}}
-    config = launch_config(parse_spec(data), "/m")
-    assert config.mode == mode and config.request_timeout_s == 42.5
-
-
-@pytest.mark.parametrize("path", [p for p in EXAMPLES if not load_spec(p).needs_planning],
-                         ids=lambda p: p.name)
-def test_every_explicit_example_is_one_the_launcher_accepts(path: Path) -> None:
-    from tandem.cluster.deployment import launch_config
-
-    spec = load_spec(path)
-    config = launch_config(spec, "/m")
-    groups = [config.decode] if spec.mode == "colocated" else [config.prefill, config.decode]
-    sections = list(spec.sections.values())
-    assert [g.replicas for g in groups] == [s.replicas for s in sections]
-    assert [g.engine.device for g in groups] == [s.device for s in sections]
-
-
 ALIAS_BOMB = "".join(f"{n}: &{n} [{', '.join([f'*{p}'] * 9)}]\n" for p, n in zip("abcdefgh", "bcdefghi"))
 
 
@@ -433,32 +408,3 @@ def test_yaml_aliases_are_refused_before_anything_expands(tmp_path: Path, text: 
         load_spec(path)
     with pytest.raises(PlacementSpecError, match=rf"{re.escape(field)}: YAML aliases"):
         load_problem(path)
-
-
-@pytest.mark.parametrize("device, num_gpus, reserved", [
-    ("cuda", None, 1.0),  # one GPU per cuda instance by default
-    ("cuda", 0.5, 0.5),  # two small instances share one
-    ("cpu", None, 0.0),
-    ("cpu", 0, 0.0),
-])
-def test_cuda_pools_reserve_gpus(device: str, num_gpus, reserved: float) -> None:
-    from tandem.cluster.deployment import launch_config
-    from tandem.cluster.launcher_config import instance_bundle
-
-    data = with_value(base(), "decode.device", device)
-    if num_gpus is not None:
-        data = with_value(data, "decode.num_gpus", num_gpus)
-    config = launch_config(parse_spec(data), "/m")
-    assert config.decode.num_gpus == reserved and config.prefill.num_gpus == 0
-    expected = {"CPU": 1.0, "GPU": reserved} if reserved else {"CPU": 1.0}
-    assert instance_bundle(config.decode) == expected
-
-
-@pytest.mark.parametrize("device, num_gpus, fragment", [
-    ("cpu", 1, "only cuda pools reserve GPUs"),
-    ("cuda", 2, "must be in (0, 1], got 2"),
-    ("cuda", 0, "must be in (0, 1], got 0"),
-])
-def test_gpu_shares_that_make_no_sense_are_refused(device: str, num_gpus, fragment: str) -> None:
-    data = with_value(with_value(base(), "decode.device", device), "decode.num_gpus", num_gpus)
-    expect_error(data, "decode.num_gpus", fragment)
