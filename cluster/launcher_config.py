@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import msgspec
 
+from tandem.cluster.spec_types import MigrationSpec
 from tandem.engine.engine import EngineConfig
 
 NAMESPACE = "tandem"  # the Ray namespace of every tandem actor
@@ -33,6 +34,7 @@ class LaunchConfig(msgspec.Struct, frozen=True):
     result_ttl_s: float = 60.0  # how long the router keeps a finished request nobody reads
     prefill_policy: str = "least_tokens"
     decode_policy: str = "most_free_blocks"
+    migration: MigrationSpec = MigrationSpec()  # live migration between decode instances
 
 
 def instance_bundle(group: InstanceGroup) -> dict[str, float]:

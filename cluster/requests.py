@@ -20,15 +20,19 @@ from tandem.engine.params import SamplingParams
 from tandem.transfer.protocol import StreamChunk
 
 
-@dataclass
+@dataclass(eq=False)
 class Migration:
     """A migration in flight (cluster/migration.py runs it)."""
 
     source: str
     dest: str
-    index: int  # the first token index the destination produces
     start: float
-    num_tokens: int  # tokens whose KV moves
+    num_blocks: int  # blocks it holds at the start: what the budget counts
+    phase: str = "precopy"  # precopy -> final (paused on the source) or resolving (reply lost)
+    index: int = -1  # the first token index the destination produces (known at the final stage)
+    stages: int = 0  # pre-copy stages done
+    copied_blocks: int = 0  # blocks copied while the request kept decoding
+    pause: float = 0.0  # when the source stopped it (the final stage began)
 
 
 @dataclass(eq=False)

@@ -24,6 +24,7 @@ from tandem.cluster.health import lost_verdict
 from tandem.cluster.launcher_config import NAMESPACE, LaunchConfig, instance_names
 from tandem.cluster.mailbox import Mailboxes
 from tandem.cluster.migration import MigrationDesk, MigrationError
+from tandem.cluster.rebalancer import Rebalancer
 from tandem.cluster.requests import RequestBook, RequestRecord
 from tandem.cluster.roster import CALL_TIMEOUT_S, Roster
 from tandem.engine.config import load_config
@@ -58,7 +59,10 @@ class Router:
         self.dispatch = Dispatcher(config.prefill_policy, config.decode_policy)
         self.roster = Roster(config, self.dispatch, on_out=self._fail_requests_on)
         self.prefill, self.decode = self.roster.prefill, self.roster.decode  # in service, by id
-        self.migrations = MigrationDesk(self.decode, self.dispatch, self._free_everywhere, CALL_TIMEOUT_S)
+        self.migrations = MigrationDesk(self.decode, self.dispatch, self._free_everywhere, CALL_TIMEOUT_S,
+                                        config.migration)
+        self.rebalancer = Rebalancer(self.migrations, lambda: self.book.live.values())
+        self._rebalancing: asyncio.Future | None = None
         self.capacity_tokens = 0
         self.book = RequestBook(config.result_ttl_s)
         self.mailboxes = Mailboxes(idle_s=config.result_ttl_s + MAILBOX_GRACE_S)
@@ -79,8 +83,11 @@ class Router:
             self.roster.add(role, iid, handle, s)
         if stats:
             self.capacity_tokens = min(s["num_blocks"] for s in stats) * self.config.decode.engine.block_size
+            self.migrations.block_bytes = max(s.get("block_bytes", 0) for s in stats)
         if self._watcher is None:
             self._watcher = asyncio.ensure_future(self._watch_health())
+        if self._rebalancing is None and self.config.migration.enabled:
+            self._rebalancing = asyncio.ensure_future(self.rebalancer.run())
         self.registered.set()
 
     async def _recover(self) -> None:
@@ -306,7 +313,7 @@ class Router:
 
     def _free_everywhere(self, rec: RequestRecord) -> None:
         self.dispatch.forget(rec)
-        self.migrations.abort_source(rec)
+        self.migrations.abort_both(rec)
         if rec.prefill_instance in self.prefill:
             self.prefill[rec.prefill_instance].abort.remote(rec.request_id)
         if rec.decode_instance in self.decode:
@@ -381,8 +388,13 @@ class Router:
                 continue
             if rec.owned_by(instance_id, delta.index):  # else a stale owner's: never counted twice
                 rec.add_delta(delta, now)
+            elif instance_id != rec.decode_instance and not delta.finished:
+                stale = self.roster.handle(instance_id)  # it should not run there: stop it
+                if stale is not None:
+                    stale.abort.remote(delta.request_id)
         if instance_id in self.decode:
             self.dispatch.set_free_blocks(instance_id, report.free_blocks)
+            self.rebalancer.on_report(instance_id, report.preemptions)
         for prefill_id, rids in acks.items():
             if prefill_id in self.prefill:
                 self.prefill[prefill_id].ack.remote(rids)
@@ -399,7 +411,9 @@ class Router:
             "requests": len(self.book),
             "instances": instances,
             "migrations": {**self.migrations.totals,
-                           "in_flight": sum(rec.migration is not None for rec in self.book.live.values())},
+                           "in_flight": sum(rec.migration is not None for rec in self.book.live.values()),
+                           "rebalancing": self.config.migration.enabled,
+                           "moves_planned": self.rebalancer.moves_started},
             "router": {"mailboxes": len(self.mailboxes), "polls": self.polls,
                        "max_requests": self.config.max_requests, "restarted": self.book.restarted,
                        **process_memory()},

@@ -28,11 +28,11 @@ from tandem.cluster.autoplace import check_planning
 from tandem.cluster.spec_check import check_model, check_spec
 from tandem.cluster.spec_types import (
     INTERNAL_FIELDS, ClusterSpec, InstanceSpec, ModelCheck, ModelRef, PlanningCluster, PlanningSpec,
-    RouterSpec, SloSpec, SpecError, TransferSpec)
+    MigrationSpec, RouterSpec, SloSpec, SpecError, TransferSpec)
 from tandem.cluster.spec_yaml import line_of, read_yaml
 
 __all__ = [
-    "ClusterSpec", "InstanceSpec", "ModelCheck", "ModelRef", "PlanningCluster", "PlanningSpec",
+    "ClusterSpec", "InstanceSpec", "MigrationSpec", "ModelCheck", "ModelRef", "PlanningCluster", "PlanningSpec",
     "RouterSpec", "SloSpec", "SpecError", "TransferSpec", "dump_spec", "load_spec", "parse_spec",
     "spec_to_dict",
 ]

@@ -32,6 +32,7 @@ def check_spec(spec: ClusterSpec) -> None:
     _at_least(spec.router.result_ttl_s, 0, "router.result_ttl_s", strict=True)
     _at_least(spec.router.max_requests, 1, "router.max_requests")
     _at_least(spec.router.health_timeout_s, 0, "router.health_timeout_s", strict=True)
+    _check_migration(spec)
     if spec.slo is not None:
         _at_least(spec.slo.ttft_ms, 0, "slo.ttft_ms", strict=True)
         _at_least(spec.slo.tpot_ms, 0, "slo.tpot_ms", strict=True)
@@ -60,6 +61,15 @@ def check_instance(section: InstanceSpec, where: str) -> None:
     _at_least(section.max_batch_tokens, 1, f"{where}.max_batch_tokens")
     _at_least(section.max_num_seqs, 1, f"{where}.max_num_seqs")
     _at_least(section.num_cpus, 0, f"{where}.num_cpus")
+
+
+def _check_migration(spec: ClusterSpec) -> None:
+    m = spec.migration
+    _at_least(m.interval_s, 0, "migration.interval_s", strict=True)
+    _at_least(m.imbalance_threshold, 0, "migration.imbalance_threshold")
+    for name in ("max_moves_per_pass", "max_blocks_in_flight", "max_bytes_in_flight", "min_stage_blocks"):
+        _at_least(getattr(m, name), 1, f"migration.{name}")
+    _at_least(m.max_stages, 0, "migration.max_stages")
 
 
 def _at_least(value: float, low: float, where: str, *, strict: bool = False) -> None:

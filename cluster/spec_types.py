@@ -101,6 +101,24 @@ class RouterSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     health_timeout_s: float = 10.0  # an instance silent this long leaves service until it answers
 
 
+class MigrationSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Live migration of decoding requests between decode instances. ``enabled`` turns on the
+    periodic rebalancer (cluster/rebalance.py); drains and explicit migrations work either way and
+    use the same budget and stages. ``imbalance_threshold`` is a gap in freeness (free blocks per
+    running request) between two instances. A migration copies the request's KV in up to
+    ``max_stages`` pre-copy stages while it keeps decoding, stopping early when fewer than
+    ``min_stage_blocks`` new blocks are left, then pauses it to copy the rest."""
+
+    enabled: bool = False
+    interval_s: float = 0.5  # how often the rebalancer looks
+    imbalance_threshold: float = 4.0
+    max_moves_per_pass: int = 4
+    max_blocks_in_flight: int = 4096  # per instance, migrations in and out together
+    max_bytes_in_flight: int = 1 << 30  # per instance, the same blocks counted in bytes
+    max_stages: int = 3
+    min_stage_blocks: int = 2
+
+
 class SloSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """Latency targets; a request attains when it meets both. Same fields as ``placement``'s Slo."""
 
@@ -161,6 +179,7 @@ class ClusterSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     instances: InstanceSpec | None = None
     transfer: TransferSpec = TransferSpec()
     router: RouterSpec = RouterSpec()
+    migration: MigrationSpec = MigrationSpec()
     slo: SloSpec | None = None
     planning: PlanningSpec | None = None
     model_check: ModelCheck = ModelCheck()

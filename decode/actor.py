@@ -43,10 +43,31 @@ class DecodeActor:
         """Queue admissions (one call per prefill step); the ones refused here, with why."""
         return await on_loop(self.loop.call(lambda: self.instance.admit_all(items)))
 
-    async def export(self, request_id: str) -> tuple[RequestState, KVHandle]:
+    async def precopy(self, request_id: str, first_block: int, min_blocks: int = 1) -> KVHandle | None:
+        """Migration source, pre-copy stage: publish the request's full blocks from
+        ``first_block`` on while it keeps decoding; held until ``release_stage``."""
+        return await on_loop(self.loop.call(lambda: self.instance.precopy(request_id, first_block, min_blocks)))
+
+    async def release_stage(self, request_id: str, first_block: int | None = None) -> bool:
+        return await on_loop(self.loop.call(lambda: self.instance.release_stage(request_id, first_block)))
+
+    async def receive_stage(self, request_id: str, handle: KVHandle) -> int:
+        """Migration destination, pre-copy stage: reserve and copy the stage's blocks beside the
+        running steps; returns once they are in place (the blocks copied so far)."""
+        copying = await on_loop(self.loop.call(lambda: self.instance.receive_stage(request_id, handle)))
+        await on_loop(copying, self.instance.timeout_s + 10)
+        return handle.first_block + handle.num_blocks
+
+    async def admit_migration(self, state: RequestState, handle: KVHandle) -> None:
+        """Migration destination, final stage: reserve now (ValueError if there is no room) and
+        pull the rest of the KV ahead of queued admissions."""
+        await on_loop(self.loop.call(lambda: self.instance.admit_migration(state, handle)))
+
+    async def export(self, request_id: str, first_block: int = 0) -> tuple[RequestState, KVHandle]:
         """Migration source: take the request off the batch at the next step boundary, publish
-        its KV; held until ``release_export`` (committed elsewhere) or ``resume_export``."""
-        return await on_loop(self.loop.call(lambda: self.instance.export(request_id)))
+        its KV from block ``first_block`` on (the rest went in pre-copy stages); held until
+        ``release_export`` (committed elsewhere) or ``resume_export``."""
+        return await on_loop(self.loop.call(lambda: self.instance.export(request_id, first_block)))
 
     async def release_export(self, request_id: str) -> bool:
         return await on_loop(self.loop.call(lambda: self.instance.release_export(request_id)))
@@ -57,8 +78,9 @@ class DecodeActor:
     async def submit(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
         await on_loop(self.loop.call(lambda: self.instance.submit(request_id, prompt_ids, params)))
 
-    async def abort(self, request_id: str) -> None:
-        await on_loop(self.loop.call(lambda: self.instance.abort(request_id)))
+    async def abort(self, request_id: str) -> bool:
+        """Drop the request here; whether this instance held it."""
+        return await on_loop(self.loop.call(lambda: self.instance.abort(request_id)))
 
     async def abort_all(self) -> int:
         """Drop every request (a restarted router lost them all); how many there were."""

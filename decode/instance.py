@@ -13,11 +13,14 @@ from collections import deque
 from functools import partial
 from typing import Callable
 
-from tandem.engine.handover import HandoverEngine
+from concurrent.futures import Future
+
+from tandem.decode.incoming import IncomingStages
 from tandem.decode.pulls import Pulls
+from tandem.engine.handover import HandoverEngine
 from tandem.engine.params import SamplingParams
 from tandem.transfer.base import TransferError, Transport
-from tandem.transfer.holds import ExportHolds
+from tandem.transfer.holds import ExportHolds, StageHolds
 from tandem.transfer.protocol import KVHandle, RequestState, StepReport
 
 
@@ -28,15 +31,32 @@ class DecodeInstance:
         self.transports = transports
         self.timeout_s = timeout_s
         # Requests migrating away leave through the first transport, held until the router says.
-        self.outgoing = ExportHolds(engine, next(iter(transports.values())), hold_timeout_s)
+        first = next(iter(transports.values()))
+        self.outgoing = ExportHolds(engine, first, hold_timeout_s)
+        self.stages_out = StageHolds(engine, first, hold_timeout_s)  # pre-copy stages published
         self.pending: deque[tuple[RequestState, KVHandle]] = deque()  # waiting for blocks
         self.pulls = Pulls(wake=lambda: self.wake())
+        self.stages_in = IncomingStages(engine, self.pulls, timeout_s, hold_timeout_s)
+        self._refused: list[tuple[str, str]] = []  # admissions that failed before their pull
         self.wake: Callable[[], None] = lambda: None  # set by the host: a pull landed
 
     def admit(self, state: RequestState, handle: KVHandle) -> None:
+        """Queue an admission; a migration's final stage (``handle.first_block`` > 0) must follow
+        the blocks its pre-copy stages put here. ValueError if it cannot be taken."""
         if handle.transport not in self.transports:
             raise ValueError(f"no {handle.transport!r} transport on this instance")
+        if handle.first_block != self.stages_in.copied(state.request_id):
+            raise ValueError(f"request {state.request_id!r}: its KV from block {handle.first_block} "
+                             f"does not follow the {self.stages_in.copied(state.request_id)} blocks here")
         self.pending.append((state, handle))
+
+    def admit_migration(self, state: RequestState, handle: KVHandle) -> None:
+        """A migration's final stage: its blocks are reserved now and it goes ahead of queued
+        admissions (the request is paused on its source meanwhile). ValueError if refused."""
+        if handle.transport not in self.transports:
+            raise ValueError(f"no {handle.transport!r} transport on this instance")
+        self.stages_in.reserve_final(state.request_id, handle)
+        self.pending.appendleft((state, handle))
 
     def admit_all(self, items: list[tuple[RequestState, KVHandle]]) -> list[tuple[str, str]]:
         """``admit`` each; returns (request id, why) for those refused, the rest are queued."""
@@ -54,7 +74,8 @@ class DecodeInstance:
 
     def has_work(self) -> bool:
         """Whether a step now would do something (a pull still copying is not: it wakes the host)."""
-        return bool(self.pending) or self.engine.has_unfinished() or self.pulls.any_landed()
+        return (bool(self.pending) or self.engine.has_unfinished() or self.pulls.any_landed()
+                or bool(self._refused))
 
     def idle(self) -> bool:
         """Nothing to step and no KV in flight."""
@@ -63,21 +84,37 @@ class DecodeInstance:
     def step(self) -> StepReport:
         admitted, failed = self._land_pulls()
         self._start_pulls()
+        failed += self._refused
+        self._refused = []
         deltas = self.engine.step()
-        return StepReport(deltas, admitted, failed, self.engine.num_free_blocks)
+        return StepReport(deltas, admitted, failed, self.engine.num_free_blocks, self.engine.num_preemptions)
 
     def _start_pulls(self) -> None:
-        """Reserve blocks for queued admissions, FIFO, and start pulling their KV."""
+        """Reserve blocks for queued admissions, FIFO, and start pulling their KV (for a
+        migration's final stage only the blocks its pre-copy stages did not bring)."""
         batch = []
         while self.pending:
             state, handle = self.pending[0]
-            table = self.engine.reserve(state.request_id, handle.num_tokens)
+            try:
+                table = self._reserve_for(state.request_id, handle)
+            except ValueError as exc:  # its pre-copied blocks were dropped meanwhile
+                self.pending.popleft()
+                self._refused.append((state.request_id, str(exc)))
+                continue
             if table is None:
                 break  # FIFO: wait for blocks to free up
             self.pending.popleft()
             fetch = self.transports[handle.transport].fetch
-            batch.append((state, partial(fetch, handle, self.engine.kv_cache, table, self.timeout_s)))
+            batch.append((state, partial(fetch, handle, self.engine.kv_cache, table[handle.first_block:],
+                                         self.timeout_s)))
         self.pulls.start(batch)
+
+    def _reserve_for(self, request_id: str, handle: KVHandle) -> list[int] | None:
+        if handle.first_block == 0 and request_id not in self.stages_in:
+            return self.engine.reserve(request_id, handle.num_tokens)
+        if self.stages_in.copied(request_id) != handle.first_block:
+            raise ValueError(f"request {request_id!r}: its pre-copied blocks are no longer here")
+        return self.stages_in.extend_for_final(request_id, handle.num_tokens)
 
     def _land_pulls(self) -> tuple[list[str], list[tuple[str, str]]]:
         """Landed pulls join the batch; failed ones give their blocks back and are reported."""
@@ -94,16 +131,17 @@ class DecodeInstance:
         return admitted, failed
 
     def abort(self, request_id: str) -> bool:
-        """Drop the request wherever it is here (queued admission, KV in flight, or running)."""
-        for item in list(self.pending):
-            if item[0].request_id == request_id:
-                self.pending.remove(item)
-                return True
-        if self.pulls.cancel(request_id):
-            return True  # its blocks are released when the pull lands
-        if self.outgoing.release(request_id):
-            return True  # it was migrating away
-        return self.engine.abort(request_id) is not None
+        """Drop the request wherever it is here (queued admission, KV in flight, pre-copied
+        blocks, migrating away, or running); whether it was here at all."""
+        queued = [item for item in self.pending if item[0].request_id == request_id]
+        for item in queued:
+            self.pending.remove(item)
+        found = bool(queued)
+        found |= self.pulls.cancel(request_id)  # its blocks are released when the pull lands
+        found |= self.stages_in.abort(request_id)  # migrating here, in its pre-copy stages
+        found |= self.stages_out.release(request_id)  # migrating away, still decoding here
+        found |= self.outgoing.release(request_id)  # migrating away, paused here
+        return (self.engine.abort(request_id) is not None) or found
 
     def abort_all(self) -> int:
         """Drop every request here, queued for admission, in flight or running; how many."""
@@ -113,21 +151,45 @@ class DecodeInstance:
         outgoing = list(self.outgoing)
         for rid in outgoing:
             self.outgoing.release(rid)
+        self.stages_out.release_all()
+        incoming = self.stages_in.abort_all()
         request_ids = [state.request_id for state, _ in self.pending] + [
             rid for rid in self.engine.request_ids() if rid not in self.pulls]
         self.pending.clear()
         for rid in request_ids:
             self.engine.abort(rid)
             self.engine.release(rid)
-        return len(request_ids) + len(in_flight) + len(outgoing)
+        return len(request_ids) + len(in_flight) + len(outgoing) + incoming
 
     # -- migration: this instance as the source ---------------------------------------------------
 
-    def export(self, request_id: str) -> tuple[RequestState, KVHandle]:
-        """Take a running request off the batch (at a step boundary) and publish its KV for
-        another instance; it is held until ``release_export`` or ``resume_export``. ValueError if
-        it is not running here (finished, waiting, unknown)."""
-        return self.outgoing.export(request_id)
+    def precopy(self, request_id: str, first_block: int, min_blocks: int = 1) -> KVHandle | None:
+        """A pre-copy stage: publish the running request's full blocks from ``first_block`` on
+        while it keeps decoding (None if fewer than ``min_blocks``); held until ``release_stage``.
+        ValueError if it is not running here."""
+        return self.stages_out.publish(request_id, first_block, min_blocks)
+
+    def release_stage(self, request_id: str, first_block: int | None = None) -> bool:
+        """The destination has the stage's blocks (or gave up): drop the stage here (only the
+        one from ``first_block``, if given)."""
+        return self.stages_out.release(request_id, first_block)
+
+    def export(self, request_id: str, first_block: int = 0) -> tuple[RequestState, KVHandle]:
+        """Take a running request off the batch (at a step boundary) and publish its KV from
+        block ``first_block`` on (the earlier ones went in pre-copy stages); it is held until
+        ``release_export`` or ``resume_export``. ValueError if it is not running here (finished,
+        waiting, unknown)."""
+        self.stages_out.release(request_id)
+        return self.outgoing.export(request_id, first_block)
+
+    # -- migration: this instance as the destination ---------------------------------------------
+
+    def receive_stage(self, request_id: str, handle: KVHandle) -> Future:
+        """A pre-copy stage of a request migrating here: reserve its blocks and copy them beside
+        the running steps; the future ends once they are in place. ValueError if refused."""
+        if handle.transport not in self.transports:
+            raise ValueError(f"no {handle.transport!r} transport on this instance")
+        return self.stages_in.receive(request_id, handle, self.transports[handle.transport])
 
     def release_export(self, request_id: str) -> bool:
         """The destination committed the request: free its blocks here."""
@@ -138,12 +200,15 @@ class DecodeInstance:
         return self.outgoing.resume(request_id)
 
     def reclaim_expired(self) -> list[str]:
-        """Outgoing requests the router neither committed nor resumed in time: freed."""
-        return self.outgoing.reclaim_expired()
+        """Migrations the router neither committed nor resumed in time: requests migrating away
+        go on here, stages and reservations are freed."""
+        return [*self.outgoing.reclaim_expired(resume=True), *self.stages_out.reclaim_expired(),
+                *self.stages_in.reclaim()]
 
     def stats(self) -> dict[str, int]:
         return {**self.engine.stats(), "pending_admissions": len(self.pending) + len(self.pulls),
-                "migrating_out": len(self.outgoing)}
+                "migrating_out": len(self.outgoing) + len(self.stages_out),
+                "migrating_in": len(self.stages_in)}
 
     def close(self) -> None:
         self.pulls.close()

@@ -46,6 +46,13 @@ class Pulls:
         for index, (state, _) in enumerate(batch):
             self.in_flight[state.request_id] = (state, future, index)
 
+    def run(self, copy: Callable[[], None]) -> Future:
+        """One copy on the transfer thread that joins no batch (a migration's pre-copy stage);
+        its future says when it is done and what it raised."""
+        future = self._executor.submit(copy)
+        future.add_done_callback(lambda _: self._wake())
+        return future
+
     def any_landed(self) -> bool:
         return any(future.done() for _, future, _ in self.in_flight.values())
 

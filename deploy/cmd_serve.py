@@ -103,8 +103,9 @@ def _status(args: argparse.Namespace) -> int:
         return 0
     print(f"{args.name}: {stats['requests']} requests in flight")
     moves = stats["migrations"]
-    print(f"migrations: {moves['in_flight']} in flight; {moves['committed']} committed and "
-          f"{moves['resumed']} resumed at their source, of {moves['started']} started")
+    print(f"migrations: {moves['in_flight']} in flight; {moves['committed']} committed, "
+          f"{moves['resumed']} resumed at their source and {moves['cancelled']} given up in pre-copy, "
+          f"of {moves['started']} started; rebalancing {'on' if moves['rebalancing'] else 'off'}")
     print(f"{'instance':32} {'free/total blocks':>18} {'waiting':>8} {'running':>8}")
     for name, s in stats["instances"].items():
         if "error" in s:

@@ -21,7 +21,7 @@ import torch
 from tandem.engine import heap, hugepages
 from tandem.engine.block_manager import BlockManager
 from tandem.engine.config import ModelConfig, load_config
-from tandem.engine.handover import Export, RequestState
+from tandem.engine.handover import Export, RequestState, Snapshot
 from tandem.engine.outputs import TokenDelta
 from tandem.engine.pacing import PacedRunner, StepPace
 from tandem.engine.params import SamplingParams
@@ -84,6 +84,7 @@ class Engine:
         self.scheduler = Scheduler(config.scheduler, self.blocks)
         self._exports: dict[str, Sequence] = {}  # exported: off the schedule, blocks kept
         self._reserved: set[str] = set()  # blocks reserved for a request being imported
+        self.num_preemptions = 0  # requests preempted since the engine started
         self._ids = itertools.count()
         self._seeds = random.Random()
 
@@ -149,7 +150,8 @@ class Engine:
         return {"num_blocks": self.blocks.num_blocks, "free_blocks": self.blocks.num_free,
                 "waiting": len(self.scheduler.waiting), "running": len(self.scheduler.running),
                 "waiting_tokens": sum(s.num_tokens for s in self.scheduler.waiting),
-                "held": len(self._exports) + len(self._reserved)}
+                "held": len(self._exports) + len(self._reserved), "preemptions": self.num_preemptions,
+                "block_bytes": self.kv_cache[:, :, 0].numel() * self.kv_cache.element_size()}
 
     @property
     def num_free_blocks(self) -> int:
@@ -165,6 +167,7 @@ class Engine:
         plan = self.scheduler.schedule()
         if plan is None:
             return None, []
+        self.num_preemptions += len(plan.preempted)
         if not plan.seqs:  # every request was preempted (blocks held elsewhere): nothing to run
             return plan, []
         logits = self._step_runner.run(plan)
@@ -221,6 +224,23 @@ class Engine:
         self._exports[request_id] = seq
         return Export(state_of(seq), list(self.blocks.tables[request_id]))
 
+    def snapshot(self, request_id: str, first_block: int) -> Snapshot:
+        """A running request's KV blocks that are full (never written again), from its
+        ``first_block``-th on, each kept alive by an extra reference until ``unshare``: a
+        migration copies them while the request keeps decoding. ValueError if it is not running."""
+        seq = self.scheduler.find(request_id)
+        if seq is None or seq.status is not Status.RUNNING:
+            raise ValueError(f"request {request_id!r} is not running here: only a running request "
+                             "is copied live")
+        num_full = (seq.num_tokens - 1) // self.blocks.block_size  # all but the newest token have KV
+        block_ids = list(self.blocks.tables[request_id][first_block:num_full])
+        self.blocks.share(block_ids)
+        return Snapshot(block_ids, num_full * self.blocks.block_size)
+
+    def unshare(self, block_ids: list[int]) -> None:
+        """Drop a ``snapshot``'s references (blocks nobody else holds go back to the free list)."""
+        self.blocks.release(block_ids)
+
     def resume(self, request_id: str) -> None:
         """An export that went nowhere (a hand-over that failed) rejoins the running batch here."""
         seq = self._exports.pop(request_id, None)
@@ -236,6 +256,16 @@ class Engine:
             return None
         self._reserved.add(request_id)
         return list(self.blocks.allocate(request_id, num_tokens))
+
+    def extend(self, request_id: str, num_tokens: int) -> list[int] | None:
+        """Grow a reservation to ``num_tokens`` of KV (a migration's later stages bring more);
+        its whole block table, or None (nothing changed) if the blocks are not free now."""
+        if request_id not in self._reserved:
+            raise ValueError(f"request {request_id!r} has no reservation here: reserve blocks first")
+        if not self.blocks.can_append(request_id, num_tokens):
+            return None
+        self.blocks.append_slot(request_id, num_tokens)
+        return list(self.blocks.tables[request_id])
 
     def admit(self, state: RequestState) -> None:
         """A reserved request whose KV the caller has written joins the running batch."""

@@ -1,11 +1,13 @@
 """The engine's hand-over API types: a request leaving one engine and joining another.
 
-Today a prefill instance hands each prefilled request to a decode instance with it; the API is
-shaped for the two movers not built yet as well (live migration of a running request between
-decode instances, and the workers of a parallel instance following their controller):
+A prefill instance hands each prefilled request to a decode instance with it, and decode instances
+migrate running requests between them:
 
     export(request_id) -> Export      source: stop scheduling the request, keep its blocks
+    snapshot(request_id, first_block) source: a running request's full blocks, kept alive until
+                                      unshare(block_ids), for a migration's pre-copy stages
     reserve(request_id, num_tokens)   destination: blocks for its KV (None: no room, nothing held)
+    extend(request_id, num_tokens)    destination: grow a reservation (None: no room)
     admit(state)                      destination: the caller filled the reserved blocks; join the batch
     release(request_id)               either side: free an export's or a reservation's blocks
     resume(request_id)                source: an export that went nowhere rejoins the batch here
@@ -61,10 +63,18 @@ class Export(msgspec.Struct, frozen=True):
         return self.state.num_kv_tokens
 
 
+class Snapshot(msgspec.Struct, frozen=True):
+    """Full KV blocks of a running request, each with an extra reference (``Engine.snapshot``)."""
+
+    block_ids: list[int]
+    num_kv_tokens: int  # tokens of KV in the request's blocks up to the last of these
+
+
 class HandoverEngine(Protocol):
     """What the instances may use of an ``Engine``: the step API and the hand-over API."""
 
     config: EngineConfig
+    num_preemptions: int
 
     @property
     def kv_cache(self) -> torch.Tensor: ...
@@ -79,7 +89,10 @@ class HandoverEngine(Protocol):
     def request_ids(self) -> list[str]: ...
     def stats(self) -> dict[str, int]: ...
     def export(self, request_id: str) -> Export: ...
+    def snapshot(self, request_id: str, first_block: int) -> Snapshot: ...
+    def unshare(self, block_ids: list[int]) -> None: ...
     def reserve(self, request_id: str, num_tokens: int) -> list[int] | None: ...
+    def extend(self, request_id: str, num_tokens: int) -> list[int] | None: ...
     def admit(self, state: RequestState) -> None: ...
     def release(self, request_id: str) -> None: ...
     def resume(self, request_id: str) -> None: ...

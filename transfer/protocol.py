@@ -9,6 +9,8 @@ owns travel inside these messages and are re-exported here so that callers impor
     router -> decode    admit(RequestState, KVHandle)          pull the KV, then join the batch
     decode -> router    on_decode_step(StepReport)             one message per step, every delta
     router -> prefill   ack([request id])                      the decode side has the KV: free it
+    router -> decode    precopy / receive_stage / export(first_block) / admit: live migration
+                                                               (cluster/migration.py)
     router -> client    StreamChunk                            what a request made since the last read
 """
 from __future__ import annotations
@@ -51,11 +53,12 @@ class KVHandle(msgspec.Struct, frozen=True):
 
     transport: str
     request_id: str
-    num_tokens: int  # tokens whose KV is exported (all but the newest sampled token)
+    num_tokens: int  # tokens of KV the request has once these blocks are in place
     num_blocks: int
     layout: KVLayout
     payload: Any = None
     node_id: str = ""
+    first_block: int = 0  # where the blocks go in the request's table (a migration's later stages)
 
 
 class PrefillResult(msgspec.Struct, frozen=True):
@@ -75,6 +78,7 @@ class StepReport(msgspec.Struct, frozen=True):
     admitted: list[str]
     failed: list[tuple[str, str]]  # (request id, error)
     free_blocks: int
+    preemptions: int = 0  # requests the instance has preempted since it started
 
 
 class StreamChunk(msgspec.Struct, frozen=True):

@@ -1,8 +1,9 @@
-"""Live migration between decode instances (stop-and-copy): requests moved mid-stream, some more
-than once (A -> B -> A), give exactly the tokens of a run without migration (the in-process
-engine: greedy and seeded sampling), under the shm and ray transports; a migration whose
-destination is lost before commit goes on at the source; an abort mid-migration frees both
-sides; and every block is free afterwards."""
+"""Live migration between decode instances (pre-copy stages, then stop-and-copy of the rest):
+requests moved mid-stream, some more than once (A -> B -> A), give exactly the tokens of a run
+without migration (the in-process engine: greedy and seeded sampling), under the shm and ray
+transports; a migration whose destination is lost before commit goes on at the source; an abort
+mid-migration frees both sides; the rebalancer evens out a skewed load by itself; and every block
+is free afterwards."""
 from __future__ import annotations
 
 import random
@@ -20,8 +21,8 @@ A, B = "mig-{}-decode-0", "mig-{}-decode-1"
 def workload():
     rng = random.Random(11)
     prompts = [[rng.randrange(3, 256) for _ in range(rng.randint(3, 40))] for _ in range(NUM)]
-    params = [SamplingParams(max_tokens=48, temperature=0, ignore_eos=True) if i % 2 else
-              SamplingParams(max_tokens=48, temperature=0.8, top_k=20, seed=100 + i, ignore_eos=True)
+    params = [SamplingParams(max_tokens=96, temperature=0, ignore_eos=True) if i % 2 else
+              SamplingParams(max_tokens=96, temperature=0.8, top_k=20, seed=100 + i, ignore_eos=True)
               for i in range(NUM)]
     return prompts, params
 
@@ -32,18 +33,21 @@ def reference(tiny_llama_dir, workload):
     return [o.token_ids for o in LLM(tiny_llama_dir, dtype="float32", num_blocks=256).generate(prompts, params)]
 
 
-def _launch(name: str, model_dir, backend: str = "ray"):
-    """1 prefill + 2 decode; decode steps paced (25 ms) so requests are mid-stream when moved."""
+def _launch(name: str, model_dir, backend: str = "ray", **router):
+    """1 prefill + 2 decode; decode steps paced (25 ms) so requests are mid-stream when moved;
+    blocks of 4 tokens so that most requests have full blocks to pre-copy."""
     from tandem.cluster.launcher import Cluster
     from tandem.cluster.launcher_config import InstanceGroup, LaunchConfig
+    from tandem.cluster.spec_types import MigrationSpec
     from tandem.engine.engine import EngineConfig
     from tandem.engine.pacing import StepPace
 
     pace = StepPace(prefill=(0.0, 0.0, 0.0), decode=(0.025, 0.0, 0.0))
-    engine = EngineConfig(dtype="float32", num_blocks=96, block_size=16, step_pace=pace)
+    engine = EngineConfig(dtype="float32", num_blocks=384, block_size=4, step_pace=pace)
     group = lambda n: InstanceGroup(n, engine, num_cpus=0.5)  # noqa: E731
+    router.setdefault("migration", MigrationSpec(min_stage_blocks=1))
     config = LaunchConfig(name=name, model_dir=str(model_dir), prefill=group(1), decode=group(2),
-                          transfer_backend=backend)
+                          transfer_backend=backend, **router)
     return Cluster.launch(config, timeout_s=120)
 
 
@@ -88,6 +92,9 @@ def test_migrated_requests_match_a_run_without_migration(cluster, workload, refe
     for rid in rids:  # every move committed (none resumed at its source): in the request's lifetime
         wait_until(lambda: len(_describe(client, rid)["migrations"]) == moves[rid])
     assert sum(moves.values()) == NUM + 3
+    lifetimes = [m for rid in rids for m in _describe(client, rid)["migrations"]]
+    assert sum(m["stages"] >= 1 and m["precopied_blocks"] >= 1 for m in lifetimes) >= NUM // 2  # pre-copied
+    assert all(0 <= m["downtime_s"] < 30 and m["blocks"] >= 1 for m in lifetimes)
     outs = [client.result(rid) for rid in rids]
     assert [(o.finish_reason, o.error) for o in outs] == [("length", None)] * NUM
     assert [o.token_ids for o in outs] == reference
@@ -167,11 +174,44 @@ def test_a_drained_instance_empties_and_takes_no_new_requests(ray_cluster, tiny_
         assert moved >= 1
         assert client.result(late).token_ids == reference[0]
         assert client.stats()["migrations"] == {"started": moved, "committed": moved, "resumed": 0,
-                                                "in_flight": 0}
+                                                "cancelled": 0, "in_flight": 0, "rebalancing": False,
+                                                "moves_planned": 0}
         capsys.readouterr()
         assert main(["status", "drain"]) == 0
-        assert f"0 in flight; {moved:g} committed and 0 resumed at their source" in capsys.readouterr().out
+        assert (f"0 in flight; {moved:g} committed, 0 resumed at their source and 0 given up in "
+                "pre-copy") in capsys.readouterr().out
         assert cluster.stats()["instances"]["drain-decode-0"]["running"] == 0
+        assert_all_blocks_free(cluster)
+    finally:
+        cluster.shutdown()
+
+
+def test_the_rebalancer_evens_out_a_skewed_load_by_itself(ray_cluster, tiny_llama_dir, workload, reference):
+    """Round-robin dispatch sends every long request to one instance and every short one to the
+    other; the short ones finish, and the rebalancer moves long ones over, unasked."""
+    from tandem.cluster.spec_types import MigrationSpec
+
+    policy = MigrationSpec(enabled=True, interval_s=0.2, imbalance_threshold=4.0, min_stage_blocks=1)
+    cluster = _launch("rebal", tiny_llama_dir, decode_policy="round_robin", migration=policy)
+    try:
+        client = cluster.client(timeout_s=120)
+        prompts, params = workload
+        long_ = SamplingParams(max_tokens=160, temperature=0, ignore_eos=True)
+        short = SamplingParams(max_tokens=2, temperature=0, ignore_eos=True)
+        rids = []
+        for prompt in prompts:  # one at a time, so round-robin alternates long and short
+            rids.append(client.submit(prompt, long_))
+            wait_until(lambda: _describe(client, rids[-1])["stage"] == "decode")
+            rids.append(client.submit(prompt, short))
+            wait_until(lambda: _describe(client, rids[-1])["stage"] in ("decode", "done"))
+        outs = [client.result(rid) for rid in rids]
+        expected = LLM(tiny_llama_dir, dtype="float32", num_blocks=1024).generate(
+            [p for p in prompts for _ in (0, 1)], [long_, short] * NUM)
+        assert [o.token_ids for o in outs] == [e.token_ids for e in expected]
+        moved = client.stats()["migrations"]
+        assert moved["committed"] >= 2 and moved["rebalancing"], moved
+        homes = {o.metrics["num_migrations"] > 0 for o in outs[0::2]}
+        assert True in homes  # long requests moved
         assert_all_blocks_free(cluster)
     finally:
         cluster.shutdown()

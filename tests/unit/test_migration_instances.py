@@ -46,7 +46,8 @@ def _steps(inst: DecodeInstance, tokens: list[int], count: int | None = None) ->
     return admitted
 
 
-def _start(prefill, a) -> list[int]:
+def _start(prefill, a, steps: int = 5) -> list[int]:
+    """Prefill the request, admit it on ``a`` and decode ``steps`` steps there; its tokens."""
     prefill.submit("r", PROMPT, GREEDY)
     (result,) = prefill.step()
     a.admit(result.state, result.handle)
@@ -54,7 +55,7 @@ def _start(prefill, a) -> list[int]:
     while "r" not in _steps(a, tokens, 1):
         pass
     prefill.ack("r")
-    _steps(a, tokens, 5)
+    _steps(a, tokens, steps)
     return tokens
 
 
@@ -97,3 +98,19 @@ def test_only_a_running_request_can_leave(trio):
     with pytest.raises(ValueError, match="is not running here"):
         a.export("r")  # already on its way
     assert a.abort("r") and a.engine.num_free_blocks == BLOCKS  # an abort reaches the held export
+
+
+def test_an_export_nobody_settles_goes_on_at_the_source_after_the_hold_timeout(trio, tiny_llama_dir):
+    import time
+
+    prefill, a, _ = trio
+    tokens = _start(prefill, a)
+    a.outgoing.hold_timeout_s = 0.1
+    a.export("r")  # the router never heard back (a lost reply) and never settles it
+    deadline = time.monotonic() + 10
+    while a.reclaim_expired() != ["r"]:
+        assert time.monotonic() < deadline, "the held export was never reclaimed"
+        time.sleep(0.02)
+    _steps(a, tokens)
+    assert tokens == hf_greedy(tiny_llama_dir, [PROMPT], MAX_TOKENS)[0]
+    assert a.engine.num_free_blocks == BLOCKS and a.stats()["migrating_out"] == 0

@@ -57,6 +57,7 @@ WRONG_TYPES = [
     ("decode.num_cpus", [1], "got array"),
     ("transfer.timeout_s", "soon", "expected float"),
     ("router.request_timeout_s", {"s": 1}, "expected float, got object"),
+    ("migration.enabled", "yes", "expected bool"),
     ("slo.ttft_ms", "1e3", "1.0e+3"),
     ("model.path", 7, "got int"),
 ]
@@ -71,7 +72,8 @@ def test_wrong_types(field: str, value: Any, fragment: str) -> None:
     expect_error(data, field, fragment)
 
 
-@pytest.mark.parametrize("section", ["model", "prefill", "decode", "transfer", "router", "slo"])
+@pytest.mark.parametrize("section", ["model", "prefill", "decode", "transfer", "router", "migration",
+                                     "slo"])
 @pytest.mark.parametrize("value", [[1, 2], "yes", 3])
 def test_sections_must_be_mappings(section: str, value: Any) -> None:
     expect_error({**base(), section: value}, section, "expected a mapping")
@@ -101,6 +103,13 @@ OUT_OF_RANGE = [
     ("transfer.timeout_s", -1.0, "must be > 0"),
     ("router.request_timeout_s", 0, "must be > 0"),
     ("router.result_ttl_s", 0, "must be > 0"),
+    ("migration.interval_s", 0, "must be > 0"),
+    ("migration.imbalance_threshold", -1, "must be >= 0"),
+    ("migration.max_moves_per_pass", 0, "must be >= 1"),
+    ("migration.max_blocks_in_flight", 0, "must be >= 1"),
+    ("migration.max_bytes_in_flight", 0, "must be >= 1"),
+    ("migration.min_stage_blocks", 0, "must be >= 1"),
+    ("migration.max_stages", -1, "must be >= 0"),
     ("slo.ttft_ms", 0, "must be > 0"),
     ("slo.tpot_ms", -5, "must be > 0"),
     ("slo.attainment", 0, "must be in (0, 1]"),

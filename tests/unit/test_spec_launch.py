@@ -12,15 +12,17 @@ from tests.unit.test_spec import EXAMPLES
 
 
 @pytest.mark.parametrize("mode", ["disaggregated", "colocated"])
-def test_the_router_limits_reach_the_launch_config(mode: str) -> None:
+def test_the_router_limits_and_migration_policy_reach_the_launch_config(mode: str) -> None:
     from tandem.cluster.deployment import launch_config
 
     data = with_value(base(), "router.request_timeout_s", 42.5)
+    data = with_value(data, "migration", {"enabled": True, "max_stages": 0})
     if mode == "colocated":
         data = {**{k: v for k, v in data.items() if k not in ("prefill", "decode")},
                 "mode": "colocated", "instances": {"device": "cpu"}}
     config = launch_config(parse_spec(data), "/m")
     assert config.mode == mode and config.request_timeout_s == 42.5
+    assert config.migration.enabled and config.migration.max_stages == 0
 
 
 @pytest.mark.parametrize("path", [p for p in EXAMPLES if not load_spec(p).needs_planning],

@@ -1,0 +1,80 @@
+"""The rebalancing policy (pure): Llumnix freeness, pairing the least free instance with the
+freest, shortest-running requests first, no move that would swap the imbalance, drains, triggers
+and the in-flight budget."""
+from __future__ import annotations
+
+from tandem.cluster.rebalance import Budget, InstanceLoad, Running, plan_moves
+from tandem.cluster.spec_types import MigrationSpec
+
+ON = MigrationSpec(enabled=True, imbalance_threshold=4.0, max_moves_per_pass=8)
+
+
+def _running(prefix: str, sizes: list[int], outputs: list[int] | None = None) -> tuple[Running, ...]:
+    outputs = outputs or [10 * (i + 1) for i in range(len(sizes))]
+    return tuple(Running(f"{prefix}{i}", size, out) for i, (size, out) in enumerate(zip(sizes, outputs)))
+
+
+def test_freeness_is_free_blocks_after_demand_per_running_request():
+    load = InstanceLoad("a", free_blocks=40, demand_blocks=10, running=_running("a", [5, 5, 5]))
+    assert load.freeness == 10.0
+    assert InstanceLoad("b", free_blocks=3, demand_blocks=9).freeness == -6.0  # no request: per one
+    assert InstanceLoad("c", 20, 0, _running("c", [4]), num_running=4).freeness == 5.0  # unmovable count too
+
+
+def test_balanced_instances_move_nothing():
+    loads = [InstanceLoad("a", 40, 0, _running("a", [4, 4])), InstanceLoad("b", 38, 0, _running("b", [4, 4]))]
+    assert plan_moves(loads, ON, Budget(10_000)) == []
+
+
+def test_the_least_free_instance_sends_its_shortest_running_requests_to_the_freest():
+    a = InstanceLoad("a", 4, 0, _running("a", [10, 6, 8], outputs=[50, 5, 20]))  # freeness 1.33
+    b = InstanceLoad("b", 60, 0, _running("b", [4]))  # freeness 60
+    c = InstanceLoad("c", 30, 0, _running("c", [4]))
+    moves = plan_moves([a, b, c], ON, Budget(10_000))
+    assert [m.request_id for m in moves] == ["a1"]  # fewest output tokens first; then a is the
+    # freer of a and c per request (a2 or a0 more would leave c less free than a)
+    assert moves[0].source == "a" and moves[0].dest == "b" and moves[0].why == "imbalance"
+    assert all(m.source != m.dest for m in moves)
+
+
+def test_a_move_that_would_only_swap_the_imbalance_is_not_made():
+    a = InstanceLoad("a", 2, 0, _running("a", [30]))  # one long request: freeness 2
+    b = InstanceLoad("b", 40, 0, _running("b", [2, 2, 2, 2]))  # freeness 10
+    assert plan_moves([a, b], ON, Budget(10_000)) == []  # b would end at 10/5 = 2 < a's 32: it would come back
+
+
+def test_preemptions_trigger_a_move_below_the_threshold():
+    a = InstanceLoad("a", 10, 0, _running("a", [2] * 5), preempted=1)  # freeness 2
+    b = InstanceLoad("b", 18, 0, _running("b", [2] * 3))  # freeness 6: a gap of 4, not over 4
+    assert plan_moves([InstanceLoad("a", 10, 0, _running("a", [2] * 5)), b], ON, Budget(10_000)) == []
+    (move,) = plan_moves([a, b], ON, Budget(10_000))  # one move relieves it
+    assert move.why == "preemption" and move.source == "a" and move.request_id == "a0"
+
+
+def test_a_drain_moves_everything_to_open_instances_that_fit_it():
+    a = InstanceLoad("a", 0, 0, _running("a", [8, 8, 30]), draining=True)
+    b = InstanceLoad("b", 20, 0, _running("b", [1]))
+    c = InstanceLoad("c", 12, 0, (), draining=True)
+    moves = plan_moves([a, b, c], MigrationSpec(), Budget(10_000))  # drains run even with rebalancing off
+    assert [(m.request_id, m.dest, m.why) for m in moves] == [("a0", "b", "drain"), ("a1", "b", "drain")]
+
+
+def test_the_budget_bounds_blocks_in_flight_per_instance():
+    a = InstanceLoad("a", 0, 0, _running("a", [6, 6, 6, 6]))
+    b = InstanceLoad("b", 100, 0, ())
+    moves = plan_moves([a, b], ON, Budget(13, {"a": 1}))
+    assert len(moves) == 2  # 1 + 6 + 6 fits in 13, a third does not
+    assert plan_moves([a, b], ON, Budget(13, {"b": 8})) == []
+
+
+def test_moves_per_pass_are_capped_and_disabled_rebalancing_moves_nothing():
+    a = InstanceLoad("a", 0, 0, _running("a", [2] * 10))
+    b = InstanceLoad("b", 100, 0, ())
+    assert len(plan_moves([a, b], MigrationSpec(enabled=True, max_moves_per_pass=3), Budget(10_000))) == 3
+    assert plan_moves([a, b], MigrationSpec(enabled=False), Budget(10_000)) == []
+
+
+def test_queued_demand_counts_against_a_destination():
+    a = InstanceLoad("a", 2, 0, _running("a", [4, 4]))  # freeness 1
+    b = InstanceLoad("b", 50, 48, _running("b", [4]))  # 50 free but 48 promised: freeness 2
+    assert plan_moves([a, b], ON, Budget(10_000)) == []
