@@ -151,7 +151,10 @@ class MigrationDesk:
         """The admission's reply never came: the destination may or may not have the request.
         Have it drop the request, then resume on the source; the destination's tokens past the
         hand-over never count (ownership), and any admission it reports meanwhile is ignored."""
+        if rec.migration is not mig:
+            return  # its commit (or a failure) was reported meanwhile: settled already
         mig.phase = "resolving"
+        rec.owners.append((mig.source, mig.index))  # from now on nothing the destination sends counts
         try:
             await self._call(mig.dest, "abort", rec.request_id)
             outcome = "dropped there"

@@ -24,6 +24,9 @@ from tandem.transfer.holds import ExportHolds, StageHolds
 from tandem.transfer.protocol import KVHandle, RequestState, StepReport
 
 
+SYNC_TAIL_BLOCKS = 4  # a migration's last blocks copied at admission when this few and local
+
+
 class DecodeInstance:
     def __init__(self, engine: HandoverEngine, transports: dict[str, Transport], timeout_s: float = 30.0,
                  hold_timeout_s: float = 60.0) -> None:
@@ -38,6 +41,7 @@ class DecodeInstance:
         self.pulls = Pulls(wake=lambda: self.wake())
         self.stages_in = IncomingStages(engine, self.pulls, timeout_s, hold_timeout_s)
         self._refused: list[tuple[str, str]] = []  # admissions that failed before their pull
+        self._joined: list[str] = []  # migrations admitted outside a step, reported by the next
         self.wake: Callable[[], None] = lambda: None  # set by the host: a pull landed
 
     def admit(self, state: RequestState, handle: KVHandle) -> None:
@@ -56,7 +60,24 @@ class DecodeInstance:
         if handle.transport not in self.transports:
             raise ValueError(f"no {handle.transport!r} transport on this instance")
         self.stages_in.reserve_final(state.request_id, handle)
-        self.pending.appendleft((state, handle))
+        transport = self.transports[handle.transport]
+        if handle.num_blocks <= SYNC_TAIL_BLOCKS and getattr(transport, "fetch_never_waits", False):
+            self._join_now(state, handle, transport)  # a few blocks' copy: sooner than a pull
+        else:
+            self.pending.appendleft((state, handle))
+
+    def _join_now(self, state: RequestState, handle: KVHandle, transport: Transport) -> None:
+        """Copy a migration's last blocks here and now and join the batch at the next step (the
+        request is paused on its source until then). ValueError if the copy fails."""
+        rid = state.request_id
+        table = self.stages_in.extend_for_final(rid, handle.num_tokens)  # reserved already
+        try:
+            transport.fetch(handle, self.engine.kv_cache, table[handle.first_block:], self.timeout_s)
+        except TransferError as exc:
+            self.engine.release(rid)
+            raise ValueError(f"request {rid!r}: its last blocks could not be copied: {exc}") from exc
+        self.engine.admit(state)
+        self._joined.append(rid)
 
     def admit_all(self, items: list[tuple[RequestState, KVHandle]]) -> list[tuple[str, str]]:
         """``admit`` each; returns (request id, why) for those refused, the rest are queued."""
@@ -75,7 +96,7 @@ class DecodeInstance:
     def has_work(self) -> bool:
         """Whether a step now would do something (a pull still copying is not: it wakes the host)."""
         return (bool(self.pending) or self.engine.has_unfinished() or self.pulls.any_landed()
-                or bool(self._refused))
+                or bool(self._refused) or bool(self._joined))
 
     def idle(self) -> bool:
         """Nothing to step and no KV in flight."""
@@ -83,6 +104,8 @@ class DecodeInstance:
 
     def step(self) -> StepReport:
         admitted, failed = self._land_pulls()
+        admitted += self._joined
+        self._joined = []
         self._start_pulls()
         failed += self._refused
         self._refused = []

@@ -13,6 +13,7 @@ class LocalTransport:
     """Source and destination in one process: one copy, source cache to destination cache."""
 
     name = "local"
+    fetch_never_waits = True  # it copies from memory this process maps: no wait on the source
 
     def __init__(self) -> None:
         self._exports: dict[str, tuple[torch.Tensor, list[int]]] = {}

@@ -171,10 +171,11 @@ def _run(scenario, world: World):
     return asyncio.run(main())
 
 
-def _moved_or_stayed(world: World, reference, moved: bool) -> None:
+def _moved_or_stayed(world: World, reference, moved: bool | None) -> None:
+    """The request finished whole, moved (or not; None: either) and nothing is held anywhere."""
     assert (world.rec.finish_reason, world.rec.error) == ("length", None)
     assert world.rec.token_ids == reference  # no token lost or repeated
-    assert (len(world.rec.migrations) == 1) is moved
+    assert moved is None or (len(world.rec.migrations) == 1) is moved
     assert world.settled()
 
 
@@ -307,8 +308,8 @@ def test_a_destination_that_fills_up_before_the_final_stage_refuses_it(tiny_llam
 
 @pytest.mark.parametrize("side,step", [("B", "admit_migration"), ("A", "export")])
 def test_a_lost_reply_leaves_the_request_running_once_on_the_source(tiny_llama_dir, reference, side, step):
-    """B queued the request, or A paused it, and the router never heard: B is asked to drop it,
-    or A to put it back in its batch, and it goes on on A only."""
+    """B took the request, or A paused it, and the router never heard: B is asked to drop it, or
+    A to put it back in its batch, and it goes on on A only (unless B's commit arrived first)."""
     async def scenario(w: World):
         await w.decode_tokens(12)
         w.instances[side].faults[step] = "lose_reply"
@@ -316,7 +317,7 @@ def test_a_lost_reply_leaves_the_request_running_once_on_the_source(tiny_llama_d
         await w.finish(migration)
     world = World(tiny_llama_dir)
     _run(scenario, world)
-    _moved_or_stayed(world, reference, moved=False)
+    _moved_or_stayed(world, reference, moved=None if side == "B" else False)
 
 
 def test_a_lost_reply_from_an_unreachable_destination_never_runs_the_request_twice(tiny_llama_dir, reference):
@@ -329,7 +330,7 @@ def test_a_lost_reply_from_an_unreachable_destination_never_runs_the_request_twi
         await w.finish(migration)
     world = World(tiny_llama_dir)
     _run(scenario, world)
-    _moved_or_stayed(world, reference, moved=False)
+    _moved_or_stayed(world, reference, moved=None)
 
 
 @pytest.mark.parametrize("side,step", [("A", "precopy"), ("B", "receive_stage"), ("A", "export")])
