@@ -8,11 +8,12 @@ a random-weight 155M Llama (fp32, context 4096). For each length, a request with
 many tokens decodes on one instance beside a short "bystander" request; the target is migrated to
 the other instance. Measured per migration:
 
-- downtime: from the source pausing the request (the export's reply at the router) to the
-  destination's first step with it (its admission report at the router);
+- downtime: from the source pausing the request (the export's reply at the router) to the start of
+  the destination's first step with it (the time its admission report carries);
 - client gap: the longest wait between two of the request's tokens around the migration, as a
   client polling it sees it, next to its median token gap before (one decode step);
-- total: from the migrate call to the commit (pre-copy stages included);
+- total: from the migrate call to the commit (the router hearing of that first step; pre-copy
+  stages included);
 - bystander slowdown: the bystander's median token gap on the source during the pre-copy stages
   over its median before the migration;
 - recompute: the time to prefill the same sequence on this cluster (a fresh request's TTFT), which a

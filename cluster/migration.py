@@ -184,9 +184,10 @@ class MigrationDesk:
             else:
                 self.in_flight.pop(instance_id, None)
 
-    def committed(self, rec: RequestRecord, instance_id: str) -> bool:
-        """The destination admitted the request: free it on the source. False if this admission
-        is not a migration's (a resolving migration's admission is swallowed)."""
+    def committed(self, rec: RequestRecord, instance_id: str, joined: float | None = None) -> bool:
+        """The destination admitted the request (it joined the batch at ``joined``, the start of
+        its first step there): free it on the source. False if this admission is not a
+        migration's (a resolving migration's admission is swallowed)."""
         mig = rec.migration
         if mig is None or mig.dest != instance_id or mig.phase == "precopy":
             return False
@@ -198,8 +199,10 @@ class MigrationDesk:
         if mig.source in self.decode:
             self.decode[mig.source].release_export.remote(rec.request_id)
         now = time.time()
+        joined = max(mig.pause, joined or now)
         rec.migrations.append({"from": mig.source, "to": mig.dest, "start": mig.start, "pause": mig.pause,
-                               "commit": now, "downtime_s": now - mig.pause, "stages": mig.stages,
+                               "joined": joined, "commit": now, "downtime_s": joined - mig.pause,
+                               "stages": mig.stages,
                                "blocks": mig.num_blocks, "precopied_blocks": mig.copied_blocks})
         return True
 

@@ -361,13 +361,14 @@ class Router:
     async def on_decode_step(self, instance_id: str, report: StepReport) -> None:
         now = time.time()
         acks: dict[str, list[str]] = {}
+        joined = report.started or now  # when the admitted requests joined the batch
         for rid in report.admitted:
             rec = self.book.get(rid)
             self.dispatch.admitted(instance_id, rid)
-            if rec is not None and self.migrations.committed(rec, instance_id):
+            if rec is not None and self.migrations.committed(rec, instance_id, joined):
                 continue
             if rec is not None and rec.prefill_instance:
-                rec.events["transfer_end"] = now
+                rec.events["transfer_end"] = joined
                 rec.stage = "decode" if not rec.done else rec.stage
                 acks.setdefault(rec.prefill_instance, []).append(rid)
         for rid, error in report.failed:

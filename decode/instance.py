@@ -9,6 +9,7 @@ mode also submits raw prompts here. Uses only the engine's step and hand-over AP
 """
 from __future__ import annotations
 
+import time
 from collections import deque
 from functools import partial
 from typing import Callable
@@ -24,7 +25,9 @@ from tandem.transfer.holds import ExportHolds, StageHolds
 from tandem.transfer.protocol import KVHandle, RequestState, StepReport
 
 
-SYNC_TAIL_BLOCKS = 4  # a migration's last blocks copied at admission when this few and local
+# Blocks per step copied on the step thread itself when the transport never waits (shm): a few
+# blocks copy in well under a millisecond, and the request then joins this step, not a later one.
+SYNC_COPY_BLOCKS = 8
 
 
 class DecodeInstance:
@@ -61,23 +64,26 @@ class DecodeInstance:
             raise ValueError(f"no {handle.transport!r} transport on this instance")
         self.stages_in.reserve_final(state.request_id, handle)
         transport = self.transports[handle.transport]
-        if handle.num_blocks <= SYNC_TAIL_BLOCKS and getattr(transport, "fetch_never_waits", False):
-            self._join_now(state, handle, transport)  # a few blocks' copy: sooner than a pull
+        if handle.num_blocks <= SYNC_COPY_BLOCKS and _never_waits(transport, handle):
+            table = self.stages_in.extend_for_final(state.request_id, handle.num_tokens)  # reserved
+            error = self._join_now(state, handle, table)  # joins the next step, no pull round
+            if error is not None:
+                raise ValueError(f"request {state.request_id!r}: its last blocks could not be copied: {error}")
         else:
             self.pending.appendleft((state, handle))
 
-    def _join_now(self, state: RequestState, handle: KVHandle, transport: Transport) -> None:
-        """Copy a migration's last blocks here and now and join the batch at the next step (the
-        request is paused on its source until then). ValueError if the copy fails."""
-        rid = state.request_id
-        table = self.stages_in.extend_for_final(rid, handle.num_tokens)  # reserved already
+    def _join_now(self, state: RequestState, handle: KVHandle, table: list[int]) -> str | None:
+        """Copy the request's KV into its reserved ``table`` here and now and put it in the batch
+        (reported as admitted by the next step report); why the copy failed (its blocks freed)."""
+        transport = self.transports[handle.transport]
         try:
             transport.fetch(handle, self.engine.kv_cache, table[handle.first_block:], self.timeout_s)
         except TransferError as exc:
-            self.engine.release(rid)
-            raise ValueError(f"request {rid!r}: its last blocks could not be copied: {exc}") from exc
+            self.engine.release(state.request_id)
+            return str(exc)
         self.engine.admit(state)
-        self._joined.append(rid)
+        self._joined.append(state.request_id)
+        return None
 
     def admit_all(self, items: list[tuple[RequestState, KVHandle]]) -> list[tuple[str, str]]:
         """``admit`` each; returns (request id, why) for those refused, the rest are queued."""
@@ -103,19 +109,21 @@ class DecodeInstance:
         return not self.has_work() and not self.pulls
 
     def step(self) -> StepReport:
+        started = time.time()
         admitted, failed = self._land_pulls()
-        admitted += self._joined
-        self._joined = []
         self._start_pulls()
+        admitted += self._joined
         failed += self._refused
-        self._refused = []
+        self._joined, self._refused = [], []
         deltas = self.engine.step()
-        return StepReport(deltas, admitted, failed, self.engine.num_free_blocks, self.engine.num_preemptions)
+        return StepReport(deltas, admitted, failed, self.engine.num_free_blocks, self.engine.num_preemptions,
+                          started)
 
     def _start_pulls(self) -> None:
         """Reserve blocks for queued admissions, FIFO, and start pulling their KV (for a
-        migration's final stage only the blocks its pre-copy stages did not bring)."""
-        batch = []
+        migration's final stage only the blocks its pre-copy stages did not bring); up to
+        ``SYNC_COPY_BLOCKS`` blocks over a transport that never waits are copied right here."""
+        batch, copy_now = [], SYNC_COPY_BLOCKS
         while self.pending:
             state, handle = self.pending[0]
             try:
@@ -127,7 +135,14 @@ class DecodeInstance:
             if table is None:
                 break  # FIFO: wait for blocks to free up
             self.pending.popleft()
-            fetch = self.transports[handle.transport].fetch
+            transport = self.transports[handle.transport]
+            if handle.num_blocks <= copy_now and _never_waits(transport, handle):
+                copy_now -= handle.num_blocks
+                error = self._join_now(state, handle, table)
+                if error is not None:
+                    self._refused.append((state.request_id, error))
+                continue
+            fetch = transport.fetch
             batch.append((state, partial(fetch, handle, self.engine.kv_cache, table[handle.first_block:],
                                          self.timeout_s)))
         self.pulls.start(batch)
@@ -235,3 +250,9 @@ class DecodeInstance:
 
     def close(self) -> None:
         self.pulls.close()
+
+
+def _never_waits(transport: Transport, handle: KVHandle) -> bool:
+    """Whether fetching ``handle`` only copies local memory (so it may run on the step thread)."""
+    check = getattr(transport, "never_waits", None)
+    return check is not None and check(handle)

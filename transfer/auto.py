@@ -96,6 +96,12 @@ class AutoTransport:
 
     # -- destination side ----------------------------------------------------------------------
 
+    def never_waits(self, handle: KVHandle) -> bool:
+        """Whether fetching ``handle`` only copies from shared memory on this node (into a CPU
+        cache of this transport's): no wait on the source."""
+        ref: AutoRef = handle.payload
+        return ref.shm is not None and handle.node_id == self.node_id and self.shm.pool is not None
+
     def fetch(self, handle: KVHandle, kv_cache: torch.Tensor, block_ids: list[int],
               timeout_s: float) -> None:
         ref: AutoRef = handle.payload

@@ -6,8 +6,9 @@ Destination side: ``fetch`` copies the handle's blocks into blocks it reserved, 
 ``TransferError`` (including on timeout, a dead source, or an export released meanwhile) leaving
 the destination to free its reservation. Every wait inside ``fetch`` is bounded by ``timeout_s``.
 
-Optional parts, found with ``getattr`` by the instance actors: ``fetch_never_waits`` (True: a
-fetch only copies memory this process maps, so it may run on a step thread: shm, local); ``allocate(shape, dtype)`` makes
+Optional parts, found with ``getattr`` by the instance actors: ``never_waits(handle)`` (True: its
+fetch only copies memory this process maps, so it may run on a step thread: shm, local, auto on
+one node); ``allocate(shape, dtype)`` makes
 the instance's KV cache (shm, auto: in shared memory); ``serve_<op>(*args)`` runs on the source
 when a destination asks through the actor's ``kv_source(name, op, *args)`` (auto: an object-store
 export for another node; nccl: connect, send); ``close()`` releases what outlives the process

@@ -13,7 +13,11 @@ class LocalTransport:
     """Source and destination in one process: one copy, source cache to destination cache."""
 
     name = "local"
-    fetch_never_waits = True  # it copies from memory this process maps: no wait on the source
+
+    @staticmethod
+    def never_waits(handle: KVHandle) -> bool:
+        """A fetch copies from memory this process maps: it never waits on the source."""
+        return True
 
     def __init__(self) -> None:
         self._exports: dict[str, tuple[torch.Tensor, list[int]]] = {}

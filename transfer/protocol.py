@@ -79,6 +79,7 @@ class StepReport(msgspec.Struct, frozen=True):
     failed: list[tuple[str, str]]  # (request id, error)
     free_blocks: int
     preemptions: int = 0  # requests the instance has preempted since it started
+    started: float = 0.0  # wall-clock time the step began: when the admitted requests joined
 
 
 class StreamChunk(msgspec.Struct, frozen=True):

@@ -57,7 +57,11 @@ class ShmTransport:
     """Same-node CPU transport over shared-memory KV pools (see the module docstring)."""
 
     name = "shm"
-    fetch_never_waits = True  # it copies from memory this process maps: no wait on the source
+
+    @staticmethod
+    def never_waits(handle: KVHandle) -> bool:
+        """A fetch copies from memory this process maps: it never waits on the source."""
+        return True
 
     def __init__(self, node_id: str = "", directory: Path = SHM_DIR) -> None:
         self.node_id = node_id  # "" (unknown) skips the same-node check

@@ -21,6 +21,10 @@ PROMPTS = {"running": [5, 17, 42, 9, 33, 7], "held": [8, 21, 4, 77, 3, 5, 60, 61
 class HeldTransport(LocalTransport):
     """Pulls of ``held_id`` wait (on the transfer thread) until the test releases them."""
 
+    @staticmethod
+    def never_waits(handle) -> bool:
+        return False  # it does wait: its pulls must run on the transfer thread
+
     def __init__(self, held_id: str) -> None:
         super().__init__()
         self.held_id = held_id
@@ -75,5 +79,29 @@ def test_running_requests_decode_while_a_pull_is_held(tiny_llama_dir):
     assert [tokens[rid] for rid in PROMPTS] == expected
     prefill.ack("running")
     prefill.ack("held")
+    assert decode.engine.num_free_blocks == prefill.engine.num_free_blocks == 32
+    decode.close()
+
+
+def test_a_small_admission_over_local_memory_joins_the_step_it_arrives_for(tiny_llama_dir):
+    """A transport whose fetch never waits (shared memory, here in-process) copies a few blocks on
+    the step thread: the request is admitted and gets its next token in the same step. A larger
+    one is pulled beside the steps and joins a later step."""
+    transport = LocalTransport()
+    prefill = PrefillInstance(_engine(tiny_llama_dir, decode=False), transport)
+    decode = DecodeInstance(_engine(tiny_llama_dir, decode=True), {"local": transport})
+    prefill.submit("small", PROMPTS["running"], GREEDY)
+    prefill.submit("large", list(range(3, 60)), GREEDY)  # 15 blocks of 4: more than a step copies
+    results = {r.delta.request_id: r for r in prefill.step()}
+    decode.admit(results["small"].state, results["small"].handle)
+    decode.admit(results["large"].state, results["large"].handle)
+    report = decode.step()
+    assert report.admitted == ["small"] and [d.request_id for d in report.deltas] == ["small"]
+    while "large" not in decode.step().admitted:
+        pass
+    decode.abort("small")
+    decode.abort("large")
+    for rid in results:
+        prefill.ack(rid)
     assert decode.engine.num_free_blocks == prefill.engine.num_free_blocks == 32
     decode.close()
