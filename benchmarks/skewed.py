@@ -119,7 +119,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--requests", type=int, default=24)
     ap.add_argument("--rate", type=float, default=1.0)
-    ap.add_argument("--long", type=int, default=320)
+    ap.add_argument("--long", type=int, default=200)
     ap.add_argument("--short", type=int, default=24)
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--migration", nargs="+", default=["off", "on"], choices=["off", "on"])

@@ -1,7 +1,9 @@
 """Dispatch policies (pure): which prefill instance gets a prompt, which decode instance a request.
 
 Loads are the router's own estimates between reports: prefill = tokens queued and not yet
-prefilled; decode = free blocks last reported minus blocks of requests sent but not yet admitted.
+prefilled; decode = free blocks last reported minus blocks of requests sent but not yet admitted
+(``most_free_blocks``), or that per request it runs or is about to take (``freeness``, Llumnix's
+measure: the blocks each of its requests can still grow by).
 """
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ import itertools
 from tandem.engine.block_manager import blocks_needed
 
 PREFILL_POLICIES = ("least_tokens", "round_robin")
-DECODE_POLICIES = ("most_free_blocks", "round_robin")
+DECODE_POLICIES = ("most_free_blocks", "freeness", "round_robin")
 
 
 class Dispatcher:
@@ -23,6 +25,7 @@ class Dispatcher:
         self.block_size = 16
         self.queued: dict[str, dict[str, int]] = {}  # prefill id -> request id -> tokens
         self.free: dict[str, int] = {}  # decode id -> free blocks last reported
+        self.running: dict[str, int] = {}  # decode id -> requests it last reported holding
         self.reserved: dict[str, dict[str, int]] = {}  # decode id -> request id -> blocks
         # Running sums of the two tables above, so a pick costs O(instances), not O(requests).
         self.queued_total: dict[str, int] = {}
@@ -34,10 +37,13 @@ class Dispatcher:
         self.queued.setdefault(instance_id, {})
         self.queued_total.setdefault(instance_id, 0)
 
-    def set_free_blocks(self, instance_id: str, free: int, block_size: int | None = None) -> None:
+    def set_free_blocks(self, instance_id: str, free: int, block_size: int | None = None,
+                        running: int | None = None) -> None:
         if block_size:
             self.block_size = block_size
         self.free[instance_id] = free
+        if running is not None:
+            self.running[instance_id] = running
         self.reserved.setdefault(instance_id, {})
         self.reserved_total.setdefault(instance_id, 0)
 
@@ -61,6 +67,8 @@ class Dispatcher:
             target = next(self._rr_decode)
             while target in self.draining:
                 target = next(self._rr_decode)
+        elif self.decode_policy == "freeness":
+            target = max(open_, key=lambda i: (self.freeness(i), i))
         else:
             target = max(open_, key=lambda i: (self.free_estimate(i), i))
         _put(self.reserved[target], self.reserved_total, target, request_id,
@@ -81,6 +89,11 @@ class Dispatcher:
     def free_estimate(self, instance_id: str) -> int:
         return self.free[instance_id] - self.reserved_total[instance_id]
 
+    def freeness(self, instance_id: str) -> float:
+        """Estimated free blocks per request the instance runs or is about to take."""
+        requests = self.running.get(instance_id, 0) + len(self.reserved[instance_id])
+        return self.free_estimate(instance_id) / max(1, requests)
+
     def prefill_done(self, instance_id: str, request_id: str) -> None:
         _pop(self.queued, self.queued_total, instance_id, request_id)
 
@@ -94,7 +107,8 @@ class Dispatcher:
 
     def remove_instance(self, instance_id: str) -> None:
         self.draining.discard(instance_id)
-        for table in (self.queued, self.free, self.reserved, self.queued_total, self.reserved_total):
+        for table in (self.queued, self.free, self.running, self.reserved, self.queued_total,
+                      self.reserved_total):
             table.pop(instance_id, None)
         self._rr_prefill = self._rr_decode = None
 

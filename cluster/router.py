@@ -394,7 +394,7 @@ class Router:
                 if stale is not None:
                     stale.abort.remote(delta.request_id)
         if instance_id in self.decode:
-            self.dispatch.set_free_blocks(instance_id, report.free_blocks)
+            self.dispatch.set_free_blocks(instance_id, report.free_blocks, running=report.num_requests)
             self.rebalancer.on_report(instance_id, report.preemptions)
         for prefill_id, rids in acks.items():
             if prefill_id in self.prefill:

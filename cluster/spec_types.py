@@ -15,7 +15,7 @@ Dtype = Literal["auto", "float32", "bfloat16"]
 Device = Literal["cpu", "cuda"]
 Backend = Literal["auto", "shm", "ray", "nccl"]
 PrefillPolicy = Literal["least_tokens", "round_robin"]
-DecodePolicy = Literal["most_free_blocks", "round_robin"]
+DecodePolicy = Literal["most_free_blocks", "freeness", "round_robin"]
 
 
 class SpecError(ValueError):

@@ -117,7 +117,7 @@ class DecodeInstance:
         self._joined, self._refused = [], []
         deltas = self.engine.step()
         return StepReport(deltas, admitted, failed, self.engine.num_free_blocks, self.engine.num_preemptions,
-                          started)
+                          started, self.engine.num_scheduled)
 
     def _start_pulls(self) -> None:
         """Reserve blocks for queued admissions, FIFO, and start pulling their KV (for a

@@ -157,6 +157,11 @@ class Engine:
     def num_free_blocks(self) -> int:
         return self.blocks.num_free
 
+    @property
+    def num_scheduled(self) -> int:
+        """Requests on the schedule: running or waiting (to be prefilled or recomputed)."""
+        return len(self.scheduler.running) + len(self.scheduler.waiting)
+
     # -- the step loop --------------------------------------------------------------------------
 
     def step(self) -> list[TokenDelta]:

@@ -80,6 +80,7 @@ class StepReport(msgspec.Struct, frozen=True):
     free_blocks: int
     preemptions: int = 0  # requests the instance has preempted since it started
     started: float = 0.0  # wall-clock time the step began: when the admitted requests joined
+    num_requests: int = 0  # requests it holds after the step (running or waiting)
 
 
 class StreamChunk(msgspec.Struct, frozen=True):

@@ -7,6 +7,7 @@ is free afterwards."""
 from __future__ import annotations
 
 import random
+import time
 
 import pytest
 
@@ -99,6 +100,55 @@ def test_migrated_requests_match_a_run_without_migration(cluster, workload, refe
     assert [(o.finish_reason, o.error) for o in outs] == [("length", None)] * NUM
     assert [o.token_ids for o in outs] == reference
     assert [o.metrics["num_migrations"] for o in outs] == [float(moves[rid]) for rid in rids]
+    assert_all_blocks_free(cluster)
+
+
+def test_32_streams_each_moved_at_least_once_match_a_run_without_migration(cluster, tiny_llama_dir):
+    """32 concurrent streams; each is moved once it streams, a quarter twice (A -> B -> A) and an
+    eighth three times, all from concurrent calls (several in and out of one instance at once)."""
+    import asyncio
+
+    import ray
+
+    rng = random.Random(5)
+    prompts = [[rng.randrange(3, 256) for _ in range(rng.randint(3, 40))] for _ in range(32)]
+    params = [SamplingParams(max_tokens=96, temperature=0, ignore_eos=True) if i % 2 else
+              SamplingParams(max_tokens=96, temperature=0.8, top_k=20, seed=7 + i, ignore_eos=True)
+              for i in range(32)]
+    expected = LLM(tiny_llama_dir, dtype="float32", num_blocks=512).generate(prompts, params)
+    client = cluster.client(timeout_s=120)
+    a, b = cluster.names
+
+    async def hop(rid: str, hops: int) -> int:
+        done = 0
+        for _ in range(hops):
+            deadline = time.monotonic() + 30
+            while not ((d := await client.router.describe.remote(rid))["stage"] == "decode"
+                       and not d["migrating"]):
+                assert time.monotonic() < deadline, f"{rid} never decoding again: {d}"
+                await asyncio.sleep(0.02)
+            there = b if d["decode_instance"] == a else a
+            assert await client.router.migrate.remote(rid, there) == there
+            done += 1
+        return done
+
+    async def stream(i: int) -> tuple[list[int], int, str]:
+        tokens, mover = [], None
+        async for chunk in client.astream(prompts[i], params[i]):
+            tokens += chunk.token_ids
+            if mover is None and len(tokens) >= 3:
+                mover = asyncio.ensure_future(hop(chunk.request_id, 3 if i % 8 == 1 else 2 if i % 4 == 0 else 1))
+            reason = chunk.finish_reason
+        return tokens, await mover, reason
+
+    async def all_streams():
+        return await asyncio.wait_for(asyncio.gather(*(stream(i) for i in range(32))), 300)
+
+    results = asyncio.run(all_streams())
+    assert [r[2] for r in results] == ["length"] * 32
+    assert [r[0] for r in results] == [e.token_ids for e in expected]
+    assert all(r[1] >= 1 for r in results) and sum(r[1] for r in results) == 20 + 8 * 2 + 4 * 3
+    wait_until(lambda: ray.get(client.router.stats.remote(), timeout=30)["migrations"]["in_flight"] == 0)
     assert_all_blocks_free(cluster)
 
 

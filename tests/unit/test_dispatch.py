@@ -62,8 +62,20 @@ def test_least_tokens_and_most_free_blocks_pick_by_load():
     assert d.pick_decode("b", 16) == "d0"  # 10 against 8
 
 
-def test_a_draining_instance_gets_no_new_requests_under_either_policy():
-    for policy in ("most_free_blocks", "round_robin"):
+def test_freeness_picks_the_most_free_blocks_per_request():
+    d = Dispatcher(decode_policy="freeness")
+    d.set_free_blocks("d0", 40, block_size=16, running=1)  # 40 per request
+    d.set_free_blocks("d1", 60, block_size=16, running=5)  # 10 per request, more blocks in all
+    assert d.pick_decode("a", 16) == "d0"  # 40 against 12 free blocks per request
+    assert d.pick_decode("b", 16) == "d0"  # 39 / 2 against 12
+    assert d.pick_decode("c", 16) == "d0"  # 38 / 3 against 12
+    assert d.pick_decode("d", 16) == "d1"  # 37 / 4 against 12
+    d.admitted("d0", "a")  # no longer reserved; the next report counts it among d0's requests
+    assert d.freeness("d0") == (40 - 2) / 3
+
+
+def test_a_draining_instance_gets_no_new_requests_under_any_policy():
+    for policy in ("most_free_blocks", "freeness", "round_robin"):
         d = Dispatcher(decode_policy=policy)
         d.set_free_blocks("d0", 100, block_size=16)
         d.set_free_blocks("d1", 1, block_size=16)

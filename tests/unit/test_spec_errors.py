@@ -36,7 +36,7 @@ BAD_ENUMS = [
     ("decode.device", None, "cpu, cuda"),
     ("transfer.backend", "foo", "auto, shm, ray, nccl"),
     ("router.prefill_policy", "random", "least_tokens, round_robin"),
-    ("router.decode_policy", 3, "most_free_blocks, round_robin"),
+    ("router.decode_policy", 3, "most_free_blocks, freeness, round_robin"),
 ]
 
 
