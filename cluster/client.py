@@ -106,6 +106,10 @@ class Client:
         ``timeout_s``."""
         return self._get(self.router.drain.remote(instance_id, timeout_s), timeout_s + GRACE_S)
 
+    def limits(self) -> dict:
+        """The longest request the cluster takes (``max_tokens``: prompt plus output)."""
+        return self._get(self.router.limits.remote(), 60.0)
+
     def stats(self) -> dict:
         return self._get(self.router.stats.remote(), 60.0)
 

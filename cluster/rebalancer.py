@@ -29,9 +29,14 @@ class Rebalancer:
     def loads(self) -> list[InstanceLoad]:
         """Each decode instance in service as the policy sees it now."""
         on: dict[str, list[RequestRecord]] = {iid: [] for iid in self.desk.decode}
+        incoming: dict[str, int] = {}  # blocks of migrations pre-copying to each instance (after
+        # that the dispatcher counts them among the instance's reservations)
         for rec in self.records():
             if not rec.done and rec.decode_instance in on:
                 on[rec.decode_instance].append(rec)
+            if not rec.done and rec.migration is not None and rec.migration.phase == "precopy":
+                dest = rec.migration.dest
+                incoming[dest] = incoming.get(dest, 0) + rec.migration.num_blocks
         size = self.dispatch.block_size
         loads = []
         for iid, recs in on.items():
@@ -39,9 +44,9 @@ class Rebalancer:
                                     len(r.token_ids))
                             for r in recs if r.stage == "decode" and r.migration is None and r.token_ids)
             preempted = self.preemptions.get(iid, 0) - self._seen.get(iid, 0)
-            loads.append(InstanceLoad(iid, self.dispatch.free.get(iid, 0),
-                                      self.dispatch.reserved_total.get(iid, 0) + self.desk.in_flight.get(iid, 0),
-                                      movable, len(recs), max(0, preempted), iid in self.dispatch.draining))
+            demand = self.dispatch.reserved_total.get(iid, 0) + incoming.get(iid, 0)
+            loads.append(InstanceLoad(iid, self.dispatch.free.get(iid, 0), demand, movable, len(recs),
+                                      max(0, preempted), iid in self.dispatch.draining))
         return loads
 
     def pass_once(self) -> list[Move]:

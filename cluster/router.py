@@ -272,6 +272,13 @@ class Router:
         self.book.retire(rec)
         return True
 
+    async def limits(self) -> dict:
+        """The longest request it takes, prompt and output together: the model's context and
+        the smallest decode instance's KV (front ends size default output lengths by it)."""
+        await self._wait_registered()
+        return {"max_model_len": self.max_model_len, "capacity_tokens": self.capacity_tokens,
+                "max_tokens": min(self.max_model_len, self.capacity_tokens or self.max_model_len)}
+
     async def describe(self, request_id: str) -> dict:
         """Where a request is (stage and instances): for status tools and tests."""
         rec = self.book.lookup(request_id)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import threading
 
 from tandem.deploy.cli import CommandError
@@ -15,6 +16,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--detach", action="store_true",
                        help="leave the cluster running (detached actors) and return")
     serve.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS or a local one)")
+    serve.add_argument("--http", metavar="[HOST:]PORT",
+                       help="also serve the OpenAI API over HTTP (host default 127.0.0.1)")
+    serve.add_argument("--api-key", default=os.environ.get("TANDEM_API_KEY"),
+                       help="require this bearer token on HTTP requests (default: $TANDEM_API_KEY)")
     serve.set_defaults(func=_serve)
 
     status = subparsers.add_parser("status", help="instances and KV usage of a running cluster")
@@ -69,6 +74,9 @@ def _serve(args: argparse.Namespace) -> int:
     from tandem.deploy.ray_session import connect_ray
 
     spec = load_spec_or_fail(args.spec)  # fails before any actor starts
+    if args.http and args.detach:
+        raise CommandError("--http serves in the foreground: drop --detach")
+    address = _http_address(args.http) if args.http else None
     connect_ray(args.address, local_ok=not args.detach)
     spec = plan_if_auto(spec)
     try:
@@ -81,12 +89,37 @@ def _serve(args: argparse.Namespace) -> int:
         return 0
     print("serving; Ctrl-C stops it")
     try:
-        threading.Event().wait()
+        if address is not None:
+            _serve_http(cluster, spec, address, args.api_key)
+        else:
+            threading.Event().wait()
     except KeyboardInterrupt:
         pass
     finally:
         cluster.shutdown()
     return 0
+
+
+def _http_address(value: str) -> tuple[str, int]:
+    from tandem.deploy.openai_server import parse_address
+
+    try:
+        return parse_address(value)
+    except ValueError as exc:
+        raise CommandError(str(exc)) from exc
+
+
+def _serve_http(cluster, spec, address: tuple[str, int], api_key: str | None) -> None:
+    """The OpenAI API in front of ``cluster`` until Ctrl-C; the model answers to the spec's name
+    and, for a prepared model, its name."""
+    from tandem.deploy.openai_server import Served, http_server
+
+    client = cluster.client()
+    names = [spec.name] + ([spec.model.name] if spec.model.name else [])
+    served = Served(client, cluster.config.model_dir, names, client.limits()["max_tokens"], api_key)
+    host, port = address
+    print(f"OpenAI API on http://{host}:{port}/v1 (models: {', '.join(names)})", flush=True)
+    http_server(served, host, port).run()
 
 
 def _status(args: argparse.Namespace) -> int:

@@ -1,0 +1,187 @@
+"""The OpenAI-compatible HTTP front end, driven by the official ``openai`` SDK against a served tiny
+model: completions and chat, streaming and not, give the text ``LLM.generate`` gives for the same
+prompt (chat: the prompt the model's chat template renders) and parameters, with the right usage;
+bad requests get OpenAI-shaped errors naming the field; a client that disconnects mid-stream leaves
+every KV block free."""
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import threading
+
+import pytest
+
+from tandem.engine import LLM, SamplingParams
+from tests.integration.conftest import assert_all_blocks_free, wait_until
+
+TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+            "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+KEY = "test-key"
+
+
+@pytest.fixture(scope="module")
+def model_dir(tiny_llama_dir, tmp_path_factory):
+    """The tiny Llama with a chat template."""
+    path = tmp_path_factory.mktemp("chatmodel") / "m"
+    shutil.copytree(tiny_llama_dir, path)
+    config_path = path / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config["chat_template"] = TEMPLATE
+    config_path.write_text(json.dumps(config))
+    return path
+
+
+@pytest.fixture(scope="module")
+def server(ray_cluster, model_dir):
+    from tandem.cluster.launcher import Cluster
+    from tandem.cluster.launcher_config import InstanceGroup, LaunchConfig
+    from tandem.deploy.openai_server import Served, http_server
+    from tandem.engine.engine import EngineConfig
+
+    engine = EngineConfig(dtype="float32", num_blocks=128, block_size=16, max_model_len=512)
+    group = InstanceGroup(1, engine, num_cpus=0.5)
+    cluster = Cluster.launch(LaunchConfig(name="http", model_dir=str(model_dir), prefill=group, decode=group,
+                                          transfer_backend="shm"), timeout_s=120)
+    client = cluster.client(timeout_s=60)
+    served = Served(client, str(model_dir), ["http", "tiny"], client.limits()["max_tokens"], api_key=KEY)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    uvicorn_server = http_server(served, "127.0.0.1", port)
+    thread = threading.Thread(target=uvicorn_server.run, daemon=True)
+    thread.start()
+    wait_until(lambda: uvicorn_server.started)
+    yield cluster, f"http://127.0.0.1:{port}"
+    uvicorn_server.should_exit = True
+    thread.join(10)
+    cluster.shutdown()
+
+
+@pytest.fixture(scope="module")
+def llm(model_dir):
+    return LLM(model_dir, dtype="float32", num_blocks=128)
+
+
+def _openai(server):
+    import openai
+
+    return openai.OpenAI(base_url=f"{server[1]}/v1", api_key=KEY, max_retries=0, timeout=60)
+
+
+PROMPT = "The quick brown fox"
+CASES = [dict(max_tokens=12, temperature=0, extra_body={"ignore_eos": True}),
+         dict(max_tokens=10, temperature=0.9, top_p=0.9, seed=7, extra_body={"ignore_eos": True, "top_k": 20})]
+
+
+def _params(case: dict) -> SamplingParams:
+    fields = {k: v for k, v in case.items() if k != "extra_body"}
+    return SamplingParams(**fields, **case["extra_body"])
+
+
+@pytest.mark.parametrize("case", CASES, ids=["greedy", "seeded"])
+@pytest.mark.parametrize("stream", [False, True])
+def test_completions_match_llm_generate(server, llm, case, stream):
+    expected = llm.generate([PROMPT], _params(case))[0]
+    api = _openai(server)
+    if stream:
+        events = list(api.completions.create(model="tiny", prompt=PROMPT, stream=True,
+                                             stream_options={"include_usage": True}, **case))
+        text = "".join(e.choices[0].text for e in events if e.choices)
+        usage, finish = events[-1].usage, [e.choices[0].finish_reason for e in events if e.choices][-1]
+    else:
+        out = api.completions.create(model="tiny", prompt=PROMPT, **case)
+        text, usage, finish = out.choices[0].text, out.usage, out.choices[0].finish_reason
+    assert text == expected.text and finish == "length"
+    assert (usage.prompt_tokens, usage.completion_tokens) == (len(expected.prompt_token_ids),
+                                                              len(expected.token_ids))
+    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+
+
+def test_a_prompt_of_token_ids_is_taken_as_is(server, llm):
+    ids = [5, 80, 81, 82, 40]
+    expected = llm.generate([ids], _params(CASES[0]))[0]
+    out = _openai(server).completions.create(model="http", prompt=ids, **CASES[0])
+    assert out.choices[0].text == expected.text and out.usage.prompt_tokens == len(ids)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_chat_applies_the_models_template(server, llm, model_dir, stream):
+    from tandem.engine.prepare import render_chat
+
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}]
+    expected = llm.generate([render_chat(model_dir, messages)], _params(CASES[0]))[0]
+    api = _openai(server)
+    if stream:
+        events = list(api.chat.completions.create(model="tiny", messages=messages, stream=True, **CASES[0]))
+        assert events[0].choices[0].delta.role == "assistant"
+        text = "".join(e.choices[0].delta.content or "" for e in events)
+        assert events[-1].choices[0].finish_reason == "length"
+    else:
+        out = api.chat.completions.create(model="tiny", messages=messages, **CASES[0])
+        text = out.choices[0].message.content
+        assert out.choices[0].message.role == "assistant" and out.usage.completion_tokens == 12
+    assert text == expected.text
+
+
+def test_chat_without_max_tokens_may_run_to_the_context_end(server):
+    out = _openai(server).chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}],
+                                                  temperature=0, max_tokens=None)
+    assert out.usage.prompt_tokens + out.usage.completion_tokens <= 512
+
+
+@pytest.mark.parametrize("fields,status,param", [
+    (dict(n=2), 400, "n"),
+    (dict(presence_penalty=0.5), 400, "presence_penalty"),
+    (dict(logprobs=3), 400, "logprobs"),
+    (dict(temperature=-1), 400, "temperature"),
+    (dict(max_tokens=0), 400, "max_tokens"),
+    (dict(extra_body={"frobnicate": 1}), 400, "frobnicate"),
+    (dict(model="gpt-4"), 404, "model"),
+    (dict(prompt="x" * 600, max_tokens=1), 400, None),
+])
+def test_bad_requests_get_openai_errors_naming_the_field(server, fields, status, param):
+    import openai
+
+    request = dict(model="tiny", prompt=PROMPT, max_tokens=4) | fields
+    with pytest.raises(openai.APIStatusError) as caught:
+        _openai(server).completions.create(**request)
+    assert caught.value.status_code == status
+    error = caught.value.body
+    assert set(error) >= {"message", "type", "param", "code"} and error["param"] == param
+
+
+def test_a_missing_api_key_is_refused(server):
+    import openai
+
+    api = openai.OpenAI(base_url=f"{server[1]}/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        api.completions.create(model="tiny", prompt=PROMPT, max_tokens=2)
+
+
+def test_models_and_health(server):
+    assert [m.id for m in _openai(server).models.list()] == ["http", "tiny"]
+    import urllib.request
+
+    with urllib.request.urlopen(f"{server[1]}/health", timeout=10) as response:
+        assert json.loads(response.read()) == {"status": "ok"}
+
+
+def test_a_client_that_disconnects_mid_stream_frees_its_blocks(server):
+    import http.client
+
+    host, port = server[1].removeprefix("http://").split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=30)
+    body = json.dumps({"model": "tiny", "prompt": PROMPT, "max_tokens": 400, "temperature": 0,
+                       "ignore_eos": True, "stream": True})
+    connection.request("POST", "/v1/completions", body,
+                       {"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"})
+    response = connection.getresponse()
+    first = response.readline()
+    assert response.status == 200 and first.startswith(b"data: ")
+    rid = json.loads(first.removeprefix(b"data: "))["id"].removeprefix("cmpl-")
+    connection.close()  # gone mid-stream
+    cluster = server[0]
+    assert cluster.client(timeout_s=60).result(rid).finish_reason == "abort"  # not run to its end
+    wait_until(lambda: cluster.stats()["requests"] == 0)
+    assert_all_blocks_free(cluster)

@@ -1,0 +1,61 @@
+"""OpenAI request bodies to tandem requests (pure): fields that map onto SamplingParams, prompts,
+chat messages, and fields refused by name, never ignored."""
+from __future__ import annotations
+
+import pytest
+
+from tandem.deploy.openai_requests import OpenAIError, parse_chat, parse_completion
+from tandem.engine.params import SamplingParams
+
+
+def test_sampling_fields_map_onto_sampling_params():
+    parsed = parse_completion({"model": "m", "prompt": "hi", "max_tokens": 5, "temperature": 1, "top_p": 1,
+                               "top_k": 3, "seed": 9, "stop": ["a", "b"], "ignore_eos": True,
+                               "stream": True, "stream_options": {"include_usage": True}, "logprobs": None,
+                               "n": 1, "user": "u", "presence_penalty": 0})
+    assert parsed.params == SamplingParams(max_tokens=5, temperature=1.0, top_p=1.0, top_k=3, seed=9,
+                                           stop=("a", "b"), ignore_eos=True)
+    assert (parsed.model, parsed.prompt, parsed.stream, parsed.include_usage) == ("m", "hi", True, True)
+    assert parse_completion({"model": "m", "prompt": "x"}).params.max_tokens == 16  # OpenAI's default
+    assert parse_completion({"model": "m", "prompt": [[1, 2, 3]], "max_completion_tokens": 2}).prompt == [1, 2, 3]
+
+
+@pytest.mark.parametrize("body,param", [
+    ({"n": 2}, "n"), ({"best_of": 3}, "best_of"), ({"echo": True}, "echo"), ({"logprobs": 2}, "logprobs"),
+    ({"logit_bias": {"1": 5}}, "logit_bias"), ({"frequency_penalty": 0.1}, "frequency_penalty"),
+    ({"whatever": 1}, "whatever"), ({"temperature": -0.5}, "temperature"), ({"max_tokens": 0}, "max_tokens"),
+    ({"top_p": 0}, "top_p"), ({"stream": "yes"}, "stream"), ({"stream_options": {"include_usage": True}},
+                                                              "stream_options"),
+    ({"max_tokens": 3, "max_completion_tokens": 3}, "max_tokens"), ({"model": ""}, "model"),
+    ({"prompt": ["a", "b"]}, "prompt"), ({"prompt": [1, "x"]}, "prompt"), ({"prompt": None}, "prompt"),
+])
+def test_what_tandem_does_not_do_is_refused_by_name(body, param):
+    with pytest.raises(OpenAIError) as caught:
+        parse_completion({"model": "m", "prompt": "hi"} | body)
+    assert caught.value.status == 400 and caught.value.param == param
+    assert caught.value.body()["error"]["param"] == param
+
+
+def test_chat_messages_go_through_the_template():
+    seen = []
+
+    def render(messages):
+        seen.append(messages)
+        return [1, 2]
+    parsed = parse_chat({"model": "m", "messages": [{"role": "user", "content": "hi", "name": "x"}],
+                         "logprobs": False}, render, default_max_tokens=7)
+    assert parsed.prompt == [1, 2] and parsed.params.max_tokens == 7
+    assert seen == [[{"role": "user", "content": "hi"}]]
+    for messages, param in (([], "messages"), ([{"content": "x"}], "messages[0]"),
+                            ([{"role": "user", "content": [{"type": "image"}]}], "messages[0].content")):
+        with pytest.raises(OpenAIError) as caught:
+            parse_chat({"model": "m", "messages": messages}, render, 7)
+        assert caught.value.param == param
+
+    def refuse(messages):
+        raise ValueError("roles must alternate")
+    with pytest.raises(OpenAIError, match="roles must alternate"):
+        parse_chat({"model": "m", "messages": [{"role": "user", "content": "x"}]}, refuse, 7)
+    with pytest.raises(OpenAIError) as caught:
+        parse_chat({"model": "m", "messages": [{"role": "user", "content": "x"}], "tools": [{}]}, render, 7)
+    assert caught.value.param == "tools"
