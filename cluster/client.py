@@ -132,6 +132,18 @@ class Client:
         return _raise_if_timed_out(await self._aget(self.router.result.remote(rid, self.timeout_s),
                                                     self.timeout_s + GRACE_S))
 
+    def chat(self, messages: list[dict], params: SamplingParams | None = None) -> Completion:
+        """Reply to a conversation (``{"role", "content"}`` messages), rendered with the model's
+        chat template where the router runs (as ``LLM.chat`` and the HTTP front end do)."""
+        return self.generate(self._get(self.router.chat_prompt.remote(messages), 60.0), params)
+
+    async def astream_chat(self, messages: list[dict], params: SamplingParams | None = None
+                           ) -> AsyncIterator[StreamChunk]:
+        """``chat``, streamed as ``astream`` streams."""
+        prompt = await self._aget(self.router.chat_prompt.remote(messages), 60.0)
+        async for chunk in self.astream(prompt, params):
+            yield chunk
+
     async def astream(self, prompt, params: SamplingParams | None = None) -> AsyncIterator[StreamChunk]:
         """As ``stream``; every astream of this client on one event loop shares one long poll."""
         hub = self._hub()

@@ -272,6 +272,14 @@ class Router:
         self.book.retire(rec)
         return True
 
+    async def chat_prompt(self, messages: list[dict]) -> list[int]:
+        """A conversation rendered with the model's chat template, as token ids (ValueError if the
+        template refuses it or the model has none)."""
+        from tandem.engine.prepare import render_chat
+
+        text = render_chat(self.config.model_dir, messages)
+        return await self._tokenize(text)
+
     async def limits(self) -> dict:
         """The longest request it takes, prompt and output together: the model's context and
         the smallest decode instance's KV (front ends size default output lengths by it)."""

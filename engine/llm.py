@@ -39,7 +39,8 @@ class LLM:
             scheduler=SchedulerConfig(max_num_seqs=max_num_seqs,
                                       max_num_batched_tokens=max_num_batched_tokens),
         )
-        self.engine = Engine(resolve_model_path(model), config)
+        self.model_dir = resolve_model_path(model)
+        self.engine = Engine(self.model_dir, config)
 
     @property
     def tokenizer(self):
@@ -74,6 +75,17 @@ class LLM:
                 if seq.finish_reason is None:
                     self.engine.abort(seq.request_id)
         return [_completion(s) for s in seqs]
+
+
+    def chat(self, conversations, params: SamplingParams | Seq[SamplingParams] | None = None) -> list[Completion]:
+        """Reply to one conversation (a list of ``{"role", "content"}`` messages) or to a list of
+        them, each rendered with the model's chat template (as ``tandem serve --http`` and
+        ``Client.chat`` do); one completion per conversation."""
+        from tandem.engine.prepare import render_chat
+
+        if conversations and isinstance(conversations[0], dict):
+            conversations = [conversations]
+        return self.generate([render_chat(self.model_dir, messages) for messages in conversations], params)
 
 
 def _broadcast(params, count: int) -> list[SamplingParams]:

@@ -185,3 +185,22 @@ def test_a_client_that_disconnects_mid_stream_frees_its_blocks(server):
     assert cluster.client(timeout_s=60).result(rid).finish_reason == "abort"  # not run to its end
     wait_until(lambda: cluster.stats()["requests"] == 0)
     assert_all_blocks_free(cluster)
+
+
+def test_the_python_client_and_llm_chat_render_the_same_way(server, llm, model_dir):
+    import asyncio
+
+    from tests.reference import hf_greedy
+
+    messages = [{"role": "user", "content": "Tell me"}, {"role": "assistant", "content": "What?"},
+                {"role": "user", "content": "Anything"}]
+    params = _params(CASES[0])
+    (local,) = llm.chat(messages, params)
+    assert local.token_ids == hf_greedy(model_dir, [local.prompt_token_ids], 12)[0]  # transformers
+    client = server[0].client(timeout_s=60)
+    remote = client.chat(messages, params)
+    assert (remote.token_ids, remote.prompt_token_ids) == (local.token_ids, local.prompt_token_ids)
+
+    async def stream():
+        return [t async for chunk in client.astream_chat(messages, params) for t in chunk.token_ids]
+    assert asyncio.run(stream()) == local.token_ids
