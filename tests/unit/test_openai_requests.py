@@ -59,3 +59,25 @@ def test_chat_messages_go_through_the_template():
     with pytest.raises(OpenAIError) as caught:
         parse_chat({"model": "m", "messages": [{"role": "user", "content": "x"}], "tools": [{}]}, render, 7)
     assert caught.value.param == "tools"
+
+
+@pytest.mark.parametrize("argv,fragment", [
+    (["--http", "host:port"], "expected [HOST:]PORT, got 'host:port'"),
+    (["--http", "70000"], "expected [HOST:]PORT"),
+    (["--http", "8000", "--detach"], "--http serves in the foreground: drop --detach"),
+])
+def test_serve_refuses_a_bad_http_address_before_starting_anything(argv, fragment, capsys):
+    from pathlib import Path
+
+    from tandem.deploy.cli import main
+
+    spec = Path(__file__).resolve().parents[2] / "deploy" / "specs" / "smollm2-cpu.yaml"
+    assert main(["serve", str(spec), *argv]) == 2
+    assert fragment in capsys.readouterr().err
+
+
+def test_an_http_address_defaults_to_this_machine():
+    from tandem.deploy.openai_server import parse_address
+
+    assert parse_address("8000") == ("127.0.0.1", 8000)
+    assert parse_address("0.0.0.0:9000") == ("0.0.0.0", 9000)
