@@ -1,7 +1,7 @@
 """An OpenAI-compatible HTTP front end for a running cluster (FastAPI on uvicorn).
 
     POST /v1/completions, /v1/chat/completions   streaming (server-sent events) or not
-    GET  /v1/models, /health
+    GET  /v1/models, /health, /metrics (Prometheus: deploy/openai_metrics.py; no key needed)
 
 Each request is one router request through a ``Client``: every stream of this process shares the
 client's one long poll (cluster/stream_hub.py), so the ingress makes one router call per poll
@@ -19,9 +19,11 @@ from pathlib import Path
 from typing import Any, AsyncIterator
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from tandem.cluster.client import Client, RequestTimeout, RouterLost
+from tandem.deploy.openai_metrics import Metrics
 from tandem.deploy.openai_requests import OpenAIError, Parsed, parse_chat, parse_completion
 from tandem.engine.prepare import render_chat
 from tandem.engine.tokenizer import Tokenizer
@@ -40,6 +42,7 @@ class Served:
         self.api_key = api_key
         self.tokenizer = Tokenizer.from_model_dir(Path(model_dir))
         self.created = int(time.time())
+        self.metrics = Metrics(client.stats)
 
     def check_model(self, model: str) -> None:
         if model not in self.names:
@@ -113,6 +116,10 @@ def build_app(served: Served) -> FastAPI:
     async def health():
         return {"status": "ok"}
 
+    @app.get("/metrics")
+    async def metrics():
+        return Response(await asyncio.to_thread(served.metrics.exposition), media_type=CONTENT_TYPE_LATEST)
+
     return app
 
 
@@ -161,6 +168,7 @@ def _finish(chunk: StreamChunk) -> str | None:
 
 def _whole(chunks: list[StreamChunk], parsed: Parsed, kind: str, served: Served) -> dict:
     last = chunks[-1]
+    served.metrics.observe(last.metrics, last.finish_reason)
     if last.error is not None:
         raise OpenAIError(500, last.error, kind="server_error")
     text = "".join(c.text for c in chunks)
@@ -192,6 +200,8 @@ async def _events(first: StreamChunk, chunks: AsyncIterator[StreamChunk], parsed
     chunk, stream = first, _prepend(first, chunks)
     try:
         async for chunk in stream:
+            if chunk.finished:
+                served.metrics.observe(chunk.metrics, chunk.finish_reason)
             if chunk.error is not None:
                 error = OpenAIError(500, chunk.error, kind="server_error")
                 yield f"data: {json.dumps(error.body())}\n\n".encode()

@@ -209,3 +209,34 @@ def test_the_python_client_and_llm_chat_render_the_same_way(server, llm, model_d
     async def stream():
         return [t async for chunk in client.astream_chat(messages, params) for t in chunk.token_ids]
     assert asyncio.run(stream()) == local.token_ids
+
+
+def test_metrics_parse_and_count_the_requests_served(server):
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def scrape() -> dict[str, float]:
+        with urllib.request.urlopen(f"{server[1]}/metrics", timeout=30) as response:
+            text = response.read().decode()
+        samples = {}
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                key = sample.name + "".join(f"{{{k}={v}}}" for k, v in sorted(sample.labels.items()))
+                samples[key] = sample.value
+        return samples
+
+    before = scrape()
+    api = _openai(server)
+    api.completions.create(model="tiny", prompt=PROMPT, **CASES[0])
+    list(api.completions.create(model="tiny", prompt=PROMPT, stream=True, **CASES[1]))
+    after = scrape()
+    delta = lambda key: after.get(key, 0) - before.get(key, 0)  # noqa: E731
+    assert delta("tandem:request_success_total{finished_reason=length}") == 2
+    assert delta("tandem:generation_tokens_total") == 12 + 10
+    assert delta("tandem:prompt_tokens_total") == 2 * len(PROMPT)  # one token per byte
+    assert delta("tandem:time_to_first_token_seconds_count") == 2
+    assert delta("tandem:kv_transfer_time_seconds_count") == 2
+    assert after["tandem:kv_cache_usage_perc{instance=http-decode-0}"] >= 0
+    assert "tandem:num_requests_running{instance=http-prefill-0}" in after
+    assert "tandem:migrations_total{outcome=committed}" in after
