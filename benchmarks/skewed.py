@@ -20,10 +20,11 @@ import json
 import os
 import random
 import statistics
-import time
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from benchmarks.serving import pct, run_rate  # noqa: E402  (same client-side timing as serving)
 
 
 def launch(model_dir: str, name: str, migrate: bool):
@@ -51,28 +52,12 @@ def workload(args, seed: int) -> list[tuple[float, list[int], int]]:
     return requests
 
 
-async def run(client, requests) -> list:
-    from tandem.engine.params import SamplingParams
-
-    start = time.perf_counter()
-
-    async def one(at, prompt, out_len):
-        await asyncio.sleep(max(0.0, at - (time.perf_counter() - start)))
-        return await client.agenerate(prompt, SamplingParams(max_tokens=out_len, temperature=0,
-                                                             ignore_eos=True))
-    return await asyncio.gather(*(one(*r) for r in requests))
-
-
-def pct(values: list[float], q: float) -> float:
-    values = sorted(values)
-    return values[min(len(values) - 1, int(q * len(values)))]
-
-
 def preemptions(cluster) -> int:
     return sum(s.get("preemptions", 0) for name, s in cluster.stats()["instances"].items() if "-decode-" in name)
 
 
 def summarize(results, args) -> dict:
+
     ttft = [r.metrics["ttft"] for r in results]
     tpot = [r.metrics.get("tpot", 0.0) for r in results]
     ok = sum(a <= args.ttft_ms / 1000 and b <= args.tpot_ms / 1000 for a, b in zip(ttft, tpot))
@@ -95,10 +80,10 @@ async def main_async(args) -> None:
         cluster = launch(model_dir, f"skew-{'on' if migrate else 'off'}", migrate)
         client = cluster.client(timeout_s=900)
         try:
-            await run(client, [(0.0, [5] * 16, 4)] * 2)  # warm-up
+            await run_rate(client, [(0.0, [5] * 16, 4)] * 2)  # warm-up
             for repeat in range(args.repeats):
                 before = preemptions(cluster)
-                results = await run(client, workload(args, seed=repeat))
+                results = await run_rate(client, workload(args, seed=repeat))
                 row = {"migration": "on" if migrate else "off", "repeat": repeat,
                        **summarize(results, args), "preemptions": preemptions(cluster) - before}
                 print(json.dumps(row), flush=True)
