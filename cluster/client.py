@@ -137,11 +137,15 @@ class Client:
         chat template where the router runs (as ``LLM.chat`` and the HTTP front end do)."""
         return self.generate(self._get(self.router.chat_prompt.remote(messages), 60.0), params)
 
+    async def achat_prompt(self, messages: list[dict]) -> list[int]:
+        """The conversation as the router renders it (the model's chat template), token ids;
+        ValueError if the template refuses it."""
+        return await self._aget(self.router.chat_prompt.remote(messages), 60.0)
+
     async def astream_chat(self, messages: list[dict], params: SamplingParams | None = None
                            ) -> AsyncIterator[StreamChunk]:
         """``chat``, streamed as ``astream`` streams."""
-        prompt = await self._aget(self.router.chat_prompt.remote(messages), 60.0)
-        async for chunk in self.astream(prompt, params):
+        async for chunk in self.astream(await self.achat_prompt(messages), params):
             yield chunk
 
     async def astream(self, prompt, params: SamplingParams | None = None) -> AsyncIterator[StreamChunk]:

@@ -25,12 +25,16 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Callable
 
 from tandem.cluster.rebalance import Budget, Move
 from tandem.cluster.requests import Migration, RequestRecord
 from tandem.cluster.spec_types import MigrationSpec
 from tandem.engine.block_manager import blocks_needed
 from tandem.transfer.protocol import remote_cause
+
+
+DRAIN_POLL_S = 0.05  # a drain looks for requests left to move this often
 
 
 class MigrationError(RuntimeError):
@@ -229,6 +233,23 @@ class MigrationDesk:
         rec.decode_instance = mig.source
         self.decode[mig.source].resume_export.remote(rec.request_id)
         return True
+
+    async def drain(self, left_on: Callable[[], list[RequestRecord]], timeout_s: float) -> dict:
+        """Move every request ``left_on()`` lists (an instance dispatch no longer feeds) elsewhere
+        as soon as it is decoding; how many moved and how many were still there at ``timeout_s``
+        (requests that finished meanwhile are neither)."""
+        moved, deadline = 0, time.monotonic() + timeout_s
+        while (left := left_on()) and time.monotonic() < deadline:
+            for rec in left:
+                if rec.stage != "decode" or rec.migration is not None:
+                    continue
+                try:
+                    await self.start(rec, None)
+                    moved += 1
+                except MigrationError:
+                    pass  # finished, or not running yet (waiting, preempted): tried again
+            await asyncio.sleep(DRAIN_POLL_S)
+        return {"moved": moved, "left": len(left_on())}
 
     def abort_both(self, rec: RequestRecord) -> None:
         """A request that ended (aborted, failed) while migrating: free it on both sides."""

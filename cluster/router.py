@@ -23,7 +23,7 @@ from tandem.cluster.dispatch import Dispatcher
 from tandem.cluster.health import lost_verdict
 from tandem.cluster.launcher_config import NAMESPACE, LaunchConfig, instance_names
 from tandem.cluster.mailbox import Mailboxes
-from tandem.cluster.migration import MigrationDesk, MigrationError
+from tandem.cluster.migration import MigrationDesk
 from tandem.cluster.rebalancer import Rebalancer
 from tandem.cluster.requests import RequestBook, RequestRecord
 from tandem.cluster.roster import CALL_TIMEOUT_S, Roster
@@ -40,7 +40,6 @@ log = logging.getLogger(__name__)
 
 INLINE_TOKENIZE_CHARS = 4096  # shorter prompts tokenize in well under a millisecond
 HEALTH_INTERVAL_S = 1.0  # how often every instance is asked how it is
-DRAIN_POLL_S = 0.05  # a drain looks for requests left to move this often
 MAILBOX_GRACE_S = 60.0  # a mailbox outlives its client's last poll by the result TTL plus this
 
 
@@ -302,17 +301,7 @@ class Router:
             raise ValueError(f"{instance_id!r} is not a decode instance in service "
                              f"(those are: {sorted(self.decode)})")
         self.dispatch.drain(instance_id)
-        moved, deadline = 0, time.monotonic() + timeout_s
-        while (left := self._on_instance(instance_id)) and time.monotonic() < deadline:
-            movable = [rec for rec in left if rec.stage == "decode" and rec.migration is None]
-            for rec in movable:
-                try:
-                    await self.migrations.start(rec, None)
-                    moved += 1
-                except MigrationError:
-                    pass  # finished, or not running yet (waiting, preempted): tried again
-            await asyncio.sleep(DRAIN_POLL_S)
-        return {"moved": moved, "left": len(self._on_instance(instance_id))}
+        return await self.migrations.drain(lambda: self._on_instance(instance_id), timeout_s)
 
     def _on_instance(self, instance_id: str) -> list[RequestRecord]:
         return [rec for rec in self.book.live.values() if not rec.done and rec.decode_instance == instance_id]

@@ -116,7 +116,7 @@ def _serve_http(cluster, spec, address: tuple[str, int], api_key: str | None) ->
 
     client = cluster.client()
     names = [spec.name] + ([spec.model.name] if spec.model.name else [])
-    served = Served(client, cluster.config.model_dir, names, client.limits()["max_tokens"], api_key)
+    served = Served(client, names, client.limits()["max_tokens"], api_key)
     host, port = address
     print(f"OpenAI API on http://{host}:{port}/v1 (models: {', '.join(names)})", flush=True)
     http_server(served, host, port).run()

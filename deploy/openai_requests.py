@@ -40,7 +40,7 @@ class Parsed:
     """One request, ready for the router."""
 
     model: str
-    prompt: str | list[int]
+    prompt: str | list[int] | list[dict]  # text, token ids, or a chat's messages
     params: SamplingParams
     stream: bool
     include_usage: bool
@@ -60,8 +60,9 @@ def parse_completion(body: Any, default_max_tokens: int = 16) -> Parsed:
     return _parsed(body, {"prompt"}, prompt, default_max_tokens)
 
 
-def parse_chat(body: Any, render, default_max_tokens: int) -> Parsed:
-    """``render(messages)`` applies the chat template (ValueError if it cannot)."""
+def parse_chat(body: Any, default_max_tokens: int) -> Parsed:
+    """A chat request; its ``prompt`` is the messages (role and content), for the router to
+    render with the model's chat template."""
     body = _mapping(body)
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
@@ -72,10 +73,7 @@ def parse_chat(body: Any, render, default_max_tokens: int) -> Parsed:
         if not isinstance(message.get("content"), str):
             raise OpenAIError(400, f"messages[{i}].content: only text content is supported",
                               f"messages[{i}].content")
-    try:
-        prompt = render([{"role": m["role"], "content": m["content"]} for m in messages])
-    except ValueError as exc:
-        raise OpenAIError(400, f"messages: the chat template refused them: {exc}", "messages") from None
+    prompt = [{"role": m["role"], "content": m["content"]} for m in messages]
     return _parsed(body, {"messages"}, prompt, default_max_tokens)
 
 

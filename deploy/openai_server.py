@@ -15,8 +15,9 @@ import asyncio
 import json
 import time
 import uuid
-from pathlib import Path
 from typing import Any, AsyncIterator
+
+import msgspec
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -25,22 +26,17 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from tandem.cluster.client import Client, RequestTimeout, RouterLost
 from tandem.deploy.openai_metrics import Metrics
 from tandem.deploy.openai_requests import OpenAIError, Parsed, parse_chat, parse_completion
-from tandem.engine.prepare import render_chat
-from tandem.engine.tokenizer import Tokenizer
-from tandem.transfer.protocol import Overloaded, StreamChunk
+from tandem.transfer.protocol import Overloaded, StreamChunk, remote_cause
 
 DISCONNECT_POLL_S = 0.5  # how often a non-streaming request checks that its client is still there
 
 
 class Served:
     """What the front end serves: the cluster's client, the names its model answers to, and the
-    model's tokenizer, chat template and length limit."""
+    longest request the cluster takes (prompt plus output)."""
 
-    def __init__(self, client: Client, model_dir: str, names: list[str], max_len: int,
-                 api_key: str | None = None) -> None:
-        self.client, self.model_dir, self.names, self.max_len = client, model_dir, names, max_len
-        self.api_key = api_key
-        self.tokenizer = Tokenizer.from_model_dir(Path(model_dir))
+    def __init__(self, client: Client, names: list[str], max_len: int, api_key: str | None = None) -> None:
+        self.client, self.names, self.max_len, self.api_key = client, names, max_len, api_key
         self.created = int(time.time())
         self.metrics = Metrics(client.stats)
 
@@ -49,11 +45,12 @@ class Served:
             raise OpenAIError(404, f"model: {model!r} is not served here (this server has: "
                                    f"{', '.join(self.names)})", "model", code="model_not_found")
 
-    def chat_prompt(self, messages: list[dict]) -> list[int]:
-        text = render_chat(self.model_dir, messages)
-        if self.tokenizer is None:
-            raise ValueError("the model has no tokenizer")
-        return self.tokenizer.encode(text)
+    async def chat_prompt(self, messages: list[dict]) -> list[int]:
+        """The messages rendered by the router with the model's chat template, as token ids."""
+        try:
+            return await self.client.achat_prompt(messages)
+        except ValueError as exc:
+            raise OpenAIError(400, f"messages: {remote_cause(exc)}", "messages") from None
 
 
 def build_app(served: Served) -> FastAPI:
@@ -97,14 +94,16 @@ def build_app(served: Served) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
         body = await body_of(request)
-        parsed = parse_chat(body, served.chat_prompt, default_max_tokens=1)
+        parsed = parse_chat(body, default_max_tokens=1)
+        served.check_model(parsed.model)
+        prompt, params = await served.chat_prompt(parsed.prompt), parsed.params
         if body.get("max_tokens") is None and body.get("max_completion_tokens") is None:
-            room = served.max_len - len(parsed.prompt)  # as OpenAI: up to the context's end
+            room = served.max_len - len(prompt)  # as OpenAI: up to the context's end
             if room < 1:
-                raise OpenAIError(400, f"messages: the conversation is {len(parsed.prompt)} tokens, "
+                raise OpenAIError(400, f"messages: the conversation is {len(prompt)} tokens, "
                                        f"the model's limit {served.max_len}", "messages")
-            parsed = Parsed(parsed.model, parsed.prompt, _with_max_tokens(parsed.params, room),
-                            parsed.stream, parsed.include_usage)
+            params = msgspec.structs.replace(params, max_tokens=room)
+        parsed = Parsed(parsed.model, prompt, params, parsed.stream, parsed.include_usage)
         return await respond(request, parsed, "chat.completion")
 
     @app.get("/v1/models")
@@ -121,12 +120,6 @@ def build_app(served: Served) -> FastAPI:
         return Response(await asyncio.to_thread(served.metrics.exposition), media_type=CONTENT_TYPE_LATEST)
 
     return app
-
-
-def _with_max_tokens(params, max_tokens: int):
-    import msgspec
-
-    return msgspec.structs.replace(params, max_tokens=max_tokens)
 
 
 async def _chunks(client: Client, parsed: Parsed) -> AsyncIterator[StreamChunk]:

@@ -9,6 +9,7 @@ module imports without them.
 from __future__ import annotations
 
 import importlib.metadata
+import functools
 import json
 import os
 import shutil
@@ -140,6 +141,15 @@ def render_chat(model_dir: str | os.PathLike[str], messages: Sequence[Mapping[st
     Uses jinja2 directly (sandboxed, with transformers' whitespace settings) so serving does not need
     transformers; the result matches ``tokenizer.apply_chat_template(..., tokenize=False)``.
     """
+    template, bos, eos = _chat_template(str(model_dir))
+    return template.render(messages=list(messages), add_generation_prompt=add_generation_prompt,
+                           bos_token=bos, eos_token=eos)
+
+
+@functools.lru_cache(maxsize=8)
+def _chat_template(model_dir: str):
+    """The model's compiled chat template and its bos/eos texts, read once per model (servers
+    render one per chat request)."""
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     config = json.loads((Path(model_dir) / "tokenizer_config.json").read_text())
@@ -155,9 +165,8 @@ def render_chat(model_dir: str | os.PathLike[str], messages: Sequence[Mapping[st
 
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
     env.globals["raise_exception"] = raise_exception
-    return env.from_string(template).render(
-        messages=list(messages), add_generation_prompt=add_generation_prompt,
-        bos_token=_token_text(config.get("bos_token")), eos_token=_token_text(config.get("eos_token")))
+    return (env.from_string(template), _token_text(config.get("bos_token")),
+            _token_text(config.get("eos_token")))
 
 
 def _token_text(token: Any) -> str:

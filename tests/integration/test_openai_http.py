@@ -15,7 +15,8 @@ import pytest
 from tandem.engine import LLM, SamplingParams
 from tests.integration.conftest import assert_all_blocks_free, wait_until
 
-TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'robot' %}{{ raise_exception('no robots') }}"
+            "{% endif %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
             "{% if add_generation_prompt %}<|assistant|>{% endif %}")
 KEY = "test-key"
 
@@ -47,7 +48,7 @@ def server(ray_cluster, model_dir):
     cluster = Cluster.launch(LaunchConfig(name="http", model_dir=str(model_dir), prefill=group, decode=group,
                                           transfer_backend="shm"), timeout_s=120)
     client = cluster.client(timeout_s=60)
-    served = Served(client, str(model_dir), ["http", "tiny"], client.limits()["max_tokens"], api_key=KEY)
+    served = Served(client, ["http", "tiny"], client.limits()["max_tokens"], api_key=KEY)
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -156,6 +157,14 @@ def test_bad_requests_get_openai_errors_naming_the_field(server, fields, status,
     assert caught.value.status_code == status
     error = caught.value.body
     assert set(error) >= {"message", "type", "param", "code"} and error["param"] == param
+
+
+def test_a_conversation_the_template_refuses_is_a_400(server):
+    import openai
+
+    with pytest.raises(openai.BadRequestError) as caught:
+        _openai(server).chat.completions.create(model="tiny", messages=[{"role": "robot", "content": "x"}])
+    assert caught.value.body["param"] == "messages" and "no robots" in caught.value.body["message"]
 
 
 def test_a_missing_api_key_is_refused(server):

@@ -140,6 +140,17 @@ class World:
         """Start moving the request A -> B beside the steps."""
         return asyncio.ensure_future(self.desk.start(self.rec, "B"))
 
+    async def migrate_held_at(self, step: str) -> tuple[asyncio.Future, asyncio.Event]:
+        """Decode a while, start the migration and hold it as it reaches ``step`` (a call to the
+        source for precopy and export, to the destination otherwise) until the event is set."""
+        await self.decode_tokens(12)
+        gate = asyncio.Event()
+        side = "A" if step in ("precopy", "export") else "B"
+        self.instances[side].faults[step] = ("hold", gate)
+        migration = await self.migrate()
+        await self.run_until(lambda: step in self.instances[side].entered)
+        return migration, gate
+
     async def finish(self, migration: asyncio.Future) -> None:
         """Step until the request and the migration are over and the survivors hold nothing."""
         await self.run_until(lambda: self.rec.done and migration.done())
@@ -195,11 +206,7 @@ def test_without_faults_the_request_moves_with_pre_copy(tiny_llama_dir, referenc
 @pytest.mark.parametrize("step", ["precopy", "receive_stage", "export", "admit_migration"])
 def test_the_destination_dies_at_each_step(tiny_llama_dir, reference, step):
     async def scenario(w: World):
-        await w.decode_tokens(12)
-        gate = asyncio.Event()
-        w.instances["A" if step in ("precopy", "export") else "B"].faults[step] = ("hold", gate)
-        migration = await w.migrate()
-        await w.run_until(lambda: step in w.instances["A"].entered or step in w.instances["B"].entered)
+        migration, gate = await w.migrate_held_at(step)
         w.kill("B")
         gate.set()
         await w.finish(migration)
@@ -211,11 +218,7 @@ def test_the_destination_dies_at_each_step(tiny_llama_dir, reference, step):
 @pytest.mark.parametrize("step", ["precopy", "receive_stage", "export"])
 def test_the_source_dies_at_each_step_before_commit(tiny_llama_dir, step):
     async def scenario(w: World):
-        await w.decode_tokens(12)
-        gate = asyncio.Event()
-        w.instances["A" if step != "receive_stage" else "B"].faults[step] = ("hold", gate)
-        migration = await w.migrate()
-        await w.run_until(lambda: step in w.instances["A"].entered or step in w.instances["B"].entered)
+        migration, gate = await w.migrate_held_at(step)
         w.kill("A")
         gate.set()
         await w.finish(migration)
@@ -242,11 +245,7 @@ def test_the_source_dies_after_the_destination_took_the_request(tiny_llama_dir, 
 @pytest.mark.parametrize("step", ["precopy", "receive_stage", "export", "admit_migration"])
 def test_an_abort_at_each_step_frees_both_sides(tiny_llama_dir, step):
     async def scenario(w: World):
-        await w.decode_tokens(12)
-        gate = asyncio.Event()
-        w.instances["A" if step in ("precopy", "export") else "B"].faults[step] = ("hold", gate)
-        migration = await w.migrate()
-        await w.run_until(lambda: step in w.instances["A"].entered or step in w.instances["B"].entered)
+        migration, gate = await w.migrate_held_at(step)
         w.rec.finish("abort")
         w.free_everywhere(w.rec)
         gate.set()
