@@ -25,13 +25,15 @@ from tandem.engine.handover import Export, RequestState, Snapshot
 from tandem.engine.outputs import TokenDelta
 from tandem.engine.pacing import PacedRunner, StepPace
 from tandem.engine.params import SamplingParams
-from tandem.engine.runner import ModelRunner, build_model, kv_cache_shape, resolve_dtype
+from tandem.engine.parallel import Parallelism, check_parallelism, kv_head_range, layer_range
+from tandem.engine.runner import DTYPES, GroupRunner, ModelRunner, build_model, kv_cache_shape, resolve_dtype
 from tandem.engine.sampler import sample
 from tandem.engine.scheduler import Scheduler, SchedulerConfig, StepPlan
 from tandem.engine.sequence import Sequence, Status, make_generator, sequence_from, state_of
 from tandem.engine.stopping import append_text, finish_reason
 from tandem.engine.tokenizer import DetokenizerState, Tokenizer, detokenize_step
 from tandem.engine.validation import prompt_token_ids, validate_request
+from tandem.engine.worker import WorkerConfig, WorkerGroupFactory
 
 DEFAULT_KV_CACHE_BYTES = 1 << 30
 
@@ -45,6 +47,8 @@ class EngineConfig(msgspec.Struct, frozen=True, kw_only=True):
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     scheduler: SchedulerConfig = SchedulerConfig()
     step_pace: StepPace | None = None  # steps last at least this latency model's time (engine/pacing.py)
+    parallelism: Parallelism = Parallelism()  # tp x pp worker processes (engine/worker.py) when > 1
+    worker_timeout_s: float = 60.0  # a parallel instance's bound on each collective and step
 
 
 def context_limit(model: ModelConfig, requested: int | None) -> int:
@@ -57,10 +61,13 @@ class Engine:
     """A model, its paged KV cache, a scheduler and the step loop."""
 
     def __init__(self, model_dir: Path, config: EngineConfig = EngineConfig(),
-                 kv_allocator: Callable[[tuple[int, ...], torch.dtype], torch.Tensor] | None = None) -> None:
+                 kv_allocator: Callable[[tuple[int, ...], torch.dtype], torch.Tensor] | None = None,
+                 workers: WorkerGroupFactory | None = None) -> None:
         """``kv_allocator(shape, dtype)`` returns the zero-filled KV cache, e.g. in shared memory
         a same-node transport maps from other processes; default: zeros on the device (on CPU,
-        on huge pages: ``engine.hugepages``)."""
+        on huge pages: ``engine.hugepages``). With ``config.parallelism`` above (1, 1) the engine
+        is the controller of tp x pp workers that ``workers`` starts (default: local processes,
+        ``engine/process_group.py``); it keeps the scheduler and blocks, they the model and KV."""
         model_dir = Path(model_dir)
         if not model_dir.is_dir():
             raise FileNotFoundError(f"model directory {model_dir} does not exist")
@@ -70,15 +77,14 @@ class Engine:
         self.model_config: ModelConfig = load_config(model_dir)
         self.tokenizer = Tokenizer.from_model_dir(model_dir)
         self.dtype = resolve_dtype(config.dtype, self.model_config, config.device)
+        check_parallelism(self.model_config, config.parallelism)
         num_blocks = config.num_blocks or self._blocks_for_budget()
         self.blocks = BlockManager(num_blocks, config.block_size)
         self.max_model_len = context_limit(self.model_config, config.max_model_len)
-        model = build_model(self.model_config, model_dir, self.dtype, config.device, self.max_model_len)
-        shape = kv_cache_shape(self.model_config, num_blocks, config.block_size)
-        if kv_allocator is None:
-            kv_allocator = hugepages.zeros if config.device == "cpu" else (
-                lambda shape, dtype: torch.zeros(shape, dtype=dtype, device=config.device))
-        self.runner = ModelRunner(model, kv_allocator(tuple(shape), self.dtype), self.blocks)
+        if config.parallelism.world_size > 1:
+            self.runner = self._start_workers(model_dir, workers)
+        else:
+            self.runner = self._load_model(model_dir, kv_allocator)
         pace = config.step_pace
         self._step_runner = self.runner if pace is None else PacedRunner(self.runner, pace)
         self.scheduler = Scheduler(config.scheduler, self.blocks)
@@ -88,10 +94,41 @@ class Engine:
         self._ids = itertools.count()
         self._seeds = random.Random()
 
+    def _load_model(self, model_dir: Path, kv_allocator) -> ModelRunner:
+        config = self.config
+        model = build_model(self.model_config, model_dir, self.dtype, config.device, self.max_model_len)
+        shape = kv_cache_shape(self.model_config, self.blocks.num_blocks, config.block_size)
+        if kv_allocator is None:
+            kv_allocator = hugepages.zeros if config.device == "cpu" else (
+                lambda shape, dtype: torch.zeros(shape, dtype=dtype, device=config.device))
+        return ModelRunner(model, kv_allocator(tuple(shape), self.dtype), config.block_size, self.blocks.tables)
+
+    def _start_workers(self, model_dir: Path, workers: WorkerGroupFactory | None) -> GroupRunner:
+        config = self.config
+        dtype_name = next(name for name, dtype in DTYPES.items() if dtype == self.dtype)
+        worker_config = WorkerConfig(
+            model_dir=str(model_dir), dtype=dtype_name, device=config.device, block_size=config.block_size,
+            num_blocks=self.blocks.num_blocks, max_model_len=self.max_model_len,
+            parallelism=config.parallelism, timeout_s=config.worker_timeout_s)
+        if workers is None:
+            from tandem.engine.process_group import ProcessWorkerGroup
+
+            workers = ProcessWorkerGroup
+        return GroupRunner(workers(worker_config), self.blocks.tables)
+
     def _blocks_for_budget(self) -> int:
-        c = self.model_config
-        per_block = 2 * c.num_layers * self.config.block_size * c.kv_size * self.dtype.itemsize
+        """Blocks whose KV fits ``kv_cache_bytes`` on every worker (the largest shard decides)."""
+        c, par = self.model_config, self.config.parallelism
+        layers = len(layer_range(c.num_layers, par.pp, 0))
+        kv_heads = len(kv_head_range(c.num_kv_heads, par.tp, 0))
+        per_block = 2 * layers * self.config.block_size * kv_heads * c.head_dim * self.dtype.itemsize
         return max(1, self.config.kv_cache_bytes // per_block)
+
+    def close(self) -> None:
+        """Stop a parallel instance's workers (a single-worker engine holds nothing to stop)."""
+        close = getattr(self.runner, "close", None)
+        if close is not None:
+            close()
 
     # -- requests -------------------------------------------------------------------------------
 
@@ -151,7 +188,13 @@ class Engine:
                 "waiting": len(self.scheduler.waiting), "running": len(self.scheduler.running),
                 "waiting_tokens": sum(s.num_tokens for s in self.scheduler.waiting),
                 "held": len(self._exports) + len(self._reserved), "preemptions": self.num_preemptions,
-                "block_bytes": self.kv_cache[:, :, 0].numel() * self.kv_cache.element_size()}
+                "block_bytes": self.block_bytes}
+
+    @property
+    def block_bytes(self) -> int:
+        """Bytes of KV one block holds, over the whole model."""
+        c = self.model_config
+        return 2 * c.num_layers * self.config.block_size * c.kv_size * self.dtype.itemsize
 
     @property
     def num_free_blocks(self) -> int:

@@ -7,6 +7,7 @@ from collections.abc import Sequence as Seq
 
 from tandem.engine.engine import DEFAULT_KV_CACHE_BYTES, Engine, EngineConfig
 from tandem.engine.outputs import Completion
+from tandem.engine.parallel import Parallelism
 from tandem.engine.params import SamplingParams
 from tandem.engine.scheduler import SchedulerConfig
 
@@ -32,15 +33,30 @@ class LLM:
         max_model_len: int | None = None,
         max_num_batched_tokens: int = 8192,
         kv_cache_bytes: int = DEFAULT_KV_CACHE_BYTES,
+        tp: int = 1,
+        pp: int = 1,
     ) -> None:
+        """``tp``/``pp`` above 1 run the model on tp x pp local worker processes (tensor- and
+        pipeline-parallel shards; ``close`` stops them)."""
         config = EngineConfig(
             dtype=dtype, device=device, block_size=block_size, num_blocks=num_blocks,
             kv_cache_bytes=kv_cache_bytes, max_model_len=max_model_len,
             scheduler=SchedulerConfig(max_num_seqs=max_num_seqs,
                                       max_num_batched_tokens=max_num_batched_tokens),
+            parallelism=Parallelism(tp, pp),
         )
         self.model_dir = resolve_model_path(model)
         self.engine = Engine(self.model_dir, config)
+
+    def close(self) -> None:
+        """Stop the worker processes of a parallel LLM (nothing to do for tp = pp = 1)."""
+        self.engine.close()
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     @property
     def tokenizer(self):

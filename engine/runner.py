@@ -5,15 +5,16 @@ from pathlib import Path
 
 import torch
 
-from tandem.engine.attention import AttentionMetadata
-from tandem.engine.block_manager import BlockManager
+from tandem.engine.collective import Collective
 from tandem.engine.config import ModelConfig
 from tandem.engine.kernel_linear import KernelLinear, kernel_linears_apply
 from tandem.engine.layers import RotaryEmbedding, replace_linears
 from tandem.engine.loader import load_weights
 from tandem.engine.model import CausalLM
 from tandem.engine.packed_linear import PackedLinear, packing_available
+from tandem.engine.parallel import WorkerShard, kv_head_range, layer_range, single_worker
 from tandem.engine.scheduler import StepPlan
+from tandem.engine.step_inputs import StepInputs, model_inputs, step_inputs
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -30,13 +31,15 @@ def resolve_dtype(dtype: str, config: ModelConfig, device: str) -> torch.dtype:
 
 
 def build_model(
-    config: ModelConfig, model_dir: Path, dtype: torch.dtype, device: str, max_positions: int
+    config: ModelConfig, model_dir: Path, dtype: torch.dtype, device: str, max_positions: int,
+    shard: WorkerShard | None = None, comm: Collective | None = None,
 ) -> CausalLM:
+    """The model (one worker's shard of it, for a parallel instance) with its weights loaded."""
     # Build on the meta device: random initialisation of every weight would only be overwritten.
     with torch.device("meta"):
-        model = CausalLM(config, max_positions)
+        model = CausalLM(config, max_positions, shard, comm)
     model = model.to(dtype=dtype).to_empty(device=device)
-    if config.tie_word_embeddings:
+    if config.tie_word_embeddings and model.shard.is_first_stage and model.shard.is_last_stage:
         model.lm_head.weight = model.embed_tokens.weight
     model.rope = RotaryEmbedding(config, max_positions).to(device)
     load_weights(model, model_dir)
@@ -47,61 +50,54 @@ def build_model(
     return model.eval()
 
 
-def kv_cache_shape(config: ModelConfig, num_blocks: int, block_size: int) -> tuple[int, ...]:
-    return (config.num_layers, 2, num_blocks, block_size, config.num_kv_heads, config.head_dim)
+def kv_cache_shape(config: ModelConfig, num_blocks: int, block_size: int,
+                   shard: WorkerShard | None = None) -> tuple[int, ...]:
+    """One worker's cache: its stage's layers and its tp rank's KV heads (all of both by default)."""
+    shard = shard or single_worker()
+    par = shard.parallelism
+    layers = len(layer_range(config.num_layers, par.pp, shard.pp_rank))
+    kv_heads = len(kv_head_range(config.num_kv_heads, par.tp, shard.tp_rank))
+    return (layers, 2, num_blocks, block_size, kv_heads, config.head_dim)
 
 
 class ModelRunner:
-    """Runs one step: packs the plan's tokens, builds slot indices once, calls the model."""
+    """Runs one step: turns the plan into inputs, builds slot indices once, calls the model."""
 
-    def __init__(self, model: CausalLM, kv_cache: torch.Tensor, blocks: BlockManager) -> None:
+    def __init__(self, model: CausalLM, kv_cache: torch.Tensor, block_size: int,
+                 tables: dict[str, list[int]] | None = None) -> None:
+        """``tables``: the block manager's block tables, for ``run(plan)``; a worker of a parallel
+        instance has none and gets the tables inside each step's inputs."""
         self.model = model
         self.kv_cache = kv_cache
-        self.blocks = blocks
+        self.block_size = block_size
+        self.tables = tables
         self.device = kv_cache.device
 
-    @torch.inference_mode()
     def run(self, plan: StepPlan) -> torch.Tensor:
-        if plan.kind == "prefill":
-            inputs = self._prefill_inputs(plan)
-        else:
-            inputs = self._decode_inputs(plan)
-        return self.model(*inputs)
+        return self.run_inputs(step_inputs(plan, self.tables))
 
-    def _slots(self, request_id: str, start: int, end: int) -> torch.Tensor:
-        table = torch.tensor(self.blocks.tables[request_id], dtype=torch.long)
-        size = self.blocks.block_size
-        slots = (table[:, None] * size + torch.arange(size)).reshape(-1)
-        return slots[start:end]
+    @torch.inference_mode()
+    def run_inputs(self, inputs: StepInputs) -> torch.Tensor | None:
+        """The step's logits (None on a worker of a parallel instance that does not hold them)."""
+        ids, positions, meta, logits_index = model_inputs(inputs, self.block_size, self.device)
+        return self.model(ids, positions, self.kv_cache, meta, logits_index)
 
-    def _prefill_inputs(self, plan: StepPlan):
-        seqs = plan.seqs
-        ids = [t for s in seqs for t in s.token_ids]
-        lens = tuple(s.num_tokens for s in seqs)
-        positions = torch.cat([torch.arange(n) for n in lens])
-        slots = torch.cat([self._slots(s.request_id, 0, s.num_tokens) for s in seqs])
-        last = torch.tensor(lens).cumsum(0) - 1
-        meta = AttentionMetadata(True, slots.to(self.device), lens)
-        return (torch.tensor(ids, device=self.device), positions.to(self.device),
-                self.kv_cache, meta, last.to(self.device))
 
-    def _decode_inputs(self, plan: StepPlan):
-        seqs = plan.seqs
-        size = self.blocks.block_size
-        lens = torch.tensor([s.num_tokens for s in seqs])
-        width = max(len(self.blocks.tables[s.request_id]) for s in seqs)
-        tables = torch.zeros(len(seqs), width, dtype=torch.long)
-        for row, seq in enumerate(seqs):
-            table = self.blocks.tables[seq.request_id]
-            tables[row, : len(table)] = torch.tensor(table)
-        slots = (tables[:, :, None] * size + torch.arange(size)).reshape(len(seqs), -1)
-        max_len = int(lens.max())
-        context = slots[:, :max_len].contiguous()
-        mask = (torch.arange(max_len)[None, :] < lens[:, None])[:, None, None, :]
-        positions = lens - 1
-        new_slots = context.gather(1, positions[:, None]).squeeze(1)
-        meta = AttentionMetadata(False, new_slots.to(self.device), (), context.to(self.device),
-                                 mask.to(self.device), lens.to(self.device))
-        ids = torch.tensor([s.last_token for s in seqs], device=self.device)
-        return (ids, positions.to(self.device), self.kv_cache, meta,
-                torch.arange(len(seqs), device=self.device))
+class GroupRunner:
+    """The controller's runner for a parallel instance: each step's inputs go to its workers
+    (``engine/worker.py``), which hold the model and the KV cache; the logits come back."""
+
+    def __init__(self, group, tables: dict[str, list[int]]) -> None:
+        self.group = group
+        self.tables = tables
+
+    def run(self, plan: StepPlan) -> torch.Tensor:
+        return self.group.run(step_inputs(plan, self.tables))
+
+    @property
+    def kv_cache(self) -> torch.Tensor:
+        raise RuntimeError("a tensor/pipeline-parallel instance's KV cache lives on its workers, "
+                           "one shard each; it has no single cache tensor")
+
+    def close(self) -> None:
+        self.group.close()

@@ -209,3 +209,24 @@ def _bytes_to_unicode() -> dict[int, str]:
             mapping[byte] = chr(256 + extra)
             extra += 1
     return mapping
+
+
+@torch.no_grad()
+def hf_top2_gap(model: Any, token_ids: list[int]) -> float:
+    """The reference's gap between its two largest next-token logits after ``token_ids``: how
+    close greedy decoding was to a tie there."""
+    logits = model(torch.tensor([token_ids])).logits[0, -1].float()
+    top = torch.topk(logits, 2).values
+    return float(top[0] - top[1])
+
+
+def assert_greedy_close(model: Any, prompt: list[int], got: list[int], want: list[int],
+                        tie_gap: float = 1e-4) -> None:
+    """``got`` equals the reference's greedy ``want``, or first differs where the reference itself
+    nearly tied (sums reordered across workers may flip a near-tie, nothing else)."""
+    if got == want:
+        return
+    step = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
+    gap = hf_top2_gap(model, prompt + want[:step])
+    assert gap < tie_gap, (f"output differs from the reference at step {step} ({got[step:step + 3]} vs "
+                           f"{want[step:step + 3]}) where its top-2 logit gap is {gap:.2e}, not a near-tie")

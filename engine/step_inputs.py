@@ -1,0 +1,74 @@
+"""A step's inputs as plain data, and the tensors a model shard builds from them.
+
+The scheduler's ``StepPlan`` holds live ``Sequence``s; ``StepInputs`` is what a model needs of it
+(token ids, lengths, block tables), so a controller can send it to the workers of a parallel
+instance (msgspec-encoded) and every worker builds the same slot indices from it.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+import torch
+
+from tandem.engine.attention import AttentionMetadata
+from tandem.engine.scheduler import StepPlan
+
+
+class StepInputs(msgspec.Struct, frozen=True, array_like=True):
+    """prefill: every sequence's whole ``token_ids`` packed, ``seq_lens`` their lengths; decode:
+    each sequence's newest token, ``seq_lens`` its context length. ``block_tables`` per sequence."""
+
+    kind: Literal["prefill", "decode"]
+    token_ids: list[int]
+    seq_lens: list[int]
+    block_tables: list[list[int]]
+
+
+def step_inputs(plan: StepPlan, tables: dict[str, list[int]]) -> StepInputs:
+    seqs = plan.seqs
+    if plan.kind == "prefill":
+        ids = [t for s in seqs for t in s.token_ids]
+    else:
+        ids = [s.last_token for s in seqs]
+    return StepInputs(plan.kind, ids, [s.num_tokens for s in seqs], [tables[s.request_id] for s in seqs])
+
+
+def _slots(table: list[int], block_size: int, end: int) -> torch.Tensor:
+    blocks = torch.tensor(table, dtype=torch.long)
+    return (blocks[:, None] * block_size + torch.arange(block_size)).reshape(-1)[:end]
+
+
+def model_inputs(inputs: StepInputs, block_size: int, device: torch.device) -> tuple:
+    """(input ids, positions, attention metadata, logits rows): the model's arguments but the cache."""
+    if inputs.kind == "prefill":
+        return _prefill(inputs, block_size, device)
+    return _decode(inputs, block_size, device)
+
+
+def _prefill(inputs: StepInputs, block_size: int, device: torch.device) -> tuple:
+    lens = tuple(inputs.seq_lens)
+    positions = torch.cat([torch.arange(n) for n in lens])
+    slots = torch.cat([_slots(table, block_size, n) for table, n in zip(inputs.block_tables, lens)])
+    last = torch.tensor(lens).cumsum(0) - 1
+    meta = AttentionMetadata(True, slots.to(device), lens)
+    return torch.tensor(inputs.token_ids, device=device), positions.to(device), meta, last.to(device)
+
+
+def _decode(inputs: StepInputs, block_size: int, device: torch.device) -> tuple:
+    batch = len(inputs.seq_lens)
+    lens = torch.tensor(inputs.seq_lens)
+    width = max(len(table) for table in inputs.block_tables)
+    tables = torch.zeros(batch, width, dtype=torch.long)
+    for row, table in enumerate(inputs.block_tables):
+        tables[row, : len(table)] = torch.tensor(table)
+    slots = (tables[:, :, None] * block_size + torch.arange(block_size)).reshape(batch, -1)
+    max_len = int(lens.max())
+    context = slots[:, :max_len].contiguous()
+    mask = (torch.arange(max_len)[None, :] < lens[:, None])[:, None, None, :]
+    positions = lens - 1
+    new_slots = context.gather(1, positions[:, None]).squeeze(1)
+    meta = AttentionMetadata(False, new_slots.to(device), (), context.to(device), mask.to(device),
+                             lens.to(device))
+    ids = torch.tensor(inputs.token_ids, device=device)
+    return ids, positions.to(device), meta, torch.arange(batch, device=device)
