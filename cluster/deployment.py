@@ -6,6 +6,7 @@ import os
 from tandem.cluster.launcher_config import InstanceGroup, LaunchConfig
 from tandem.cluster.spec_types import ClusterSpec, InstanceSpec, SpecError
 from tandem.engine.engine import EngineConfig
+from tandem.engine.parallel import Parallelism
 from tandem.engine.scheduler import SchedulerConfig
 
 
@@ -14,9 +15,8 @@ def host_memory_bytes() -> int:
 
 
 def _group(section: str, inst: InstanceSpec, dtype: str) -> InstanceGroup:
-    if (inst.tp or 1) > 1 or (inst.pp or 1) > 1:
-        raise SpecError(f"{section}.tp", "tensor/pipeline-parallel instances are not implemented "
-                        "yet: use tp: 1 and pp: 1")
+    """An instance pool; with tp or pp above 1 each instance is tp x pp workers, each with the
+    section's num_cpus/num_gpus (and its KV budget)."""
     kv_bytes = EngineConfig().kv_cache_bytes
     if inst.memory_fraction is not None:
         kv_bytes = int(inst.memory_fraction * host_memory_bytes())
@@ -25,6 +25,7 @@ def _group(section: str, inst: InstanceSpec, dtype: str) -> InstanceGroup:
         kv_cache_bytes=kv_bytes,
         scheduler=SchedulerConfig(max_num_seqs=inst.max_num_seqs,
                                   max_num_batched_tokens=inst.max_batch_tokens),
+        parallelism=Parallelism(inst.tp or 1, inst.pp or 1),
     )
     num_gpus = inst.num_gpus if inst.num_gpus is not None else float(inst.device != "cpu")
     return InstanceGroup(replicas=inst.replicas or 1, engine=engine, num_cpus=inst.num_cpus,

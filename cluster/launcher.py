@@ -16,7 +16,7 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from tandem.cluster.client import Client
-from tandem.cluster.launcher_config import (NAMESPACE, InstanceGroup, LaunchConfig, instance_bundle,
+from tandem.cluster.launcher_config import (NAMESPACE, InstanceGroup, LaunchConfig, instance_bundles,
                                             instance_names, router_name)
 from tandem.cluster.preflight import Capacity, shortfall
 from tandem.cluster.router import Router
@@ -82,19 +82,23 @@ class Cluster:
 
     def _start(self, actor_cls, name: str, group: InstanceGroup, lifetime, timeout_s: float,
                engine: EngineConfig, transport, **kwargs):
-        pg = placement_group([instance_bundle(group)], strategy="PACK", name=name, lifetime=lifetime)
+        bundles = instance_bundles(group)
+        pg = placement_group(bundles, strategy="PACK", name=name, lifetime=lifetime)
         self.groups.append(pg)
         if not _wait_placed(pg, timeout_s):
             free = ray.available_resources()
-            raise LaunchError(f"could not reserve {instance_bundle(group)} for {name}: the Ray cluster has "
+            raise LaunchError(f"could not reserve {_describe(bundles)} for {name}: the Ray cluster has "
                               f"{free.get('CPU', 0):g} CPU and {free.get('GPU', 0):g} GPU free")
+        # A parallel instance's controller holds no model: its workers take the bundles' resources.
+        parallel = group.workers > 1
         handle = actor_cls.options(
-            name=name, namespace=NAMESPACE, lifetime=lifetime, num_cpus=group.num_cpus,
-            num_gpus=group.num_gpus, max_restarts=group.max_restarts,
-            scheduling_strategy=PlacementGroupSchedulingStrategy(pg),
+            name=name, namespace=NAMESPACE, lifetime=lifetime, num_cpus=0 if parallel else group.num_cpus,
+            num_gpus=0 if parallel else group.num_gpus, max_restarts=group.max_restarts,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=0),
         ).remote(name, self.config.model_dir, engine, router_name(self.config.name), transport,
                  num_threads=group.num_threads, restart_on_failure=group.max_restarts > 0,
-                 router_namespace=NAMESPACE, **kwargs)
+                 router_namespace=NAMESPACE, worker_cpus=group.num_cpus, worker_gpus=group.num_gpus,
+                 **kwargs)
         self.actors[name] = handle
         return handle
 
@@ -131,6 +135,10 @@ class Cluster:
             remove_placement_group(pg)
         self.actors.clear()
         self.groups.clear()
+
+
+def _describe(bundles: list[dict[str, float]]) -> str:
+    return str(bundles[0]) if len(bundles) == 1 else f"{len(bundles)} x {bundles[0]}"
 
 
 def router_concurrency(config: LaunchConfig) -> int:

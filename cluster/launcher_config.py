@@ -10,12 +10,20 @@ NAMESPACE = "tandem"  # the Ray namespace of every tandem actor
 
 
 class InstanceGroup(msgspec.Struct, frozen=True):
+    """A pool of identical instances. A parallel instance (``engine.parallelism`` above (1, 1)) is
+    tp x pp workers, and ``num_cpus``/``num_gpus``/``num_threads`` are each worker's."""
+
     replicas: int
     engine: EngineConfig
     num_cpus: float = 1.0
-    num_gpus: float = 0.0  # GPUs (or a share of one) Ray reserves for each instance
+    num_gpus: float = 0.0  # GPUs (or a share of one) Ray reserves for each instance (worker)
     num_threads: int = 1
     max_restarts: int = 0  # times Ray restarts an instance whose process died or whose step failed
+
+    @property
+    def workers(self) -> int:
+        """Model workers per instance: tp x pp (1: the instance actor runs the model itself)."""
+        return self.engine.parallelism.world_size
 
 
 class LaunchConfig(msgspec.Struct, frozen=True):
@@ -38,11 +46,17 @@ class LaunchConfig(msgspec.Struct, frozen=True):
 
 
 def instance_bundle(group: InstanceGroup) -> dict[str, float]:
-    """The Ray resources one instance of ``group`` reserves (its placement-group bundle)."""
+    """The Ray resources one model worker of ``group`` reserves (one placement-group bundle)."""
     bundle = {"CPU": group.num_cpus}
     if group.num_gpus:
         bundle["GPU"] = group.num_gpus
     return bundle
+
+
+def instance_bundles(group: InstanceGroup) -> list[dict[str, float]]:
+    """One instance's placement group: a bundle per model worker (the controller of a parallel
+    instance shares the first bundle and reserves nothing of its own)."""
+    return [instance_bundle(group) for _ in range(group.workers)]
 
 
 def instance_names(config: LaunchConfig) -> dict[str, list[str]]:

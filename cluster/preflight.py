@@ -49,19 +49,26 @@ def _gpu_less_cuda(config: LaunchConfig) -> str | None:
 
 
 def resource_shortfall(config: LaunchConfig, resource: str, total: float, largest_node: float) -> str | None:
-    """Why one bundle per instance cannot hold ``resource`` (CPU or GPU): an instance larger
+    """Why one bundle per model worker cannot hold ``resource`` (CPU or GPU): a worker larger
     than the largest node, or more in all than the cluster has; None if they may fit."""
     field = "num_cpus" if resource == "CPU" else "num_gpus"
     groups = {s: g for s, g in pools(config).items() if getattr(g, field) > 0}
     for section, group in groups.items():
         if getattr(group, field) > largest_node:
-            return (f"{section}.{field}: each instance needs {getattr(group, field):g} {resource}, but the "
+            who = "instance" if group.workers == 1 else "worker (of tp x pp per instance)"
+            return (f"{section}.{field}: each {who} needs {getattr(group, field):g} {resource}, but the "
                     f"largest node of the Ray cluster has {largest_node:g}")
-    need = sum(g.replicas * getattr(g, field) for g in groups.values())
+    need = sum(g.replicas * g.workers * getattr(g, field) for g in groups.values())
     if need > total + 1e-9:
-        asked = " + ".join(f"{s}: {g.replicas} x {getattr(g, field):g} {resource}" for s, g in groups.items())
+        asked = " + ".join(f"{s}: {g.replicas} x {_workers(g)}{getattr(g, field):g} {resource}"
+                           for s, g in groups.items())
         return f"{asked} = {need:g} {resource}, but the Ray cluster has {total:g} {resource} in all"
     return None
+
+
+def _workers(group: InstanceGroup) -> str:
+    par = group.engine.parallelism
+    return "" if group.workers == 1 else f"(tp={par.tp} x pp={par.pp} workers) x "
 
 
 def memory_shortfall(config: LaunchConfig, capacity: Capacity, model: ModelSpec) -> str | None:
@@ -69,9 +76,10 @@ def memory_shortfall(config: LaunchConfig, capacity: Capacity, model: ModelSpec)
     engine's activations and packed weights come on top)."""
     cpu_pools = {s: g for s, g in pools(config).items() if g.engine.device == "cpu"}
     for section, group in cpu_pools.items():
-        weights, kv = instance_memory_bytes(group, model)
+        weights, kv = (part / group.workers for part in instance_memory_bytes(group, model))
         if weights + kv > capacity.largest_node_memory_bytes:
-            return (f"{section}: each instance needs at least {_gib(weights + kv)} of host memory "
+            who = "instance" if group.workers == 1 else "worker"
+            return (f"{section}: each {who} needs at least {_gib(weights + kv)} of host memory "
                     f"(weights {_gib(weights)} + KV cache {_gib(kv)}, {_kv_source(group)}), but the "
                     f"largest node of the Ray cluster has {_gib(capacity.largest_node_memory_bytes)}")
     need = sum(g.replicas * sum(instance_memory_bytes(g, model)) for g in cpu_pools.values())
@@ -83,12 +91,15 @@ def memory_shortfall(config: LaunchConfig, capacity: Capacity, model: ModelSpec)
 
 
 def instance_memory_bytes(group: InstanceGroup, model: ModelSpec) -> tuple[int, int]:
-    """(weights, KV cache) bytes of one instance of ``group``, as its engine will size them."""
+    """(weights, KV cache) bytes of one instance of ``group`` over all its workers, as its engine
+    will size them (a parallel instance's KV budget is each worker's, its largest shard decides)."""
     engine = group.engine
     dtype = _dtype(engine.dtype, model, engine.device)
     per_block = int(engine.block_size * model.kv_bytes_per_token(dtype))
-    num_blocks = engine.num_blocks or max(1, engine.kv_cache_bytes // per_block)
-    return int(model.weight_bytes(dtype)), num_blocks * per_block
+    par = engine.parallelism
+    shard = -(-model.layers // par.pp) * max(1, model.kv_heads // par.tp) / (model.layers * model.kv_heads)
+    num_blocks = engine.num_blocks or max(1, int(engine.kv_cache_bytes // (per_block * shard)))
+    return int(model.weight_bytes(dtype)), int(num_blocks * per_block * shard) * group.workers
 
 
 def _dtype(name: str, model: ModelSpec, device: str) -> str:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from tandem.cluster.spec_types import ClusterSpec, InstanceSpec, ModelCheck, ModelRef, SpecError
+from tandem.engine.parallel import Parallelism, parallelism_error
 
 # RFC 1123 label: the name becomes part of Ray actor, placement group and job names.
 _DNS_LABEL = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
@@ -223,14 +224,16 @@ def _positive_int(config: dict[str, Any], key: str) -> int | None:
 
 
 def _check_divisibility(section: InstanceSpec, where: str, config: dict[str, Any]) -> None:
-    """Each tp worker takes whole KV heads (checked first: with GQA it implies the query heads),
-    each pp stage whole layers. Values the planner has yet to choose are skipped."""
+    """Each tp rank takes whole attention heads and whole KV heads (or, when tp is a multiple of
+    the KV heads, one replicated KV head); each pp stage at least one layer. Values the planner
+    has yet to choose are skipped."""
     heads = _positive_int(config, "num_attention_heads")
-    kv_heads = _positive_int(config, "num_key_value_heads")
     layers = _positive_int(config, "num_hidden_layers")
-    if section.tp is not None:
-        for key, count in (("num_key_value_heads", kv_heads), ("num_attention_heads", heads)):
-            if count is not None and count % section.tp:
-                raise SpecError(f"{where}.tp", f"{section.tp} does not divide {key}={count}")
-    if section.pp is not None and layers is not None and layers % section.pp:
-        raise SpecError(f"{where}.pp", f"{section.pp} does not divide num_hidden_layers={layers}")
+    # A field config.json lacks constrains nothing (KV heads default to the attention heads).
+    shape = dict(num_heads=heads or 1, num_kv_heads=_positive_int(config, "num_key_value_heads") or heads or 1,
+                 num_layers=layers or section.pp or 1)
+    tp = section.tp if heads is not None else None
+    for field, value, par in (("tp", tp, Parallelism(tp or 1, 1)), ("pp", section.pp, Parallelism(1, section.pp or 1))):
+        error = parallelism_error(par, **shape) if value is not None else None
+        if error is not None:
+            raise SpecError(f"{where}.{field}", error)

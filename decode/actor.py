@@ -7,6 +7,7 @@ from tandem.decode.instance import DecodeInstance
 from tandem.engine.engine import EngineConfig
 from tandem.engine.loop import StepLoop
 from tandem.engine.params import SamplingParams
+from tandem.transfer.actor import start_parallel_engine
 from tandem.transfer.hosting import (build_engine, close_transports, failure_reporter, incarnation,
                                      on_loop, serve_transfer)
 from tandem.transfer.protocol import HealthReport, KVHandle, RequestState, StepReport
@@ -18,18 +19,25 @@ class DecodeActor:
     def __init__(self, instance_id: str, model_dir: str, config: EngineConfig, router_name: str,
                  transports: tuple[str, ...] = ("ray",), num_threads: int = 1,
                  transfer_timeout_s: float = 30.0, restart_on_failure: bool = False,
-                 router_namespace: str = "tandem") -> None:
+                 router_namespace: str = "tandem", worker_cpus: float = 1.0, worker_gpus: float = 0.0) -> None:
+        """With ``config.parallelism`` above (1, 1) this actor is the controller of tp x pp worker
+        actors (``transfer/actor.py``), each with ``worker_cpus``/``worker_gpus``."""
         self.instance_id = instance_id
         self.incarnation = incarnation()
         # The router by name, not by handle: a handle argument would pin an object that a
         # restart of this actor needs and Ray may have let go (ray-project/ray#53727).
         self.router = ray.get_actor(router_name, namespace=router_namespace)
-        # Transports first: one of them may allocate the KV cache (shared memory for shm/auto).
-        self.transports = {}
-        for name in transports:
-            transport = make_transport(name)
-            self.transports[transport.name] = transport
-        engine = build_engine(model_dir, config, num_threads, list(self.transports.values()))
+        if config.parallelism.world_size > 1:
+            engine, self.transports = start_parallel_engine(model_dir, config, tuple(transports), worker_cpus,
+                                                            worker_gpus, num_threads, instance_id)
+        else:
+            # Transports first: one of them may allocate the KV cache (shared memory for shm/auto).
+            self.transports = {}
+            for name in transports:
+                transport = make_transport(name)
+                self.transports[transport.name] = transport
+            engine = build_engine(model_dir, config, num_threads, list(self.transports.values()))
+        self.engine = engine
         self.instance = DecodeInstance(engine, self.transports, transfer_timeout_s)
         self.loop = StepLoop(self.instance, self._publish, housekeeping=self.instance.reclaim_expired,
                              on_failure=failure_reporter(self.router, instance_id, restart_on_failure))
@@ -105,3 +113,4 @@ class DecodeActor:
         self.loop.stop()
         self.instance.close()
         close_transports(list(self.transports.values()))
+        self.engine.close()  # a parallel instance's workers

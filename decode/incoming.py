@@ -17,6 +17,7 @@ from tandem.decode.pulls import Pulls
 from tandem.engine.handover import HandoverEngine
 from tandem.transfer.base import Transport
 from tandem.transfer.protocol import KVHandle
+from tandem.transfer.sharded import fetch_kv
 
 
 @dataclass
@@ -48,7 +49,7 @@ class IncomingStages:
         entry = self._stages[request_id]
         end = handle.first_block + handle.num_blocks
         entry.copying_to, entry.deadline = end, time.monotonic() + self.hold_timeout_s
-        entry.copying = self.pulls.run(partial(transport.fetch, handle, self.engine.kv_cache,
+        entry.copying = self.pulls.run(partial(fetch_kv, transport, handle, self.engine.kv_cache,
                                                table[handle.first_block:end], self.timeout_s))
         return entry.copying
 

@@ -23,6 +23,7 @@ from tandem.engine.params import SamplingParams
 from tandem.transfer.base import TransferError, Transport
 from tandem.transfer.holds import ExportHolds, StageHolds
 from tandem.transfer.protocol import KVHandle, RequestState, StepReport
+from tandem.transfer.sharded import fetch_kv
 
 
 # Blocks per step copied on the step thread itself when the transport never waits (shm): a few
@@ -77,7 +78,7 @@ class DecodeInstance:
         (reported as admitted by the next step report); why the copy failed (its blocks freed)."""
         transport = self.transports[handle.transport]
         try:
-            transport.fetch(handle, self.engine.kv_cache, table[handle.first_block:], self.timeout_s)
+            fetch_kv(transport, handle, self.engine.kv_cache, table[handle.first_block:], self.timeout_s)
         except TransferError as exc:
             self.engine.release(state.request_id)
             return str(exc)
@@ -142,9 +143,8 @@ class DecodeInstance:
                 if error is not None:
                     self._refused.append((state.request_id, error))
                 continue
-            fetch = transport.fetch
-            batch.append((state, partial(fetch, handle, self.engine.kv_cache, table[handle.first_block:],
-                                         self.timeout_s)))
+            batch.append((state, partial(fetch_kv, transport, handle, self.engine.kv_cache,
+                                         table[handle.first_block:], self.timeout_s)))
         self.pulls.start(batch)
 
     def _reserve_for(self, request_id: str, handle: KVHandle) -> list[int] | None:

@@ -17,13 +17,9 @@ import msgspec
 import torch
 
 from tandem.engine.step_inputs import StepInputs
-from tandem.engine.worker import WorkerConfig
+from tandem.engine.worker import WorkerConfig, WorkerFailed
 
 STARTUP_TIMEOUT_S = 300.0  # each worker loads its shard before its first answer
-
-
-class WorkerFailed(RuntimeError):
-    """A worker of a parallel instance died, raised, or did not answer in time."""
 
 
 def _free_port() -> int:

@@ -95,9 +95,14 @@ class GroupRunner:
         return self.group.run(step_inputs(plan, self.tables))
 
     @property
-    def kv_cache(self) -> torch.Tensor:
-        raise RuntimeError("a tensor/pipeline-parallel instance's KV cache lives on its workers, "
-                           "one shard each; it has no single cache tensor")
+    def kv_cache(self):
+        """What the instance's transports take as its cache: the group's description of its
+        sharded cache (the KV itself lives on the workers, one shard each)."""
+        cache = getattr(self.group, "kv_cache", None)
+        if cache is None:
+            raise RuntimeError("this tensor/pipeline-parallel engine's KV cache lives on its worker "
+                               "processes, one shard each, and cannot be transferred")
+        return cache
 
     def close(self) -> None:
         self.group.close()

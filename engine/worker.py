@@ -32,6 +32,10 @@ class WorkerConfig(msgspec.Struct, frozen=True, kw_only=True):
     timeout_s: float = 60.0  # bound on every collective and on the controller's wait for a step
 
 
+class WorkerFailed(RuntimeError):
+    """A worker of a parallel instance died, raised, or did not answer in time."""
+
+
 class WorkerGroup(Protocol):
     """The controller's side of its workers: run a step on all of them, get the logits."""
 

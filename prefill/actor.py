@@ -7,6 +7,7 @@ from tandem.engine.engine import EngineConfig
 from tandem.engine.loop import StepLoop
 from tandem.engine.params import SamplingParams
 from tandem.prefill.instance import PrefillInstance
+from tandem.transfer.actor import start_parallel_engine
 from tandem.transfer.hosting import (build_engine, close_transports, failure_reporter, incarnation,
                                      on_loop, serve_transfer)
 from tandem.transfer.protocol import HealthReport
@@ -17,14 +18,23 @@ from tandem.transfer.registry import make_transport
 class PrefillActor:
     def __init__(self, instance_id: str, model_dir: str, config: EngineConfig, router_name: str,
                  transport: str = "ray", num_threads: int = 1, hold_timeout_s: float = 60.0,
-                 restart_on_failure: bool = False, router_namespace: str = "tandem") -> None:
+                 restart_on_failure: bool = False, router_namespace: str = "tandem",
+                 worker_cpus: float = 1.0, worker_gpus: float = 0.0) -> None:
+        """With ``config.parallelism`` above (1, 1) this actor is the controller of tp x pp worker
+        actors (``transfer/actor.py``), each with ``worker_cpus``/``worker_gpus``."""
         self.instance_id = instance_id
         self.incarnation = incarnation()
         # The router by name, not by handle: a handle argument would pin an object that a
         # restart of this actor needs and Ray may have let go (ray-project/ray#53727).
         self.router = ray.get_actor(router_name, namespace=router_namespace)
-        self.transport = make_transport(transport)  # first: it may allocate the KV cache
-        engine = build_engine(model_dir, config, num_threads, [self.transport])
+        if config.parallelism.world_size > 1:
+            engine, transports = start_parallel_engine(model_dir, config, (transport,), worker_cpus,
+                                                       worker_gpus, num_threads, instance_id)
+            self.transport = transports[transport]
+        else:
+            self.transport = make_transport(transport)  # first: it may allocate the KV cache
+            engine = build_engine(model_dir, config, num_threads, [self.transport])
+        self.engine = engine
         self.instance = PrefillInstance(engine, self.transport, hold_timeout_s)
         self.loop = StepLoop(self.instance, self._publish, housekeeping=self.instance.reclaim_expired,
                              on_failure=failure_reporter(self.router, instance_id, restart_on_failure))
@@ -64,3 +74,4 @@ class PrefillActor:
     async def shutdown(self) -> None:
         self.loop.stop()
         close_transports([self.transport])
+        self.engine.close()  # a parallel instance's workers

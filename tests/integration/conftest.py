@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import random
 import time
 
 import pytest
@@ -40,3 +41,17 @@ def all_blocks_free(cluster) -> bool:
 
 def assert_all_blocks_free(cluster, timeout_s: float = 30.0) -> None:
     wait_until(lambda: all_blocks_free(cluster), timeout_s)
+
+
+def mixed_workload(seed: int, count: int, max_prompt: int, max_tokens: tuple[int, int]):
+    """(prompts, params) for a tiny byte-vocabulary model: random prompts of 1..``max_prompt`` ids;
+    odd requests greedy, even ones seeded top-k sampling; ``max_tokens`` drawn from the range."""
+    from tandem.engine import SamplingParams
+
+    rng = random.Random(seed)
+    prompts = [[rng.randrange(3, 256) for _ in range(rng.randint(1, max_prompt))] for _ in range(count)]
+    params = [SamplingParams(max_tokens=rng.randint(*max_tokens), temperature=0, ignore_eos=True) if i % 2 else
+              SamplingParams(max_tokens=rng.randint(*max_tokens), temperature=0.9, top_k=40, seed=i,
+                             ignore_eos=True)
+              for i in range(count)]
+    return prompts, params

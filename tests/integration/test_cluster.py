@@ -2,14 +2,13 @@
 from __future__ import annotations
 
 import asyncio
-import random
 
 import pytest
 
 from tandem.engine import LLM, SamplingParams
 from tandem.engine.engine import EngineConfig
 from tandem.engine.scheduler import SchedulerConfig
-from tests.integration.conftest import assert_all_blocks_free, wait_until
+from tests.integration.conftest import assert_all_blocks_free, mixed_workload, wait_until
 
 NUM_REQUESTS = 32
 
@@ -57,13 +56,7 @@ def colocated(ray_cluster, tiny_llama_dir):
 
 @pytest.fixture(scope="module")
 def workload():
-    rng = random.Random(3)
-    prompts = [[rng.randrange(3, 256) for _ in range(rng.randint(1, 70))] for _ in range(NUM_REQUESTS)]
-    params = [SamplingParams(max_tokens=rng.randint(4, 24), temperature=0, ignore_eos=True)
-              if i % 2 else
-              SamplingParams(max_tokens=rng.randint(4, 24), temperature=0.9, top_k=40, seed=i, ignore_eos=True)
-              for i in range(NUM_REQUESTS)]
-    return prompts, params
+    return mixed_workload(3, NUM_REQUESTS, 70, (4, 24))
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import signal
 import pytest
 
 from tandem import LLM, SamplingParams
-from tandem.engine.process_group import WorkerFailed
+from tandem.engine.worker import WorkerFailed
 from tests.reference import assert_greedy_close, hf_greedy, hf_load, make_tiny_model
 
 PROMPTS = [[5, 6, 7, 8, 9], list(range(10, 40)), [200, 3, 77] * 7]

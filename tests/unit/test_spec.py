@@ -197,18 +197,17 @@ def test_nccl_with_cuda_passes() -> None:
 
 
 @pytest.mark.parametrize("field,value,fragment", [
-    ("decode.tp", 3, "3 does not divide num_key_value_heads=4"),
-    ("prefill.tp", 8, "8 does not divide num_key_value_heads=4"),
-    ("prefill.tp", 16, "does not divide num_key_value_heads=4"),
-    ("prefill.pp", 4, "4 does not divide num_hidden_layers=6"),
-    ("decode.pp", 5, "5 does not divide num_hidden_layers=6"),
+    ("decode.tp", 3, "tp=3 does not divide the 8 attention heads"),
+    ("prefill.tp", 16, "tp=16 does not divide the 8 attention heads"),
+    ("prefill.pp", 7, "pp=7 exceeds the 6 layers"),
 ])
 def test_model_divisibility(model_dir: Path, field: str, value: int, fragment: str) -> None:
     error = expect_error(with_value(base(model_dir), field, value), field, fragment)
     assert fragment in error.reason
 
 
-@pytest.mark.parametrize("tp,pp", [(1, 1), (2, 1), (4, 2), (2, 3), (1, 6)])
+# tp=8 > 4 KV heads replicates each KV head on two ranks; pp=4 splits 6 layers 2, 2, 1, 1.
+@pytest.mark.parametrize("tp,pp", [(1, 1), (2, 1), (4, 2), (2, 3), (1, 6), (8, 1), (1, 4)])
 def test_model_divisibility_passes(model_dir: Path, tp: int, pp: int) -> None:
     data = with_value(with_value(base(model_dir), "prefill.tp", tp), "decode.pp", pp)
     spec = parse_spec(data)
@@ -219,7 +218,7 @@ def test_kv_heads_default_to_heads(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text(json.dumps(
         {"num_attention_heads": 6, "num_hidden_layers": 4}))
     expect_error(with_value(base(tmp_path), "decode.tp", 4), "decode.tp",
-                 "4 does not divide num_attention_heads=6")
+                 "tp=4 does not divide the 6 attention heads")
     assert parse_spec(with_value(base(tmp_path), "decode.tp", 3)).model_check.checked
 
 
@@ -268,7 +267,7 @@ def test_model_name_resolves_through_prepare(monkeypatch: pytest.MonkeyPatch,
     monkeypatch.setattr(prepare, "resolve_model", lambda name: model_dir)
     spec = parse_spec(base())
     assert spec.model_check.config_path == str(model_dir / "config.json")
-    expect_error(with_value(base(), "decode.tp", 3), "decode.tp", "num_key_value_heads=4")
+    expect_error(with_value(base(), "decode.tp", 3), "decode.tp", "tp=3 does not divide the 8 attention heads")
 
 
 def test_unprepared_model_name_skips_checks(monkeypatch: pytest.MonkeyPatch,

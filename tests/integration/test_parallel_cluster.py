@@ -1,0 +1,140 @@
+"""Clusters whose prefill and decode instances use different tensor/pipeline parallelism, on a
+local Ray cluster: outputs against the single-worker engine (seeded sampling) and transformers
+(greedy, up to near-ties that reordered sums may flip), every transport, every block back, and a
+dead worker failing only its own instance's requests with a clear error."""
+from __future__ import annotations
+
+import pytest
+
+from tandem.engine import LLM, SamplingParams
+from tandem.engine.engine import EngineConfig
+from tandem.engine.parallel import Parallelism
+from tests.integration.conftest import assert_all_blocks_free, mixed_workload, wait_until
+from tests.reference import assert_greedy_close, hf_load, make_tiny_model
+
+NUM_REQUESTS = 8
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """3 layers (pp=2 splits them 2 + 1), 4 query heads and 2 KV heads. (A tp above the KV heads,
+    which replicates them, is covered in process: tests/unit/test_parallel_engine.py for the model,
+    tests/unit/test_resharding_transfer.py for the KV moves.)"""
+    return make_tiny_model(tmp_path_factory.mktemp("parallel"), "llama", num_hidden_layers=3)
+
+
+@pytest.fixture(scope="module")
+def workload():
+    return mixed_workload(5, NUM_REQUESTS, 60, (4, 16))
+
+
+@pytest.fixture(scope="module")
+def reference(model_dir, workload):
+    prompts, params = workload
+    return hf_load(model_dir), LLM(model_dir, dtype="float32", num_blocks=256).generate(prompts, params)
+
+
+def _launch(name, model_dir, prefill, decode, backend, decode_replicas=1):
+    from tandem.cluster.launcher import Cluster
+    from tandem.cluster.launcher_config import InstanceGroup, LaunchConfig
+
+    def group(replicas, shape):
+        engine = EngineConfig(dtype="float32", num_blocks=64, parallelism=Parallelism(*shape))
+        return InstanceGroup(replicas, engine, num_cpus=0.5)  # per worker: fits the 4-CPU test cluster
+
+    config = LaunchConfig(name=name, model_dir=str(model_dir), prefill=group(1, prefill),
+                          decode=group(decode_replicas, decode), transfer_backend=backend,
+                          health_timeout_s=5.0)
+    return Cluster.launch(config, timeout_s=180)
+
+
+def _check_outputs(results, workload, reference):
+    hf_model, wanted = reference
+    prompts, params = workload
+    for prompt, p, got, want in zip(prompts, params, results, wanted):
+        assert got.error is None and got.finish_reason == "length", got.error
+        if p.greedy:
+            assert_greedy_close(hf_model, prompt, got.token_ids, want.token_ids)
+        else:
+            assert got.token_ids == want.token_ids
+
+
+@pytest.mark.parametrize("prefill, decode, backend", [
+    ((1, 1), (2, 1), "shm"),
+    ((2, 1), (1, 1), "ray"),
+    ((2, 1), (1, 2), "auto"),
+    ((1, 2), (2, 1), "ray"),
+    ((2, 2), (1, 1), "shm"),
+], ids=["1x1-to-2x1-shm", "2x1-to-1x1-ray", "2x1-to-1x2-auto", "1x2-to-2x1-ray", "2x2-to-1x1-shm"])
+def test_outputs_match_the_references_for_each_pair_of_shapes(ray_cluster, model_dir, workload, reference,
+                                                              prefill, decode, backend):
+    cluster = _launch(f"par-{prefill[0]}{prefill[1]}-{decode[0]}{decode[1]}", model_dir, prefill, decode, backend)
+    try:
+        prompts, params = workload
+        _check_outputs(cluster.client(timeout_s=120).generate_batch(prompts, params), workload, reference)
+        assert_all_blocks_free(cluster)
+    finally:
+        cluster.shutdown()
+
+
+@pytest.fixture(scope="module")
+def tp_decode_pool(ray_cluster, model_dir):
+    cluster = _launch("par-pool", model_dir, (1, 1), (2, 1), "shm", decode_replicas=2)
+    yield cluster
+    cluster.shutdown()
+
+
+def test_requests_migrate_between_parallel_decode_instances(tp_decode_pool, workload, reference):
+    client = tp_decode_pool.client(timeout_s=120)
+    prompts, _ = workload
+    long = SamplingParams(max_tokens=200, temperature=0, ignore_eos=True)
+    single = LLM(tp_decode_pool.config.model_dir, dtype="float32", num_blocks=256).generate(prompts[:2], long)
+    rids = [client.submit(prompt, long) for prompt in prompts[:2]]
+    for rid in rids:
+        here = _when_decoding(client, rid)["decode_instance"]
+        assert client.migrate(rid) != here
+    for rid in rids:  # each move committed (pre-copied through the workers' transports)
+        migrations = wait_until(lambda: _describe(client, rid)["migrations"])
+        assert len(migrations) == 1 and migrations[0]["blocks"] >= 1
+    results = [client.result(rid) for rid in rids]
+    hf_model, _ = reference
+    for prompt, got, want in zip(prompts, results, single):
+        assert got.error is None
+        assert_greedy_close(hf_model, prompt, got.token_ids, want.token_ids)
+    assert_all_blocks_free(tp_decode_pool)
+
+
+def test_a_killed_worker_fails_its_instances_requests_and_the_rest_keeps_serving(tp_decode_pool, workload):
+    import ray
+
+    client = tp_decode_pool.client(timeout_s=120)
+    long = SamplingParams(max_tokens=400, temperature=0, ignore_eos=True)
+    prompts, _ = workload
+    rids = [client.submit(prompt, long) for prompt in prompts]
+    wait_until(lambda: all(s.get("running", 0) > 0 for s in _decode_stats(tp_decode_pool)), 60)
+    ray.kill(ray.get_actor("par-pool-decode-0-worker-1"), no_restart=True)
+    results = [client.result(rid) for rid in rids]
+    failed = [r for r in results if r.error is not None]
+    assert failed and len(failed) < len(results)
+    for result in failed:
+        assert "par-pool-decode-0" in result.error and "worker 1 of 2" in result.error, result.error
+    for result in results:
+        assert result.error is not None or len(result.token_ids) == 400
+    # The other instance serves everything that comes next.
+    after = client.generate_batch(prompts[:4], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
+    assert all(r.error is None and len(r.token_ids) == 8 for r in after)
+
+
+def _describe(client, rid):
+    import ray
+
+    return ray.get(client.router.describe.remote(rid), timeout=30)
+
+
+def _when_decoding(client, rid, min_tokens=3):
+    return wait_until(lambda: (d := _describe(client, rid))["stage"] == "decode"
+                      and not d["migrating"] and d["num_tokens"] >= min_tokens and d)
+
+
+def _decode_stats(cluster) -> list[dict]:
+    return [s for name, s in cluster.stats()["instances"].items() if "-decode-" in name]
