@@ -9,7 +9,9 @@ A random-weight 155M Llama (8 layers, 16 heads, 4 KV heads of 64, fp32) througho
   ~300) of ``LLM`` at tp=1 in process (1 and 2 torch threads) and at tp=2 and pp=2 on two local
   worker processes of 1 thread each (gloo), all on this host's cores;
 - allreduce: one gloo all-reduce between two processes of the shapes a step reduces (decode
-  [8, 1024], prefill [1024, 1024]), and the share of the tp=2 step it explains (2 per layer);
+  [8, 1024], prefill [1024, 1024]); and, inside each worker of a tp=2 pair running the model
+  (1 thread each), the step time and the time spent in its all-reduces (waiting for the slower
+  peer included), for the decode and prefill steps above;
 - transfer: one request's KV (1024 tokens, 64 blocks) moved through the shared-memory transport,
   in this process, from a source of one parallelism to a destination of another
   (``transfer/sharded.py``): each destination worker's fetch time, and their sum;
@@ -119,7 +121,70 @@ def _reduce_worker(rank: int, port: int, shapes, repeats: int, out) -> None:
     dist.destroy_process_group()
 
 
-def run_allreduce(repeats: int) -> list[str]:
+def _shard_step_worker(rank: int, port: int, path: str, repeats: int, out) -> None:
+    from tandem.engine.collective import DistributedCollective
+    from tandem.engine.parallel import Parallelism, WorkerShard
+    from tandem.engine.step_inputs import StepInputs
+    from tandem.engine.worker import ShardWorker, WorkerConfig
+
+    torch.set_num_threads(1)
+    config = WorkerConfig(model_dir=path, dtype="float32", device="cpu", block_size=16, num_blocks=512,
+                          max_model_len=4096, parallelism=Parallelism(2, 1))
+    comm = DistributedCollective(WorkerShard(config.parallelism, rank), f"tcp://127.0.0.1:{port}", 60)
+    reduce = comm.all_reduce
+    spent = [0.0]
+
+    def timed(tensor):
+        start = time.perf_counter()
+        reduce(tensor)
+        spent[0] += time.perf_counter() - start
+        return tensor
+
+    comm.all_reduce = timed
+    worker = ShardWorker(config, rank, comm)
+    steps = {
+        "decode batch 8, context 300": StepInputs("decode", [5] * 8, [300] * 8,
+                                                  [list(range(i * 20, i * 20 + 20)) for i in range(8)]),
+        "prefill 4 x 256": StepInputs("prefill", [5] * 1024, [256] * 4,
+                                      [list(range(i * 16, i * 16 + 16)) for i in range(4)]),
+    }
+    for name, inputs in steps.items():
+        worker.run(inputs)
+        times = []
+        for _ in range(repeats):
+            spent[0] = 0.0
+            start = time.perf_counter()
+            worker.run(inputs)
+            times.append((time.perf_counter() - start, spent[0]))
+        out.put((rank, name, times))
+    comm.close()
+
+
+def run_allreduce(path: Path, repeats: int) -> list[str]:
+    lines = run_gloo_pair(repeats)
+    import multiprocessing
+
+    from tandem.engine.process_group import _free_port
+
+    context = multiprocessing.get_context("spawn")
+    out = context.Queue()
+    port = _free_port()
+    procs = [context.Process(target=_shard_step_worker, args=(rank, port, str(path), 10 * repeats, out))
+             for rank in range(2)]
+    for proc in procs:
+        proc.start()
+    results = [out.get(timeout=600) for _ in range(4)]
+    for proc in procs:
+        proc.join(timeout=30)
+    lines += ["", "| tp=2 worker (1 thread) | rank | step (ms) | in all-reduce (ms) | share |", "|---|---|---|---|---|"]
+    for rank, name, times in sorted(results, key=lambda r: (r[1], r[0])):
+        steps, reduces = [t for t, _ in times], [r for _, r in times]
+        share = statistics.median(r / t for t, r in times)
+        lines.append(f"| {name} | {rank} | {spread(steps)} | {spread(reduces)} | {share:.0%} |")
+    return lines
+
+
+def run_gloo_pair(repeats: int) -> list[str]:
     import multiprocessing
 
     from tandem.engine.process_group import _free_port
@@ -242,10 +307,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        path = model_dir(Path(tmp)) if {"engine", "cluster"} & set(args.parts) else None
+        path = model_dir(Path(tmp)) if {"engine", "allreduce", "cluster"} & set(args.parts) else None
         for part in args.parts:
             runner = {"engine": lambda: run_engine(path, args.repeats),
-                      "allreduce": lambda: run_allreduce(args.repeats),
+                      "allreduce": lambda: run_allreduce(path, args.repeats),
                       "transfer": lambda: run_transfer(args.repeats),
                       "cluster": lambda: run_cluster(path, args.repeats)}[part]
             print(f"\n## {part}\n")
