@@ -6,8 +6,8 @@
 A random-weight 155M Llama (8 layers, 16 heads, 4 KV heads of 64, fp32) throughout.
 
 - engine: one prefill step (4 prompts x 256 tokens) and the median decode step (batch 8, context
-  ~300) of ``LLM`` at tp=1 in process (1 and 2 torch threads) and at tp=2 and pp=2 on two local
-  worker processes of 1 thread each (gloo), all on this host's cores;
+  ~300; batch 64, context ~100) of ``LLM`` at tp=1 in process (1 and 2 torch threads) and at tp=2
+  and pp=2 on two local worker processes of cores/2 threads each (gloo);
 - allreduce: one gloo all-reduce between two processes of the shapes a step reduces (decode
   [8, 1024], prefill [1024, 1024]); and, inside each worker of a tp=2 pair running the model
   (1 thread each), the step time and the time spent in its all-reduces (waiting for the slower
@@ -55,15 +55,32 @@ def spread(values: list[float], scale: float = 1e3) -> str:
 
 # -- engine -----------------------------------------------------------------------------------------
 
-def engine_times(path: Path, tp: int, pp: int, threads: int, repeats: int) -> tuple[list[float], list[float]]:
+def _decode_step(engine, prompts: list[list[int]]) -> float:
+    """Median decode step of ``prompts`` decoding together (their prefill not counted)."""
+    from tandem.engine import SamplingParams
+
+    for prompt in prompts:
+        engine.add_request(prompt, SamplingParams(max_tokens=17, temperature=0, ignore_eos=True))
+    while any(s.num_output_tokens == 0 for s in engine.scheduler.running) or engine.scheduler.waiting:
+        engine.step()  # their prefills
+    steps = []
+    while engine.has_unfinished():
+        start = time.perf_counter()
+        engine.step()
+        steps.append(time.perf_counter() - start)
+    return statistics.median(steps)
+
+
+def engine_times(path: Path, tp: int, pp: int, threads: int, repeats: int) -> tuple[list[float], ...]:
     from tandem.engine import LLM, SamplingParams
 
     torch.set_num_threads(threads)
     gen = torch.Generator().manual_seed(0)
     prefill_prompts = torch.randint(10, 32000, (4, 256), generator=gen).tolist()
-    decode_prompts = torch.randint(10, 32000, (8, 300), generator=gen).tolist()
-    prefill, decode = [], []
-    llm = LLM(path, tp=tp, pp=pp, num_blocks=512)  # workers get cores / workers threads each
+    small = torch.randint(10, 32000, (8, 300), generator=gen).tolist()
+    large = torch.randint(10, 32000, (64, 100), generator=gen).tolist()
+    prefill, decode8, decode64 = [], [], []
+    llm = LLM(path, tp=tp, pp=pp, num_blocks=1024)  # workers get cores / workers threads each
     try:
         engine = llm.engine
         for _ in range(repeats):
@@ -74,28 +91,22 @@ def engine_times(path: Path, tp: int, pp: int, threads: int, repeats: int) -> tu
             prefill.append(time.perf_counter() - start)
             while engine.has_unfinished():
                 engine.step()
-            for prompt in decode_prompts:
-                engine.add_request(prompt, SamplingParams(max_tokens=33, temperature=0, ignore_eos=True))
-            engine.step()  # their prefill
-            steps = []
-            while engine.has_unfinished():
-                start = time.perf_counter()
-                engine.step()
-                steps.append(time.perf_counter() - start)
-            decode.append(statistics.median(steps))
+            decode8.append(_decode_step(engine, small))
+            decode64.append(_decode_step(engine, large))
     finally:
         llm.close()
-    return prefill, decode
+    return prefill, decode8, decode64
 
 
 def run_engine(path: Path, repeats: int) -> list[str]:
-    lines = ["| shape | workers x threads | prefill step 4 x 256 (ms) | decode step batch 8 (ms) |",
-             "|---|---|---|---|"]
+    lines = ["| shape | workers x threads | prefill step 4 x 256 (ms) | decode step batch 8, context 300 (ms) "
+             "| decode step batch 64, context 100 (ms) |", "|---|---|---|---|---|"]
     cores = os.cpu_count() or 1
     for tp, pp, threads in [(1, 1, 1), (1, 1, cores), (2, 1, None), (1, 2, None)]:
-        prefill, decode = engine_times(path, tp, pp, threads or 1, repeats)
+        prefill, decode8, decode64 = engine_times(path, tp, pp, threads or 1, repeats)
         per_worker = threads or max(1, cores // (tp * pp))
-        lines.append(f"| tp={tp} pp={pp} | {tp * pp} x {per_worker} | {spread(prefill)} | {spread(decode)} |")
+        lines.append(f"| tp={tp} pp={pp} | {tp * pp} x {per_worker} | {spread(prefill)} | {spread(decode8)} "
+                     f"| {spread(decode64)} |")
     return lines
 
 

@@ -25,7 +25,10 @@ class Collective(Protocol):
         elsewhere)."""
 
     def send_next(self, tensor: torch.Tensor) -> None:
-        """Hand activations to the next pipeline stage."""
+        """Hand activations to the next pipeline stage (may return before they are delivered)."""
+
+    def flush(self) -> None:
+        """Wait until every activation handed on has been delivered."""
 
     def recv_prev(self, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
         """Activations from the previous pipeline stage (dtype and device of ``like``)."""
@@ -42,6 +45,9 @@ class Solo:
 
     def send_next(self, tensor: torch.Tensor) -> None:
         raise RuntimeError("a single-worker model has no next pipeline stage")
+
+    def flush(self) -> None:
+        return None
 
     def recv_prev(self, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
         raise RuntimeError("a single-worker model has no previous pipeline stage")
@@ -64,6 +70,7 @@ class DistributedCollective:
         groups = [dist.new_group([par.rank(t, stage) for t in range(par.tp)]) for stage in range(par.pp)]
         self.tp_group = groups[shard.pp_rank]
         self.tp_root = par.rank(0, shard.pp_rank)
+        self._sends: list = []  # (request, tensor) of activations handed on, not yet delivered
 
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.shard.parallelism.tp > 1:
@@ -84,8 +91,16 @@ class DistributedCollective:
         return torch.cat([part[:, :width] for part, width in zip(parts, widths)], dim=1)
 
     def send_next(self, tensor: torch.Tensor) -> None:
+        """Asynchronous: this stage goes on to its next micro-batch while the send completes."""
         par = self.shard.parallelism
-        self.dist.send(tensor.contiguous(), dst=par.rank(self.shard.tp_rank, self.shard.pp_rank + 1))
+        tensor = tensor.contiguous()  # kept alive, with its request, until flush
+        self._sends.append((self.dist.isend(tensor, dst=par.rank(self.shard.tp_rank, self.shard.pp_rank + 1)),
+                            tensor))
+
+    def flush(self) -> None:
+        sends, self._sends = self._sends, []
+        for work, _ in sends:
+            work.wait()
 
     def recv_prev(self, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
         par = self.shard.parallelism

@@ -34,6 +34,32 @@ def step_inputs(plan: StepPlan, tables: dict[str, list[int]]) -> StepInputs:
     return StepInputs(plan.kind, ids, [s.num_tokens for s in seqs], [tables[s.request_id] for s in seqs])
 
 
+def split_inputs(inputs: StepInputs, parts: int, min_tokens: int = 1) -> list[StepInputs]:
+    """``inputs`` cut into at most ``parts`` micro-batches of whole sequences, in order, as even in
+    tokens as contiguous cuts make them, and of about ``min_tokens`` new tokens or more each: a
+    pipeline-parallel instance runs them through its stages one behind the other, so every stage
+    has work. Each sequence's logits come out in order."""
+    count = len(inputs.seq_lens)
+    new_tokens = len(inputs.token_ids)
+    parts = max(1, min(parts, count, new_tokens // max(1, min_tokens)))
+    if parts == 1:
+        return [inputs]
+    tokens = inputs.seq_lens if inputs.kind == "prefill" else [1] * count
+    total, cuts, running = sum(tokens), [], 0
+    for index, n in enumerate(tokens[:-1]):
+        running += n
+        if running * parts >= total * (len(cuts) + 1) and count - index - 1 >= parts - len(cuts) - 1:
+            cuts.append(index + 1)
+        if len(cuts) == parts - 1:
+            break
+    bounds = [0, *cuts, count]
+    offsets = [0]
+    for n in tokens:
+        offsets.append(offsets[-1] + n)
+    return [StepInputs(inputs.kind, inputs.token_ids[offsets[a]:offsets[b]], inputs.seq_lens[a:b],
+                       inputs.block_tables[a:b]) for a, b in zip(bounds, bounds[1:])]
+
+
 def _slots(table: list[int], block_size: int, end: int) -> torch.Tensor:
     blocks = torch.tensor(table, dtype=torch.long)
     return (blocks[:, None] * block_size + torch.arange(block_size)).reshape(-1)[:end]

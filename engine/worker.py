@@ -18,7 +18,14 @@ from tandem.engine.collective import Collective
 from tandem.engine.config import load_config
 from tandem.engine.parallel import Parallelism, WorkerShard
 from tandem.engine.runner import DTYPES, ModelRunner, build_model, kv_cache_shape
-from tandem.engine.step_inputs import StepInputs
+from tandem.engine.step_inputs import StepInputs, split_inputs
+
+
+# Fewest new tokens worth a micro-batch of their own. A decode batch is bound by reading the
+# weights, which each micro-batch does again, so on CPU halves overlapped across two stages ran
+# slower than the whole batch (64 x 32 tokens); a prefill's micro-batches pay
+# (benchmarks/RESULTS.md, "Parallel instances").
+MICRO_BATCH_MIN_TOKENS = 128
 
 
 class WorkerConfig(msgspec.Struct, frozen=True, kw_only=True):
@@ -56,6 +63,7 @@ class ShardWorker:
         if config.device == "cpu":
             heap.keep_freed_memory()
         self.config = config
+        self.comm = comm
         self.shard = WorkerShard(config.parallelism, rank)
         model_config = load_config(Path(config.model_dir))
         dtype = DTYPES[config.dtype]
@@ -73,4 +81,9 @@ class ShardWorker:
         return self.runner.kv_cache
 
     def run(self, inputs: StepInputs) -> torch.Tensor | None:
-        return self.runner.run_inputs(inputs)
+        """One step. With pipeline stages a batch large enough goes through as up to pp
+        micro-batches, so stage s works on micro-batch i while stage s+1 works on micro-batch i-1."""
+        pieces = split_inputs(inputs, self.shard.parallelism.pp, MICRO_BATCH_MIN_TOKENS)
+        outputs = [self.runner.run_inputs(piece) for piece in pieces]
+        self.comm.flush()
+        return None if outputs[0] is None else torch.cat(outputs) if len(outputs) > 1 else outputs[0]

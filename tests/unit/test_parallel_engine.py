@@ -45,6 +45,21 @@ def test_greedy_outputs_match_transformers(models, references, model, tp, pp):
         assert_greedy_close(reference, prompt, out.token_ids, want)
 
 
+def test_a_prefill_large_enough_goes_through_the_stages_as_micro_batches(models, references):
+    from tandem.engine.step_inputs import StepInputs, split_inputs
+    from tandem.engine.worker import MICRO_BATCH_MIN_TOKENS
+
+    prompts = [[(7 * i + j) % 250 + 3 for j in range(150)] for i in range(3)]
+    step = StepInputs("prefill", [t for p in prompts for t in p], [150] * 3, [[0]] * 3)
+    assert len(split_inputs(step, 2, MICRO_BATCH_MIN_TOKENS)) == 2  # so the stages overlap
+    reference, _ = references["llama"]
+    wanted = hf_greedy(reference, prompts, 6)
+    with LLM(models["llama"], pp=2, dtype="float32") as llm:
+        outputs = llm.generate(prompts, SamplingParams(max_tokens=6, ignore_eos=True, temperature=0))
+    for prompt, out, want in zip(prompts, outputs, wanted):
+        assert_greedy_close(reference, prompt, out.token_ids, want)
+
+
 def test_seeded_sampling_matches_a_single_worker(models):
     params = [SamplingParams(max_tokens=NEW_TOKENS, ignore_eos=True, temperature=0.8, top_p=0.9, seed=s)
               for s in range(len(PROMPTS))]

@@ -102,3 +102,31 @@ def test_illegal_shapes_are_named(tp, pp, message):
 def test_kv_heads_neither_dividing_nor_divided_by_tp_are_refused():
     error = parallelism_error(Parallelism(4, 1), num_heads=12, num_kv_heads=6, num_layers=4)
     assert "tp=4 must divide the 6 KV heads or be a multiple of them" in error
+
+
+def test_a_step_splits_into_micro_batches_of_whole_sequences_in_order():
+    from tandem.engine.step_inputs import StepInputs, split_inputs
+
+    prefill = StepInputs("prefill", list(range(10)), [4, 1, 3, 2], [[0], [1], [2], [3]])
+    parts = split_inputs(prefill, 2)
+    assert [p.seq_lens for p in parts] == [[4, 1], [3, 2]]
+    assert [t for p in parts for t in p.token_ids] == list(range(10))
+    assert [b for p in parts for b in p.block_tables] == [[0], [1], [2], [3]]
+    decode = StepInputs("decode", [7, 8, 9], [5, 6, 7], [[0], [1], [2]])
+    assert [p.token_ids for p in split_inputs(decode, 2)] == [[7, 8], [9]]
+    assert [p.token_ids for p in split_inputs(decode, 4)] == [[7], [8], [9]]  # no empty micro-batch
+    assert split_inputs(decode, 1) == [decode]
+    # A long prompt first still leaves the next stage a micro-batch of its own.
+    skewed = StepInputs("prefill", list(range(103)), [100, 1, 1, 1], [[0], [1], [2], [3]])
+    assert [p.seq_lens for p in split_inputs(skewed, 3)] == [[100], [1], [1, 1]]
+
+
+def test_micro_batches_too_small_to_pay_stay_whole():
+    from tandem.engine.step_inputs import StepInputs, split_inputs
+
+    decode = StepInputs("decode", list(range(8)), [9] * 8, [[i] for i in range(8)])
+    assert split_inputs(decode, 2, min_tokens=32) == [decode]
+    big = StepInputs("decode", list(range(64)), [9] * 64, [[i] for i in range(64)])
+    assert [len(p.token_ids) for p in split_inputs(big, 2, min_tokens=32)] == [32, 32]
+    prefill = StepInputs("prefill", list(range(40)), [20, 20], [[0], [1]])
+    assert len(split_inputs(prefill, 2, min_tokens=32)) == 1
