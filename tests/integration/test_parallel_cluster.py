@@ -79,7 +79,8 @@ def test_outputs_match_the_references_for_each_pair_of_shapes(ray_cluster, model
 
 @pytest.fixture(scope="module")
 def tp_decode_pool(ray_cluster, model_dir):
-    cluster = _launch("par-pool", model_dir, (1, 1), (2, 1), "shm", decode_replicas=2)
+    """A tp=2 prefill instance (its exports held on both workers) and two tp=2 decode instances."""
+    cluster = _launch("par-pool", model_dir, (2, 1), (2, 1), "shm", decode_replicas=2)
     yield cluster
     cluster.shutdown()
 
@@ -101,6 +102,26 @@ def test_requests_migrate_between_parallel_decode_instances(tp_decode_pool, work
     for prompt, got, want in zip(prompts, results, single):
         assert got.error is None
         assert_greedy_close(hf_model, prompt, got.token_ids, want.token_ids)
+    assert_all_blocks_free(tp_decode_pool)
+
+
+def test_an_abort_during_a_sharded_kv_transfer_releases_every_worker_and_block(tp_decode_pool):
+    import ray
+
+    client = tp_decode_pool.client(timeout_s=120)
+    decode = [h for n, h in tp_decode_pool.actors.items() if "-decode-" in n]
+    ray.get([h.pause.remote(True) for h in decode], timeout=30)  # admissions wait between the pools
+    try:
+        rid = client.submit([6] * 40, SamplingParams(max_tokens=8, temperature=0))
+        wait_until(lambda: _describe(client, rid)["stage"] == "transfer")
+        wait_until(lambda: sum(s["pending_admissions"] for s in _decode_stats(tp_decode_pool)) == 1)
+        assert _prefill_stats(tp_decode_pool)["held"] == 1
+        assert client.abort(rid)
+        wait_until(lambda: _prefill_stats(tp_decode_pool)["held"] == 0)
+        wait_until(lambda: sum(s["pending_admissions"] for s in _decode_stats(tp_decode_pool)) == 0)
+    finally:
+        ray.get([h.pause.remote(False) for h in decode], timeout=30)
+    assert client.result(rid).finish_reason == "abort"
     assert_all_blocks_free(tp_decode_pool)
 
 
@@ -134,6 +155,11 @@ def _describe(client, rid):
 def _when_decoding(client, rid, min_tokens=3):
     return wait_until(lambda: (d := _describe(client, rid))["stage"] == "decode"
                       and not d["migrating"] and d["num_tokens"] >= min_tokens and d)
+
+
+def _prefill_stats(cluster) -> dict:
+    (stats,) = [s for name, s in cluster.stats()["instances"].items() if "-prefill-" in name]
+    return stats
 
 
 def _decode_stats(cluster) -> list[dict]:

@@ -195,3 +195,14 @@ def test_shm_pool_of_a_killed_instance_is_swept(ray_cluster, make_pair, peer_cls
         ray.get(newcomer.close.remote())
         ray.kill(newcomer)
 
+
+
+@pytest.mark.parametrize("backend", ["ray", "auto"])
+@pytest.mark.parametrize("kv_heads", [1, 2])
+def test_resharding_moves_are_byte_exact_through_each_ray_backend(ray_cluster, backend, kv_heads):
+    """Every (tp, pp) source to every destination, each worker with its own transport (the
+    shared-memory transport runs the same check in tests/unit)."""
+    from tandem.transfer.registry import make_transport
+    from tests.unit.test_resharding_transfer import check_every_pair
+
+    check_every_pair(kv_heads, lambda: make_transport(backend))

@@ -42,11 +42,13 @@ def _shard_of(full: torch.Tensor, par: Parallelism, rank: int) -> torch.Tensor:
 
 
 class _Workers:
-    """One transport per worker, each worker's cache allocated by it (shm: in its own pool)."""
+    """One transport per worker, each worker's cache allocated by it where it allocates caches
+    (shm: in its own pool)."""
 
-    def __init__(self, par: Parallelism, shapes: list[tuple[int, ...]], dtype) -> None:
-        self.transports = [ShmTransport() for _ in shapes]
-        self.caches = [t.allocate(s, dtype) for t, s in zip(self.transports, shapes)]
+    def __init__(self, par: Parallelism, shapes: list[tuple[int, ...]], dtype, make=ShmTransport) -> None:
+        self.transports = [make() for _ in shapes]
+        self.caches = [t.allocate(s, dtype) if hasattr(t, "allocate") else torch.zeros(s, dtype=dtype)
+                       for t, s in zip(self.transports, shapes)]
         self.par = par
 
     def close(self) -> None:
@@ -54,9 +56,9 @@ class _Workers:
             getattr(transport, "close", lambda: None)()
 
 
-def _source(full: torch.Tensor, par: Parallelism) -> tuple[_Workers, object]:
+def _source(full: torch.Tensor, par: Parallelism, make=ShmTransport) -> tuple[_Workers, object]:
     shards = [_shard_of(full, par, rank) for rank in range(par.world_size)]
-    workers = _Workers(par, [tuple(s.shape) for s in shards], full.dtype)
+    workers = _Workers(par, [tuple(s.shape) for s in shards], full.dtype, make)
     for cache, shard in zip(workers.caches, shards):
         cache.copy_(shard)
     handles = [t.export(c, "r1", SRC_BLOCKS, len(SRC_BLOCKS) * BLOCK_SIZE)
@@ -68,18 +70,25 @@ def _source(full: torch.Tensor, par: Parallelism) -> tuple[_Workers, object]:
     return workers, handle
 
 
-def _destination(full: torch.Tensor, par: Parallelism) -> _Workers:
+def _destination(full: torch.Tensor, par: Parallelism, make=ShmTransport) -> _Workers:
     shapes = [tuple(_shard_of(full, par, rank).shape) for rank in range(par.world_size)]
-    return _Workers(par, shapes, full.dtype)
+    return _Workers(par, shapes, full.dtype, make)
 
 
 @pytest.mark.parametrize("kv_heads", [1, 2, 4])
 def test_every_destination_worker_gets_its_exact_slice(kv_heads):
+    check_every_pair(kv_heads, ShmTransport)
+
+
+def check_every_pair(kv_heads: int, make) -> None:
+    """Every (source, destination) pair of shapes: each destination worker's cache holds exactly
+    its shard of the moved blocks, bit for bit, and nothing else changed. ``make`` builds a
+    worker's transport (tests/integration runs this with the object-store transport)."""
     full = _model_kv(kv_heads, torch.bfloat16)
     want = full[:, :, SRC_BLOCKS]
     for src, dst in itertools.product(_shapes(kv_heads), repeat=2):
-        source, handle = _source(full, src)
-        dest = _destination(full, dst)
+        source, handle = _source(full, src, make)
+        dest = _destination(full, dst, make)
         try:
             for rank, (transport, cache) in enumerate(zip(dest.transports, dest.caches)):
                 # Each destination worker fetches through its own transport, as a worker actor does.
