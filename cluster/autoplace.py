@@ -6,8 +6,9 @@
 The cluster spec already says most of what the planner needs (model and dtype, SLOs, the pools'
 batching limits and block size); ``planning:`` adds the rest (hardware, calibration, cluster size,
 workload, search knobs) in the placement spec's own schema, and ``placement.problem_from_dict``
-parses the combination, so the two spec formats share one parser. The planner only chooses
-replicas (tp and pp are held at ``ENGINE_MAX_TP``/``ENGINE_MAX_PP``, 1 today). The pools' batching
+parses the combination, so the two spec formats share one parser. The planner chooses replicas,
+tp and pp per phase; for CPU pools tp and pp stay 1 unless ``planning.search.max_tp``/``max_pp``
+allow more (``_search_options``). The pools' batching
 limits and block size become its policy; each simulated instance's KV capacity comes from the
 hardware profile's memory, not from ``num_blocks``, which is only checked to hold the workload's
 longest request (``_check_pool_blocks``); ``memory_fraction`` is not read.
@@ -33,11 +34,6 @@ from tandem.placement.problem import Problem, problem_from_dict
 from tandem.placement.problem import SpecError as ProblemError
 from tandem.placement.search import PlacementError, search
 from tandem.placement.sim_core import SimulationError
-
-# The engine runs single-device instances only (cluster/deployment.py refuses tp or pp > 1), so
-# the planner must not propose anything larger. Raise these when parallel instances exist.
-ENGINE_MAX_TP = 1
-ENGINE_MAX_PP = 1
 
 # Placement policy fields the pools already fix, and the pool field each one mirrors.
 _POOL_POLICY = {
@@ -115,11 +111,12 @@ def check_plannable(spec: ClusterSpec) -> None:
             # The search has no way to hold one phase's count fixed; refusing beats ignoring it.
             raise SpecError(f"{name}.replicas", "cannot be pinned under placement: auto (the "
                                                 "planner chooses it): omit it, or use placement: explicit")
-        for field, limit in (("tp", ENGINE_MAX_TP), ("pp", ENGINE_MAX_PP)):
+        for field in ("tp", "pp"):
             value = getattr(section, field)
-            if value is not None and value > limit:
-                raise SpecError(f"{name}.{field}", f"the engine runs {field}={limit} instances only "
-                                                   "(tensor/pipeline parallelism is not implemented yet)")
+            if value is not None and value > 1:
+                raise SpecError(f"{name}.{field}", f"cannot be pinned under placement: auto (the planner "
+                                                   f"chooses it; planning.search.max_{field} bounds it): "
+                                                   "omit it, or use placement: explicit")
 
 
 def fill_spec(spec: ClusterSpec, plan: Plan) -> ClusterSpec:
@@ -209,7 +206,7 @@ def _problem_data(spec: ClusterSpec, planning: PlanningSpec, size: PlanningClust
         "slo": msgspec.to_builtins(spec.slo),
         "workload": planning.workload,
         "policy": _policy(spec, planning.policy),
-        "search": _search_options(planning.search),
+        "search": _search_options(planning.search, spec.prefill.device),
         "dtype": _dtype(spec, config_path),
         "calibration": planning.calibration,
     }
@@ -237,12 +234,15 @@ def _policy(spec: ClusterSpec, given: dict[str, Any] | None) -> dict[str, Any]:
     return {**(given or {}), **fixed}
 
 
-def _search_options(given: dict[str, Any] | None) -> dict[str, Any]:
+def _search_options(given: dict[str, Any] | None, device: str) -> dict[str, Any]:
+    """The search knobs as given; for CPU pools tp and pp default to 1: on CPU they let a model
+    larger than one process's memory run, but make one that fits slower, which the analytic model
+    does not know (benchmarks/RESULTS.md, "Parallel instances"). Set ``max_tp``/``max_pp`` (ideally
+    with a calibration that timed those shapes: ``tandem profile --shapes``) to let it choose."""
     options = dict(given or {})
-    for key, limit in (("max_tp", ENGINE_MAX_TP), ("max_pp", ENGINE_MAX_PP)):
-        if options.setdefault(key, limit) != limit:
-            raise SpecError(f"planning.search.{key}", f"must be {limit}: the engine runs "
-                                                      f"{key[4:]}={limit} instances only")
+    if device == "cpu":
+        options.setdefault("max_tp", 1)
+        options.setdefault("max_pp", 1)
     return options
 
 

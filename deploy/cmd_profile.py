@@ -1,5 +1,7 @@
 """`tandem profile SPEC`: time the real engine over a grid of batch shapes, fit the planner's latency
-forms (placement/calibrate.py) and write the calibration file `tandem plan` reads.
+forms (placement/calibrate.py) and write the calibration file `tandem plan` reads. ``--shapes``
+times tensor/pipeline-parallel instances too (local worker processes), one calibration entry per
+(tp, pp), which the planner uses for those shapes in place of its analytic model.
 
 With ``--served`` it times one launched prefill + decode pair through the router instead
 (cluster/served_profile.py): slower to run, closer to what a deployment serves."""
@@ -19,6 +21,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("spec", help="cluster spec (its model, dtype and decode instance settings are used)")
     p.add_argument("--out", required=True, help="calibration JSON to write")
     p.add_argument("--threads", type=int, default=1, help="torch threads (match the instances)")
+    p.add_argument("--shapes", nargs="+", default=["1x1"], metavar="TPxPP",
+                   help="instance shapes to time, e.g. 1x1 2x1 1x2 (a parallel shape runs tp x pp local "
+                        "worker processes of --threads threads each)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--served", action="store_true",
                    help="time launched instances (1 prefill + 1 decode) on Ray, not a bare engine")
@@ -32,21 +37,46 @@ def _profile(args: argparse.Namespace) -> int:
     from tandem.cluster.deployment import model_directory
     from tandem.deploy.cmd_serve import load_spec_or_fail
     from tandem.engine.engine import Engine, EngineConfig
+    from tandem.engine.parallel import Parallelism
     from tandem.placement.calibrate import fit_profile, save_profile
 
     spec = load_spec_or_fail(args.spec)
     if args.served:
         return _profile_served(spec, args)
+    shapes = [_shape(text) for text in args.shapes]
     torch.set_num_threads(args.threads)
-    engine = Engine(model_directory(spec), EngineConfig(dtype=spec.model.dtype, num_blocks=8192))
-    samples = [*prefill_samples(engine, args.repeats), *decode_samples(engine, args.repeats)]
+    samples, dtype = [], None
+    for tp, pp in shapes:
+        config = EngineConfig(dtype=spec.model.dtype, num_blocks=8192, parallelism=Parallelism(tp, pp))
+        engine = Engine(model_directory(spec), config, workers=_local_workers(args.threads))
+        try:
+            samples += [*prefill_samples(engine, args.repeats, tp, pp), *decode_samples(engine, args.repeats, tp, pp)]
+        finally:
+            engine.close()
+        dtype = str(engine.dtype)
     profile = fit_profile(samples, model=spec.model.name or spec.model.path or "",
-                          hardware=f"cpu x{args.threads} threads", dtype=str(engine.dtype))
+                          hardware=f"cpu x{args.threads} threads", dtype=dtype)
     save_profile(profile, Path(args.out))
-    entry = profile.entries[0]
-    print(f"wrote {args.out}: {len(samples)} samples; prefill rms {1000 * entry.prefill.rms:.1f} ms, "
-          f"decode rms {1000 * entry.decode.rms:.1f} ms")
+    fits = "; ".join(f"tp={e.tp} pp={e.pp}: prefill rms {1000 * e.prefill.rms:.1f} ms, decode rms "
+                     f"{1000 * e.decode.rms:.1f} ms" for e in profile.entries)
+    print(f"wrote {args.out}: {len(samples)} samples; {fits}")
     return 0
+
+
+def _shape(text: str) -> tuple[int, int]:
+    from tandem.deploy.cli import CommandError
+
+    tp, sep, pp = text.lower().partition("x")
+    if not (sep and tp.isdigit() and pp.isdigit() and int(tp) >= 1 and int(pp) >= 1):
+        raise CommandError(f"--shapes: {text!r} is not TPxPP (for example 2x1)")
+    return int(tp), int(pp)
+
+
+def _local_workers(threads: int):
+    """A parallel shape's workers: local processes with the instances' thread count each."""
+    from tandem.engine.process_group import ProcessWorkerGroup
+
+    return lambda config: ProcessWorkerGroup(config, threads)
 
 
 def _profile_served(spec, args: argparse.Namespace) -> int:
@@ -92,23 +122,23 @@ def _timed(engine, lengths: list[int], decode: bool, repeats: int) -> tuple[list
     return lengths, statistics.median(times)
 
 
-def prefill_samples(engine, repeats: int):
+def prefill_samples(engine, repeats: int, tp: int = 1, pp: int = 1):
     from tandem.placement.calibrate import ProfileSample
 
     out = []
     for batch, length in PREFILL_GRID:
         lengths, seconds = _timed(engine, [length] * batch, False, repeats)
-        out.append(ProfileSample("prefill", 1, 1, tuple(lengths), seconds))
+        out.append(ProfileSample("prefill", tp, pp, tuple(lengths), seconds))
     return out
 
 
-def decode_samples(engine, repeats: int):
+def decode_samples(engine, repeats: int, tp: int = 1, pp: int = 1):
     from tandem.placement.calibrate import ProfileSample
 
     out = []
     for batch, context in DECODE_GRID:
         lengths, seconds = _timed(engine, [context] * batch, True, repeats)
         # The decode step runs with one more token of context than each prompt.
-        out.append(ProfileSample("decode", 1, 1, tuple(n + 1 for n in lengths), seconds))
+        out.append(ProfileSample("decode", tp, pp, tuple(n + 1 for n in lengths), seconds))
     return out
 

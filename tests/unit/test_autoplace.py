@@ -1,6 +1,6 @@
 """placement: auto: cluster spec -> placement problem (fields, defaults, errors naming the field),
-the plan respects the engine (tp = pp = 1) and the pools' fixed fields, and `tandem plan
---write-spec` writes an explicit spec that loads back equal."""
+the plan keeps CPU pools at tp = pp = 1 unless planning.search allows more, keeps the pools' fixed
+fields, and `tandem plan --write-spec` writes an explicit spec that loads back equal."""
 from __future__ import annotations
 
 import copy
@@ -20,7 +20,7 @@ from tandem.deploy.cli import main
 from tandem.placement.calibrate import CalibratedEntry, CalibratedProfile, PhaseFit, save_profile
 from tests.spec_helpers import write_model_config
 
-# A tiny Llama shape: tp 2 and pp 2 would both divide it, so only the engine limit keeps them out.
+# A tiny Llama shape: tp 2 and pp 2 would both divide it, so only the CPU default keeps them out.
 CONFIG = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64,
           "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
           "num_key_value_heads": 2, "vocab_size": 256, "max_position_embeddings": 512,
@@ -142,7 +142,6 @@ def test_auto_needs_slo_and_explicit_refuses_planning(model_dir: Path) -> None:
     ({"workload": WORKLOAD, "calibration": "missing.json"}, "planning.calibration", "cannot read"),
     ({"workload": WORKLOAD, "policy": {"block_size": 32}}, "planning.policy.block_size",
      "set by prefill.block_size (16)"),
-    ({"workload": WORKLOAD, "search": {"max_tp": 2}}, "planning.search.max_tp", "must be 1"),
     ({"workload": WORKLOAD, "search": {"requests": 10}}, "planning.search.requests", ">= 50"),
     ({"workload": WORKLOAD, "cluster": {"nodes": 0, "devices_per_node": 2}},
      "planning.cluster.nodes", ">= 1"),
@@ -166,7 +165,7 @@ def test_load_spec_points_at_the_planning_line(model_dir: Path, tmp_path: Path) 
 
 @pytest.mark.parametrize("changes, field, fragment", [
     ({"decode": {"replicas": 2}}, "decode.replicas", "cannot be pinned under placement: auto"),
-    ({"prefill": {"tp": 2}}, "prefill.tp", "runs tp=1 instances only"),
+    ({"prefill": {"tp": 2}}, "prefill.tp", "cannot be pinned under placement: auto"),
     ({"decode": {"device": "cuda"}}, "decode.device", "must equal prefill.device"),
     ({"prefill": {"device": "cuda"}, "decode": {"device": "cuda"}}, "planning.hardware",
      "required for cuda pools"),
@@ -217,6 +216,25 @@ def test_plan_is_single_device_and_keeps_the_pools_fixed_fields(model_dir: Path)
     line = summary(spec.name, result)
     assert line.startswith("planned auto: prefill ") and "predicted goodput" in line
     assert "attainment" in line and "\n" not in line
+
+
+def test_search_limits_let_the_planner_choose_parallel_instances_that_launch(model_dir: Path) -> None:
+    from tandem.cluster.deployment import launch_config
+
+    data = auto(model_dir)
+    # Too little memory per device for the weights and KV of fewer than four: only tp=2, pp=2 fits.
+    data["planning"]["hardware"] = {"base": "cpu", "memory_gib": 0.001}
+    eight = PlanningCluster(nodes=1, devices_per_node=8)  # one 4-device instance per phase
+    with pytest.raises(SpecError, match="placement: auto placement found no feasible deployment"):
+        plan_spec(parse_spec(data), eight)  # CPU pools: tp = pp = 1 unless allowed
+    data["planning"]["search"].update(max_tp=2, max_pp=2)
+    planned = plan_spec(parse_spec(data), eight)
+    plan = planned.result.plan
+    assert plan.prefill.tp * plan.prefill.pp > 1 and plan.decode.tp * plan.decode.pp > 1
+    config = launch_config(planned.spec, str(model_dir))
+    for group, phase in ((config.prefill, plan.prefill), (config.decode, plan.decode)):
+        par = group.engine.parallelism
+        assert (par.tp, par.pp) == (phase.tp, phase.pp) and group.workers == phase.tp * phase.pp
 
 
 def test_plan_is_not_hard_coded(model_dir: Path) -> None:

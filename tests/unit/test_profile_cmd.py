@@ -24,3 +24,23 @@ def test_profile_writes_a_loadable_calibration(tiny_llama_dir, tmp_path, capsys)
     # A fitted step time is positive and grows with the work (more prompt tokens, bigger batch).
     assert 0 < entry.prefill.at(32, 32**2) < entry.prefill.at(2048, 2048 * 512)
     assert 0 < entry.decode.at(1, 64)
+
+
+def test_profile_times_each_parallel_shape_asked_for(tiny_llama_dir, tmp_path, capsys):
+    spec = tmp_path / "s.yaml"
+    spec.write_text(textwrap.dedent(f"""\
+        name: prof
+        model: {{path: {tiny_llama_dir}, dtype: float32}}
+        prefill: {{replicas: 1}}
+        decode: {{replicas: 1}}
+        """))
+    out = tmp_path / "cal.json"
+    assert main(["profile", str(spec), "--out", str(out), "--repeats", "1", "--shapes", "1x1", "1x2"]) == 0
+    assert "tp=1 pp=2: prefill rms" in capsys.readouterr().out
+    profile = load_profile(out)
+    assert {(e.tp, e.pp) for e in profile.entries} == {(1, 1), (1, 2)}
+    entry = profile.entry(1, 2)
+    assert entry.prefill.samples == len(PREFILL_GRID) and entry.decode.samples == len(DECODE_GRID)
+    assert 0 < entry.decode.at(1, 64)
+    assert main(["profile", str(spec), "--out", str(out), "--shapes", "2by1"]) != 0
+    assert "--shapes: '2by1' is not TPxPP" in capsys.readouterr().err
