@@ -4,6 +4,8 @@ local Ray cluster: outputs against the single-worker engine (seeded sampling) an
 dead worker failing only its own instance's requests with a clear error."""
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from tandem.engine import LLM, SamplingParams
@@ -164,3 +166,41 @@ def _prefill_stats(cluster) -> dict:
 
 def _decode_stats(cluster) -> list[dict]:
     return [s for name, s in cluster.stats()["instances"].items() if "-decode-" in name]
+
+
+def test_a_waiting_kv_fetch_on_a_worker_does_not_hold_up_its_steps(ray_cluster, model_dir):
+    """A worker fetches KV beside its steps: with a fetch stuck on an object that is not there
+    yet, a step still runs (a worker actor with one ``async`` method would run them in turn)."""
+    import ray
+
+    from tandem.engine.parallel import Parallelism
+    from tandem.engine.step_inputs import StepInputs
+    from tandem.engine.worker import WorkerConfig
+    from tandem.transfer.actor import RayWorkerGroup
+    from tandem.transfer.protocol import KVHandle, KVLayout
+
+    @ray.remote
+    class Gate:
+        def __init__(self) -> None:
+            self.opened = asyncio.Event()
+
+        async def wait(self) -> None:
+            await self.opened.wait()
+
+        async def open(self) -> None:
+            self.opened.set()
+
+    config = WorkerConfig(model_dir=str(model_dir), dtype="float32", device="cpu", block_size=16,
+                          num_blocks=8, max_model_len=512, parallelism=Parallelism(1, 1))
+    group = RayWorkerGroup(config, ("ray",), num_cpus=0.5)
+    gate = Gate.remote()
+    try:
+        layout = KVLayout(3, 16, 2, 16, "float32")
+        stuck = KVHandle("ray", "stuck", 16, 1, layout, payload=[gate.wait.remote()])
+        fetching = group.workers[0].fetch.remote("ray", stuck, [5], 60.0)
+        logits = group.run(StepInputs("prefill", [5, 6, 7], [3], [[0]]))
+        assert logits.shape == (1, 256)
+        assert not ray.wait([fetching], timeout=0)[0]  # still waiting, beside the step
+    finally:
+        ray.get(gate.open.remote())
+        group.close()
