@@ -1,9 +1,13 @@
-"""Batch entrypoint for `ray job submit`: serve a spec, run a JSONL of prompts, write the results.
+"""Batch entrypoint for `ray job submit`: serve a spec, run a JSONL of prompts, stream the results.
 
     ray job submit --working-dir . -- python -m tandem.deploy.job SPEC --prompts in.jsonl --out /abs/out.jsonl
 
 Each input line is {"prompt": str | [token ids], optional "id", and any SamplingParams fields};
-each output line has the id, text, token ids, finish reason and metrics (TTFT, TPOT, ...).
+each output line has the id, text, token ids, finish reason and metrics (TTFT, TPOT, ...), or the
+id and the error of a request that failed. At most ``--max-in-flight`` requests are in flight; each
+result is appended to ``--out`` as it finishes, and a rerun skips the ids already there, so a job
+killed midway resumes where it stopped (``deploy/batch.py``). Progress goes to stderr: a bar on a
+terminal, a line every few seconds in a job's log; a summary line ends the job.
 
 Paths are this process's: Ray runs a job's entrypoint on the head node (unless the job asks for
 entrypoint resources), in its unpacked copy of ``--working-dir``. A relative ``--out`` therefore
@@ -12,20 +16,21 @@ lands in that copy on the head node, not where the job was submitted from: pass 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import sys
 from pathlib import Path
 
-import msgspec
-
 PARAM_FIELDS = set(("max_tokens temperature top_k top_p seed stop stop_token_ids ignore_eos "
                     "logprobs").split())
+DEFAULT_MAX_IN_FLIGHT = 256
 
 
 def read_prompts(path: Path):
+    from tandem.deploy.batch import Row
     from tandem.engine.params import SamplingParams
 
-    rows = []
+    rows, lines = [], {}
     for number, line in enumerate(path.read_text().splitlines(), 1):
         if not line.strip():
             continue
@@ -36,7 +41,11 @@ def read_prompts(path: Path):
             raise SystemExit(f"{path}:{number}: {exc}")
         if "prompt" not in row:
             raise SystemExit(f"{path}:{number}: missing field 'prompt'")
-        rows.append((str(row.get("id", number)), row["prompt"], params))
+        rid = str(row.get("id", number))
+        if rid in lines:  # a rerun finds finished requests by id: ids must be unique
+            raise SystemExit(f"{path}:{number}: id {rid!r} repeats line {lines[rid]}")
+        lines[rid] = number
+        rows.append(Row(rid, row["prompt"], params))
     return rows
 
 
@@ -45,11 +54,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("spec")
     ap.add_argument("--prompts", required=True, type=Path)
     ap.add_argument("--out", required=True, type=Path)
+    ap.add_argument("--max-in-flight", type=int, default=DEFAULT_MAX_IN_FLIGHT,
+                    help=f"requests in flight at once (default {DEFAULT_MAX_IN_FLIGHT})")
     ap.add_argument("--address", help="Ray address (default: the job's cluster)")
     args = ap.parse_args(argv)
+    if args.max_in_flight < 1:
+        ap.error("--max-in-flight must be at least 1")
 
     from tandem.cluster.launcher import Cluster, LaunchError
     from tandem.cluster.spec_types import SpecError
+    from tandem.deploy.batch import run_batch
     from tandem.deploy.cli import CommandError
     from tandem.deploy.cmd_serve import load_spec_or_fail, plan_if_auto
     from tandem.deploy.ray_session import connect_ray
@@ -62,15 +76,12 @@ def main(argv: list[str] | None = None) -> int:
     except (CommandError, LaunchError, SpecError) as exc:
         raise SystemExit(f"deploy.job: error: {exc}") from None
     try:
-        results = cluster.client().generate_batch([r[1] for r in rows], [r[2] for r in rows])
+        client = cluster.client()
+        tally = asyncio.run(run_batch(client.agenerate, rows, args.out, args.max_in_flight))
     finally:
         cluster.shutdown()
-    with args.out.open("w") as out:
-        for (rid, _, _), result in zip(rows, results):
-            record = msgspec.to_builtins(result)
-            record["id"] = rid
-            out.write(json.dumps(record) + "\n")
-    print(f"wrote {len(results)} completions to {args.out}")
+    print(f"summary: {tally.summary()}")
+    print(f"wrote {tally.done} completions to {args.out} ({tally.skipped} were there already)")
     return 0
 
 
