@@ -137,6 +137,10 @@ class Client:
         chat template where the router runs (as ``LLM.chat`` and the HTTP front end do)."""
         return self.generate(self._get(self.router.chat_prompt.remote(messages), 60.0), params)
 
+    async def atoken_texts(self, token_ids: list[int]) -> list[str]:
+        """Each token id on its own as text, as the model's tokenizer decodes it."""
+        return await self._aget(self.router.token_texts.remote(token_ids), 60.0) if token_ids else []
+
     async def achat_prompt(self, messages: list[dict]) -> list[int]:
         """The conversation as the router renders it (the model's chat template), token ids;
         ValueError if the template refuses it."""

@@ -15,7 +15,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from tandem.cluster.mailbox import Mailbox
-from tandem.engine.outputs import Completion, TokenDelta
+from tandem.engine.outputs import Completion, TokenDelta, TopLogprob
 from tandem.engine.params import SamplingParams
 from tandem.transfer.protocol import StreamChunk
 
@@ -47,6 +47,7 @@ class RequestRecord:
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
     logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[list[TopLogprob]] = field(default_factory=list)
     token_times: list[float] = field(default_factory=list)
     events: dict[str, float] = field(default_factory=dict)
     finish_reason: str | None = None
@@ -89,6 +90,8 @@ class RequestRecord:
         self.text += delta.text
         if delta.logprobs:
             self.logprobs.extend(delta.logprobs)
+        if delta.top_logprobs:
+            self.top_logprobs.extend(delta.top_logprobs)
         if delta.finish_reason is not None:
             self.finish(delta.finish_reason, delta.error, now)
         self._notify()
@@ -110,12 +113,16 @@ class RequestRecord:
 
     def take_chunk(self) -> StreamChunk:
         """What the client has not read yet; marks it read."""
-        tokens = self.token_ids[self.unread_from:]
+        start = self.unread_from
+        tokens = self.token_ids[start:]
         text = self.text[self.unread_text_from:]
         self.unread_from, self.unread_text_from = len(self.token_ids), len(self.text)
         self.changed.clear()
+        params = self.params
         return StreamChunk(self.request_id, tokens, text, self.finish_reason, self.error,
-                           self.metrics() if self.done else None)
+                           self.metrics() if self.done else None,
+                           logprobs=self.logprobs[start:] if params.logprobs else None,
+                           top_logprobs=self.top_logprobs[start:] if params.top_logprobs else None)
 
     def metrics(self) -> dict[str, float]:
         m = {k: v - self.arrival for k, v in self.events.items()}
@@ -135,6 +142,7 @@ class RequestRecord:
             request_id=self.request_id, token_ids=list(self.token_ids), text=self.text,
             finish_reason=self.finish_reason,
             logprobs=list(self.logprobs) if self.params.logprobs else None,
+            top_logprobs=list(self.top_logprobs) if self.params.top_logprobs else None,
             prompt_token_ids=list(self.prompt_ids), metrics=self.metrics(), error=self.error,
         )
 

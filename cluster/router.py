@@ -279,6 +279,13 @@ class Router:
         text = render_chat(self.config.model_dir, messages)
         return await self._tokenize(text)
 
+    async def token_texts(self, token_ids: list[int]) -> list[str]:
+        """Each token id on its own as text (front ends label logprobs with them); ids decode
+        without the tokenizer as "token_<id>"."""
+        if self.tokenizer is None:
+            return [f"token_{t}" for t in token_ids]
+        return [self.tokenizer.decode([t]) for t in token_ids]
+
     async def limits(self) -> dict:
         """The longest request it takes, prompt and output together: the model's context and
         the smallest decode instance's KV (front ends size default output lengths by it)."""

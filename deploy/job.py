@@ -21,7 +21,7 @@ import json
 import sys
 from pathlib import Path
 
-PARAM_FIELDS = set(("max_tokens temperature top_k top_p seed stop stop_token_ids ignore_eos "
+PARAM_FIELDS = set(("max_tokens temperature top_k top_p seed stop stop_token_ids ignore_eos top_logprobs "
                     "logprobs").split())
 DEFAULT_MAX_IN_FLIGHT = 256
 

@@ -10,17 +10,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from tandem.engine.params import SamplingParams
+from tandem.engine.params import MAX_TOP_LOGPROBS, SamplingParams
 
 # Fields tandem does not implement, with the one value that means "not used".
 _UNSUPPORTED = {"n": 1, "best_of": 1, "echo": False, "suffix": None, "logit_bias": None,
                 "presence_penalty": 0, "frequency_penalty": 0, "repetition_penalty": 1,
                 "tools": None, "tool_choice": None, "functions": None, "function_call": None,
                 "response_format": None, "parallel_tool_calls": None, "min_tokens": 0,
-                "logprobs": None, "top_logprobs": None, "prompt_logprobs": None}
+                "prompt_logprobs": None, "top_logprobs": None}
 _ACCEPTED = {"model", "stream", "stream_options", "user", "max_tokens", "max_completion_tokens",
              "temperature", "top_p", "top_k", "seed", "stop", "ignore_eos", "stop_token_ids"}
-_NOT_USED_ALSO = {"logprobs": (False, 0)}  # chat sends logprobs: false, completions logprobs: 0
+_NOT_USED_ALSO: dict[str, tuple] = {}
 
 
 class OpenAIError(Exception):
@@ -57,7 +57,33 @@ def parse_completion(body: Any, default_max_tokens: int = 16) -> Parsed:
     if not isinstance(prompt, (str, list)) or (isinstance(prompt, list)
                                               and not all(_is_int(t) for t in prompt)):
         raise OpenAIError(400, "prompt: expected a string or a list of token ids", "prompt")
-    return _parsed(body, {"prompt"}, prompt, default_max_tokens)
+    return _parsed(body, {"prompt", "logprobs"}, prompt, default_max_tokens, _completion_logprobs(body))
+
+
+def _completion_logprobs(body: dict) -> dict[str, Any]:
+    """Completions' ``logprobs``: the number of most likely tokens to list at each step (0: the
+    chosen token's log-probability alone), or null for none."""
+    value = body.get("logprobs")
+    if value is None:
+        return {}
+    if not _is_int(value) or not 0 <= value <= MAX_TOP_LOGPROBS:
+        raise OpenAIError(400, f"logprobs: expected an integer from 0 to {MAX_TOP_LOGPROBS} or null, "
+                               f"got {value!r}", "logprobs")
+    return {"logprobs": True, "top_logprobs": value}
+
+
+def _chat_logprobs(body: dict) -> dict[str, Any]:
+    """Chat's ``logprobs`` (a boolean) and ``top_logprobs`` (how many most likely tokens, which
+    needs logprobs: true)."""
+    wanted, top = body.get("logprobs"), body.get("top_logprobs")
+    if wanted is not None and not isinstance(wanted, bool):
+        raise OpenAIError(400, f"logprobs: expected a boolean, got {wanted!r}", "logprobs")
+    if top is not None and (not _is_int(top) or not 0 <= top <= MAX_TOP_LOGPROBS):
+        raise OpenAIError(400, f"top_logprobs: expected an integer from 0 to {MAX_TOP_LOGPROBS}, "
+                               f"got {top!r}", "top_logprobs")
+    if top and not wanted:
+        raise OpenAIError(400, "top_logprobs: needs logprobs: true", "top_logprobs")
+    return {"logprobs": True, "top_logprobs": top or 0} if wanted else {}
 
 
 def parse_chat(body: Any, default_max_tokens: int) -> Parsed:
@@ -74,10 +100,12 @@ def parse_chat(body: Any, default_max_tokens: int) -> Parsed:
             raise OpenAIError(400, f"messages[{i}].content: only text content is supported",
                               f"messages[{i}].content")
     prompt = [{"role": m["role"], "content": m["content"]} for m in messages]
-    return _parsed(body, {"messages"}, prompt, default_max_tokens)
+    return _parsed(body, {"messages", "logprobs", "top_logprobs"}, prompt, default_max_tokens,
+                   _chat_logprobs(body))
 
 
-def _parsed(body: dict, own: set[str], prompt, default_max_tokens: int) -> Parsed:
+def _parsed(body: dict, own: set[str], prompt, default_max_tokens: int,
+            logprobs: dict[str, Any]) -> Parsed:
     _refuse_unsupported(body, own)
     model = body.get("model")
     if not isinstance(model, str) or not model:
@@ -90,14 +118,14 @@ def _parsed(body: dict, own: set[str], prompt, default_max_tokens: int) -> Parse
         raise OpenAIError(400, "stream_options: only include_usage is supported", "stream_options")
     if options and not stream:
         raise OpenAIError(400, "stream_options: only allowed with stream: true", "stream_options")
-    return Parsed(model, prompt, _sampling(body, default_max_tokens), stream,
+    return Parsed(model, prompt, _sampling(body, default_max_tokens, logprobs), stream,
                   bool(options.get("include_usage", False)))
 
 
-def _sampling(body: dict, default_max_tokens: int) -> SamplingParams:
+def _sampling(body: dict, default_max_tokens: int, logprobs: dict[str, Any]) -> SamplingParams:
     if body.get("max_tokens") is not None and body.get("max_completion_tokens") is not None:
         raise OpenAIError(400, "max_tokens: give max_tokens or max_completion_tokens, not both", "max_tokens")
-    fields = {"max_tokens": _first(body, "max_completion_tokens", "max_tokens", default_max_tokens)}
+    fields = {"max_tokens": _first(body, "max_completion_tokens", "max_tokens", default_max_tokens), **logprobs}
     for name in ("temperature", "top_p", "top_k", "seed", "ignore_eos"):
         if body.get(name) is not None:
             fields[name] = body[name]

@@ -24,6 +24,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from tandem.cluster.client import Client, RequestTimeout, RouterLost
+from tandem.deploy.openai_logprobs import chat_logprobs, completion_logprobs, ids_to_label, merged
 from tandem.deploy.openai_metrics import Metrics
 from tandem.deploy.openai_requests import OpenAIError, Parsed, parse_chat, parse_completion
 from tandem.transfer.protocol import Overloaded, StreamChunk, remote_cause
@@ -84,7 +85,7 @@ def build_app(served: Served) -> FastAPI:
                 task.cancel()  # the stream's consumer goes away: the request is aborted
                 await asyncio.gather(task, return_exceptions=True)
                 return JSONResponse({}, status_code=499)
-        return JSONResponse(_whole(task.result(), parsed, kind, served))
+        return JSONResponse(await _whole(task.result(), parsed, kind, served))
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -159,20 +160,32 @@ def _finish(chunk: StreamChunk) -> str | None:
     return "length" if chunk.finish_reason == "length" else "stop"
 
 
-def _whole(chunks: list[StreamChunk], parsed: Parsed, kind: str, served: Served) -> dict:
+async def _whole(chunks: list[StreamChunk], parsed: Parsed, kind: str, served: Served) -> dict:
     last = chunks[-1]
     served.metrics.observe(last.metrics, last.finish_reason)
     if last.error is not None:
         raise OpenAIError(500, last.error, kind="server_error")
-    text = "".join(c.text for c in chunks)
-    num_tokens = sum(len(c.token_ids) for c in chunks)
-    choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": _finish(last)}
+    whole = merged(chunks)
+    choice: dict[str, Any] = {"index": 0, "logprobs": await _logprobs(served, parsed, kind, whole, 0),
+                              "finish_reason": _finish(last)}
     if kind == "chat.completion":
-        choice["message"] = {"role": "assistant", "content": text}
+        choice["message"] = {"role": "assistant", "content": whole.text}
     else:
-        choice["text"] = text
+        choice["text"] = whole.text
     return {"id": _id(kind, last.request_id), "object": kind, "created": int(time.time()),
-            "model": parsed.model, "choices": [choice], "usage": _usage(last, num_tokens)}
+            "model": parsed.model, "choices": [choice], "usage": _usage(last, len(whole.token_ids))}
+
+
+async def _logprobs(served: Served, parsed: Parsed, kind: str, chunk: StreamChunk, offset: int) -> dict | None:
+    """The choice's ``logprobs`` for ``chunk``'s tokens in the endpoint's shape, or None if the
+    request did not ask."""
+    if not parsed.params.logprobs:
+        return None
+    ids = ids_to_label(chunk)
+    texts = dict(zip(ids, await served.client.atoken_texts(ids)))
+    if kind == "chat.completion":
+        return chat_logprobs(chunk, texts)
+    return completion_logprobs(chunk, texts, offset)
 
 
 async def _events(first: StreamChunk, chunks: AsyncIterator[StreamChunk], parsed: Parsed, kind: str,
@@ -180,7 +193,7 @@ async def _events(first: StreamChunk, chunks: AsyncIterator[StreamChunk], parsed
     """Server-sent events: a chunk per router chunk, the usage chunk if asked, then [DONE]."""
     chat = kind == "chat.completion"
     object_ = "chat.completion.chunk" if chat else "text_completion"
-    rid, created, num_tokens = _id(kind, first.request_id), int(time.time()), 0
+    rid, created, num_tokens, offset = _id(kind, first.request_id), int(time.time()), 0, 0
 
     def event(choices: list, **extra) -> bytes:
         body = {"id": rid, "object": object_, "created": created, "model": parsed.model,
@@ -200,12 +213,14 @@ async def _events(first: StreamChunk, chunks: AsyncIterator[StreamChunk], parsed
                 yield f"data: {json.dumps(error.body())}\n\n".encode()
                 break
             num_tokens += len(chunk.token_ids)
-            if chunk.text or chunk.finished:
+            if chunk.text or chunk.finished or (parsed.params.logprobs and chunk.token_ids):
                 if chat:
                     content = {"delta": {"content": chunk.text} if chunk.text else {}}
                 else:
                     content = {"text": chunk.text}
-                yield event([{"index": 0, **content, "logprobs": None, "finish_reason": _finish(chunk)}])
+                logprobs = await _logprobs(served, parsed, kind, chunk, offset)
+                offset += sum(len(t) for t in (logprobs or {}).get("tokens", ()))
+                yield event([{"index": 0, **content, "logprobs": logprobs, "finish_reason": _finish(chunk)}])
     except OpenAIError as exc:
         yield f"data: {json.dumps(exc.body())}\n\n".encode()
     if parsed.include_usage:

@@ -22,7 +22,7 @@ from tandem.engine import heap, hugepages
 from tandem.engine.block_manager import BlockManager
 from tandem.engine.config import ModelConfig, load_config
 from tandem.engine.handover import Export, RequestState, Snapshot
-from tandem.engine.outputs import TokenDelta
+from tandem.engine.outputs import TokenDelta, TopLogprob
 from tandem.engine.pacing import PacedRunner, StepPace
 from tandem.engine.params import SamplingParams
 from tandem.engine.parallel import Parallelism, check_parallelism, kv_head_range, layer_range
@@ -219,18 +219,20 @@ class Engine:
         if not plan.seqs:  # every request was preempted (blocks held elsewhere): nothing to run
             return plan, []
         logits = self._step_runner.run(plan)
-        tokens, logprobs = sample(logits, list(plan.seqs))
+        sampled = sample(logits, list(plan.seqs))
         return plan, [
-            self._append_or_fail(seq, tok, None if logprobs is None else logprobs[i])
-            for i, (seq, tok) in enumerate(zip(plan.seqs, tokens))
+            self._append_or_fail(seq, tok, None if sampled.logprobs is None else sampled.logprobs[i],
+                                 None if sampled.top is None else sampled.top[i])
+            for i, (seq, tok) in enumerate(zip(plan.seqs, sampled.tokens))
         ]
 
-    def _append_or_fail(self, seq: Sequence, token: int, logprob: float | None) -> TokenDelta:
+    def _append_or_fail(self, seq: Sequence, token: int, logprob: float | None,
+                        top: list[TopLogprob] | None = None) -> TokenDelta:
         """``append_token``, with a failure in one request's own handling (its stop strings, its
         detokenization) failing that request alone: finished with the error, its blocks freed."""
         index = seq.num_output_tokens
         try:
-            return self.append_token(seq, token, logprob)
+            return self.append_token(seq, token, logprob, top)
         except Exception as exc:
             error = (f"request {seq.request_id!r} failed handling its output token {index}: "
                      f"{type(exc).__name__}: {exc}")
@@ -239,11 +241,14 @@ class Engine:
             self.scheduler.finish(seq)
             return TokenDelta(seq.request_id, [], "", index, finish_reason="error", error=error)
 
-    def append_token(self, seq: Sequence, token: int, logprob: float | None) -> TokenDelta:
+    def append_token(self, seq: Sequence, token: int, logprob: float | None,
+                     top: list[TopLogprob] | None = None) -> TokenDelta:
         """Record a sampled token; finish (and free) the request if a stop condition holds."""
         seq.token_ids.append(token)
         if seq.params.logprobs and logprob is not None:
             seq.logprobs.append(logprob)
+        if seq.params.top_logprobs and top is not None:
+            seq.top_logprobs.append(top)
         text = detokenize_step(self.tokenizer, seq.token_ids, seq.detok) if self.tokenizer else ""
         reason = finish_reason(seq, token, self.model_config.eos_token_ids, self.max_model_len)
         text, stopped = append_text(seq, text, final=reason is not None)
@@ -253,7 +258,8 @@ class Engine:
             self.scheduler.finish(seq)
         return TokenDelta(seq.request_id, [token], text, seq.num_output_tokens - 1,
                           [logprob] if seq.params.logprobs and logprob is not None else None,
-                          finish_reason=reason)
+                          finish_reason=reason,
+                          top_logprobs=[top] if seq.params.top_logprobs and top is not None else None)
 
     # -- hand-over: requests moving between engines (engine/handover.py) -------------------------
 

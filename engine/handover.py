@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import msgspec
 
-from tandem.engine.outputs import TokenDelta
+from tandem.engine.outputs import TokenDelta, TopLogprob
 from tandem.engine.params import SamplingParams
 
 if TYPE_CHECKING:  # light at run time: the protocol module, and so every client, imports this one
@@ -44,6 +44,7 @@ class RequestState(msgspec.Struct, frozen=True):
     text: str
     logprobs: list[float]
     num_preemptions: int = 0
+    top_logprobs: list[list[TopLogprob]] = []
 
     @property
     def num_kv_tokens(self) -> int:

@@ -122,6 +122,7 @@ def _completion(seq) -> Completion:
         text=seq.text,
         finish_reason=seq.finish_reason,
         logprobs=seq.logprobs if seq.params.logprobs else None,
+        top_logprobs=seq.top_logprobs if seq.params.top_logprobs else None,
         prompt_token_ids=seq.token_ids[: seq.num_prompt_tokens],
         error=seq.error,
     )

@@ -5,6 +5,13 @@ from __future__ import annotations
 import msgspec
 
 
+class TopLogprob(msgspec.Struct, frozen=True, array_like=True):
+    """One of the most likely tokens at a step, with the model's log-probability of it."""
+
+    token_id: int
+    logprob: float
+
+
 class TokenDelta(msgspec.Struct, frozen=True):
     """New tokens (and the text they completed) of one request since the previous delta."""
 
@@ -15,6 +22,7 @@ class TokenDelta(msgspec.Struct, frozen=True):
     logprobs: list[float] | None = None
     finish_reason: str | None = None  # set on the request's last delta
     error: str | None = None
+    top_logprobs: list[list[TopLogprob]] | None = None  # per token, when the request asked
 
     @property
     def finished(self) -> bool:
@@ -32,3 +40,4 @@ class Completion(msgspec.Struct):
     prompt_token_ids: list[int] | None = None
     metrics: dict[str, float] | None = None
     error: str | None = None
+    top_logprobs: list[list[TopLogprob]] | None = None  # per output token, most likely first

@@ -12,6 +12,7 @@ from typing import Annotated
 
 import msgspec
 
+MAX_TOP_LOGPROBS = 20  # the most likely tokens a request may ask to see at each step
 INT32_MAX = 2**31 - 1  # counts and ids: far beyond any vocabulary or context, and a tensor fits them
 GREEDY_BELOW = 1e-5  # temperatures under this sample greedily (vLLM's rule): 1/T would overflow
 
@@ -29,6 +30,7 @@ class _Schema(msgspec.Struct, frozen=True, kw_only=True):
     stop_token_ids: tuple[Count, ...] = ()
     ignore_eos: bool = False
     logprobs: bool = False
+    top_logprobs: Annotated[int, msgspec.Meta(ge=0, le=MAX_TOP_LOGPROBS)] = 0
 
 
 class SamplingParams(_Schema, frozen=True, kw_only=True):
@@ -36,7 +38,8 @@ class SamplingParams(_Schema, frozen=True, kw_only=True):
 
     ``seed`` makes sampling reproducible: the same seed gives the same tokens whether the request
     runs alone or inside any batch. ``logprobs`` returns the model's (untempered) log-probability
-    of each sampled token. ``stop`` takes one string or a sequence of them; ``top_k`` 0 disables
+    of each sampled token, and ``top_logprobs`` (up to 20; it needs ``logprobs``) that many of the
+    most likely tokens at each step with theirs. ``stop`` takes one string or a sequence of them; ``top_k`` 0 disables
     top-k (and must not exceed the model's vocabulary).
     """
 
@@ -53,6 +56,9 @@ class SamplingParams(_Schema, frozen=True, kw_only=True):
         if not math.isfinite(self.temperature):
             raise ValueError("invalid SamplingParams: temperature: must be finite, "
                              f"got {self.temperature!r}")
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("invalid SamplingParams: top_logprobs: needs logprobs=True, got "
+                             f"top_logprobs={self.top_logprobs} with logprobs=False")
         # torch generators take 64-bit seeds; a larger one would fail later, deep in the engine.
         if self.seed is not None and not -(2**63) <= self.seed < 2**64:
             raise ValueError("invalid SamplingParams: seed: must be in [-2**63, 2**64) or None, "

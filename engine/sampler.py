@@ -6,15 +6,26 @@ tokens alone or inside any batch. Filtering sets excluded logits to -inf before 
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from tandem.engine.fused import argmax_rows
+from tandem.engine.outputs import TopLogprob
 from tandem.engine.sequence import Sequence
 
 
-def sample(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[float] | None]:
-    """logits: fp32 ``[B, vocab]``. Returns the chosen token per row and, if any request asked,
-    the model's log-probability of each chosen token."""
+class Sampled(NamedTuple):
+    """A step's choices: a token per row; if any request asked, the model's log-probability of
+    each chosen token, and per row the ``top_logprobs`` most likely tokens (None where not asked)."""
+
+    tokens: list[int]
+    logprobs: list[float] | None = None
+    top: list[list[TopLogprob] | None] | None = None
+
+
+def sample(logits: torch.Tensor, seqs: list[Sequence]) -> Sampled:
+    """logits: fp32 ``[B, vocab]``."""
     logits = logits.cpu()
     tokens = argmax_rows(logits)
     random_rows = [i for i, s in enumerate(seqs) if not s.params.greedy]
@@ -22,9 +33,17 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[
         tokens[random_rows] = _sample_rows(logits[random_rows], [seqs[i] for i in random_rows])
     chosen = tokens.tolist()
     if not any(s.params.logprobs for s in seqs):
-        return chosen, None
-    logprobs = torch.log_softmax(logits, dim=-1).gather(1, tokens[:, None]).squeeze(1)
-    return chosen, logprobs.tolist()
+        return Sampled(chosen)
+    all_logprobs = torch.log_softmax(logits, dim=-1)
+    logprobs = all_logprobs.gather(1, tokens[:, None]).squeeze(1).tolist()
+    most = max(s.params.top_logprobs for s in seqs)
+    if not most:
+        return Sampled(chosen, logprobs)
+    values, ids = all_logprobs.topk(most, dim=-1)
+    values, ids = values.tolist(), ids.tolist()
+    top = [[TopLogprob(t, v) for t, v in zip(ids[i][:n], values[i][:n])] if (n := s.params.top_logprobs) else None
+           for i, s in enumerate(seqs)]
+    return Sampled(chosen, logprobs, top)
 
 
 def _sample_rows(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:

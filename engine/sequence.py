@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 
 from tandem.engine.handover import RequestState
+from tandem.engine.outputs import TopLogprob
 from tandem.engine.params import SamplingParams
 from tandem.engine.tokenizer import DetokenizerState
 
@@ -32,6 +33,7 @@ class Sequence:
     status: Status = Status.WAITING
     text: str = ""
     logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[list[TopLogprob]] = field(default_factory=list)
     finish_reason: str | None = None
     error: str | None = None  # why, when finish_reason is "error"
     num_preemptions: int = 0
@@ -70,6 +72,7 @@ def state_of(seq: Sequence) -> RequestState:
         num_prompt_tokens=seq.num_prompt_tokens, params=seq.params, rng_state=rng,
         prefix_offset=seq.detok.prefix_offset, read_offset=seq.detok.read_offset,
         text=seq.text, logprobs=list(seq.logprobs), num_preemptions=seq.num_preemptions,
+        top_logprobs=list(seq.top_logprobs),
     )
 
 
@@ -84,4 +87,5 @@ def sequence_from(state: RequestState) -> Sequence:
         num_prompt_tokens=state.num_prompt_tokens, params=state.params, generator=generator,
         detok=DetokenizerState(state.prefix_offset, state.read_offset), text=state.text,
         logprobs=list(state.logprobs), num_preemptions=state.num_preemptions,
+        top_logprobs=list(state.top_logprobs),
     )

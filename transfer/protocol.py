@@ -20,11 +20,11 @@ from typing import Any
 import msgspec
 
 from tandem.engine.handover import RequestState
-from tandem.engine.outputs import TokenDelta
+from tandem.engine.outputs import TokenDelta, TopLogprob
 from tandem.engine.params import SamplingParams
 
 __all__ = ["KVHandle", "KVLayout", "PrefillResult", "RequestState", "SamplingParams", "StepReport",
-           "StreamChunk", "TokenDelta", "is_timeout", "remote_cause", "timeout_error"]
+           "StreamChunk", "TokenDelta", "TopLogprob", "is_timeout", "remote_cause", "timeout_error"]
 
 _TIMED_OUT = " timed out: "
 
@@ -92,6 +92,8 @@ class StreamChunk(msgspec.Struct, frozen=True):
     finish_reason: str | None = None
     error: str | None = None
     metrics: dict[str, float] | None = None
+    logprobs: list[float] | None = None  # of these tokens, when the request asked
+    top_logprobs: list[list[TopLogprob]] | None = None
 
     @property
     def finished(self) -> bool:

@@ -141,7 +141,7 @@ def test_chat_without_max_tokens_may_run_to_the_context_end(server):
 @pytest.mark.parametrize("fields,status,param", [
     (dict(n=2), 400, "n"),
     (dict(presence_penalty=0.5), 400, "presence_penalty"),
-    (dict(logprobs=3), 400, "logprobs"),
+    (dict(logprobs=21), 400, "logprobs"),
     (dict(temperature=-1), 400, "temperature"),
     (dict(max_tokens=0), 400, "max_tokens"),
     (dict(extra_body={"frobnicate": 1}), 400, "frobnicate"),
@@ -249,3 +249,47 @@ def test_metrics_parse_and_count_the_requests_served(server):
     assert after["tandem:kv_cache_usage_perc{instance=http-decode-0}"] >= 0
     assert "tandem:num_requests_running{instance=http-prefill-0}" in after
     assert "tandem:migrations_total{outcome=committed}" in after
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_logprobs_come_in_each_endpoints_shape_and_match_the_engine(server, llm, model_dir, stream):
+    """Completions: ``logprobs=N``; chat: ``logprobs`` + ``top_logprobs``. The values are the
+    engine's (themselves checked against transformers in tests/unit/test_sampling.py), labelled
+    with each token's own text."""
+    from tandem.engine.prepare import render_chat
+
+    api, text = _openai(server), (lambda t: llm.tokenizer.decode([t]))
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, logprobs=True, top_logprobs=3)
+    want = llm.generate([PROMPT], params)[0]
+    request = dict(model="tiny", prompt=PROMPT, max_tokens=6, temperature=0, logprobs=3,
+                   extra_body={"ignore_eos": True}, stream=stream)
+    out = api.completions.create(**request)
+    parts = [c.choices[0].logprobs for c in out if c.choices and c.choices[0].logprobs] if stream \
+        else [out.choices[0].logprobs]
+    tokens = [t for p in parts for t in p.tokens]
+    assert tokens == [text(t) for t in want.token_ids]
+    assert [o for p in parts for o in p.text_offset] == [sum(map(len, tokens[:i])) for i in range(len(tokens))]
+    _close([lp for p in parts for lp in p.token_logprobs], want.logprobs)
+    tops = [top for p in parts for top in p.top_logprobs]
+    for got, top in zip(tops, want.top_logprobs, strict=True):
+        expected: dict[str, float] = {}
+        for t in top:  # tokens that decode alike share a key: the most likely one keeps it
+            expected.setdefault(text(t.token_id), t.logprob)
+        assert list(got) == list(expected)
+        _close(list(got.values()), list(expected.values()))
+
+    messages = [{"role": "user", "content": "Hi there"}]
+    want = llm.generate([render_chat(model_dir, messages)], params)[0]
+    out = api.chat.completions.create(model="tiny", messages=messages, max_tokens=6, temperature=0, logprobs=True,
+                                      top_logprobs=3, extra_body={"ignore_eos": True}, stream=stream)
+    content = [e for c in out if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content] \
+        if stream else out.choices[0].logprobs.content
+    assert [e.token for e in content] == [text(t) for t in want.token_ids]
+    assert all(e.bytes == list(e.token.encode()) for e in content)
+    _close([e.logprob for e in content], want.logprobs)
+    for entry, top in zip(content, want.top_logprobs, strict=True):
+        assert [t.token for t in entry.top_logprobs] == [text(t.token_id) for t in top]
+
+
+def _close(got: list[float], want: list[float]) -> None:
+    assert len(got) == len(want) and all(abs(a - b) < 1e-4 for a, b in zip(got, want)), (got, want)

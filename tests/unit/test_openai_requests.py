@@ -22,7 +22,8 @@ def test_sampling_fields_map_onto_sampling_params():
 
 
 @pytest.mark.parametrize("body,param", [
-    ({"n": 2}, "n"), ({"best_of": 3}, "best_of"), ({"echo": True}, "echo"), ({"logprobs": 2}, "logprobs"),
+    ({"n": 2}, "n"), ({"best_of": 3}, "best_of"), ({"echo": True}, "echo"), ({"logprobs": 21}, "logprobs"),
+    ({"logprobs": True}, "logprobs"), ({"top_logprobs": 2}, "top_logprobs"), ({"prompt_logprobs": 1}, "prompt_logprobs"),
     ({"logit_bias": {"1": 5}}, "logit_bias"), ({"frequency_penalty": 0.1}, "frequency_penalty"),
     ({"whatever": 1}, "whatever"), ({"temperature": -0.5}, "temperature"), ({"max_tokens": 0}, "max_tokens"),
     ({"top_p": 0}, "top_p"), ({"stream": "yes"}, "stream"), ({"stream_options": {"include_usage": True}},
@@ -71,3 +72,19 @@ def test_an_http_address_defaults_to_this_machine():
 
     assert parse_address("8000") == ("127.0.0.1", 8000)
     assert parse_address("0.0.0.0:9000") == ("0.0.0.0", 9000)
+
+
+def test_logprobs_as_each_endpoint_defines_them():
+    completion = parse_completion({"model": "m", "prompt": "hi", "logprobs": 5})
+    assert (completion.params.logprobs, completion.params.top_logprobs) == (True, 5)
+    chosen_only = parse_completion({"model": "m", "prompt": "hi", "logprobs": 0})
+    assert (chosen_only.params.logprobs, chosen_only.params.top_logprobs) == (True, 0)
+    assert not parse_completion({"model": "m", "prompt": "hi", "logprobs": None}).params.logprobs
+    chat = parse_chat({"model": "m", "messages": [{"role": "user", "content": "hi"}], "logprobs": True,
+                       "top_logprobs": 3}, default_max_tokens=4)
+    assert (chat.params.logprobs, chat.params.top_logprobs) == (True, 3)
+    for body, param in (({"top_logprobs": 3}, "top_logprobs"), ({"logprobs": 1}, "logprobs"),
+                        ({"logprobs": True, "top_logprobs": 21}, "top_logprobs")):
+        with pytest.raises(OpenAIError) as caught:
+            parse_chat({"model": "m", "messages": [{"role": "user", "content": "hi"}]} | body, default_max_tokens=4)
+        assert caught.value.status == 400 and caught.value.param == param

@@ -162,7 +162,7 @@ def draw(params: SamplingParams, logits: torch.Tensor, n: int = DRAWS) -> Counte
     """n independent requests (own RNG each, fixed seeds) sampled from the same logits row."""
     seqs = [Sequence(f"r{i}", [0], 1, params, make_generator(params, i), DetokenizerState(0, 1))
             for i in range(n)]
-    tokens, _ = sample(logits.expand(n, -1).clone(), seqs)
+    tokens = sample(logits.expand(n, -1).clone(), seqs).tokens
     return Counter(tokens)
 
 
@@ -208,7 +208,7 @@ def test_sampler_rows_are_independent_in_a_mixed_batch() -> None:
             seqs.append(Sequence(f"{r}-{i}", [0], 1, params, make_generator(params, 1000 * r + i),
                                  DetokenizerState(0, 1)))
             logits.append(row)
-    tokens, logprobs = sample(torch.stack(logits), seqs)
+    tokens, logprobs, _ = sample(torch.stack(logits), seqs)
     assert logprobs is None
     for r, (_, _, want) in enumerate(rows):
         assert_distribution(Counter(tokens[r * n:(r + 1) * n]), want)
@@ -333,3 +333,32 @@ def test_unmatched_stop_strings_still_stream_all_text(llm: LLM, tiny_llama_dir: 
     tokens, streamed, reason = run_streaming(llm, PROMPTS[3], params)
     assert reason == "length" and tokens == greedy_refs[3]
     assert streamed == decoder.decode(greedy_refs[3], skip_special_tokens=True).rstrip("\ufffd")
+
+
+def test_top_logprobs_are_transformers_most_likely_tokens(llm: LLM, hf) -> None:
+    params = [
+        SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, logprobs=True, top_logprobs=5),
+        SamplingParams(max_tokens=12, temperature=0.9, seed=3, ignore_eos=True, logprobs=True, top_logprobs=20),
+        SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, logprobs=True),  # chosen only
+    ]
+    outs = llm.generate(PROMPTS[:3], params)
+    assert outs[2].top_logprobs is None and outs[2].logprobs is not None
+    for prompt, out, p in zip(PROMPTS[:2], outs[:2], params[:2]):
+        assert out.top_logprobs is not None and len(out.top_logprobs) == len(out.token_ids)
+        want = torch.log_softmax(hf_step_logits(hf, prompt, out.token_ids), dim=-1)
+        values, ids = want.topk(p.top_logprobs, dim=-1)
+        for step, top in enumerate(out.top_logprobs):
+            got_values = torch.tensor([t.logprob for t in top])
+            torch.testing.assert_close(got_values, values[step], rtol=0, atol=1e-4)
+            # Ids agree except where two logprobs tie within the tolerance.
+            for t, want_id, want_value in zip(top, ids[step].tolist(), values[step].tolist()):
+                assert t.token_id == want_id or abs(float(want[step, t.token_id]) - want_value) < 1e-4
+        if p.greedy:  # the chosen token is the most likely one
+            assert [top[0].token_id for top in out.top_logprobs] == out.token_ids
+
+
+def test_top_logprobs_need_logprobs_and_stop_at_20() -> None:
+    with pytest.raises(ValueError, match="top_logprobs: needs logprobs=True"):
+        SamplingParams(top_logprobs=3)
+    with pytest.raises(ValueError, match="top_logprobs"):
+        SamplingParams(logprobs=True, top_logprobs=21)
