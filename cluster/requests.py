@@ -63,6 +63,7 @@ class RequestRecord:
     owners: list[tuple[str, int]] = field(default_factory=list)
     migration: Migration | None = None
     migrations: list[dict] = field(default_factory=list)  # finished ones: from, to, times
+    transfer_bytes: int = 0  # KV moved from the prefill instance to the decode instance
 
     @property
     def done(self) -> bool:
@@ -122,7 +123,13 @@ class RequestRecord:
         return StreamChunk(self.request_id, tokens, text, self.finish_reason, self.error,
                            self.metrics() if self.done else None,
                            logprobs=self.logprobs[start:] if params.logprobs else None,
-                           top_logprobs=self.top_logprobs[start:] if params.top_logprobs else None)
+                           top_logprobs=self.top_logprobs[start:] if params.top_logprobs else None,
+                           token_gaps=self.token_gaps() if self.done else None)
+
+    def token_gaps(self) -> list[float]:
+        """Seconds between each token and the next, as the router received them."""
+        times = self.token_times
+        return [b - a for a, b in zip(times, times[1:])]
 
     def metrics(self) -> dict[str, float]:
         m = {k: v - self.arrival for k, v in self.events.items()}
@@ -132,6 +139,8 @@ class RequestRecord:
                 m["tpot"] = (self.token_times[-1] - self.token_times[0]) / (len(self.token_times) - 1)
         if "transfer_start" in self.events and "transfer_end" in self.events:
             m["transfer_time"] = self.events["transfer_end"] - self.events["transfer_start"]
+        if self.transfer_bytes:
+            m["transfer_bytes"] = float(self.transfer_bytes)
         m["num_prompt_tokens"] = float(len(self.prompt_ids))
         m["num_migrations"] = float(len(self.migrations))
         m["num_output_tokens"] = float(len(self.token_ids))

@@ -355,6 +355,7 @@ class Router:
         target = self.dispatch.pick_decode(rec.request_id, r.handle.num_tokens + 1)
         rec.decode_instance, rec.stage = target, "transfer"
         rec.events["transfer_start"] = time.time()
+        rec.transfer_bytes += r.handle.num_blocks * r.handle.layout.block_bytes
         return target
 
     async def _admit(self, target: str, batch: list[tuple[RequestRecord, PrefillResult]]) -> None:

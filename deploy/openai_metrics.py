@@ -1,8 +1,9 @@
 """Prometheus metrics of the HTTP front end, named like vLLM's with a ``tandem:`` prefix.
 
 Per request (observed by this ingress when a request finishes, from the router's lifetime
-metrics): TTFT, time per output token, end-to-end latency, queue time, prefill time and KV
-transfer time histograms; prompt and generation token counters; finished requests by reason.
+metrics): TTFT, time per output token, inter-token latency (each gap), end-to-end latency, queue
+time, prefill time and KV transfer time histograms; prompt and generation token and KV transfer
+byte counters; finished requests by reason.
 Per instance (read from the router at each scrape): requests running and waiting, KV-cache usage,
 preemptions; migrations by outcome. Each ingress process has its own registry, served at its own
 ``/metrics``.
@@ -25,6 +26,7 @@ class Metrics:
         self.ttft = histogram("tandem:time_to_first_token_seconds", "Time to first token")
         self.tpot = histogram("tandem:time_per_output_token_seconds",
                               "Mean time per output token after the first")
+        self.itl = histogram("tandem:inter_token_latency_seconds", "Time between consecutive output tokens")
         self.e2e = histogram("tandem:e2e_request_latency_seconds", "Arrival to finish")
         self.queue = histogram("tandem:request_queue_time_seconds", "Arrival to the start of its prefill")
         self.prefill = histogram("tandem:request_prefill_time_seconds", "Prefill of the request")
@@ -35,11 +37,17 @@ class Metrics:
                                          registry=self.registry)
         self.finished = Counter("tandem:request_success", "Finished requests by reason", ["finished_reason"],
                                 registry=self.registry)
+        self.transfer_bytes = Counter("tandem:kv_transfer_bytes", "KV bytes moved from prefill to decode",
+                                      registry=self.registry)
         self.registry.register(_InstanceCollector(stats))
 
-    def observe(self, metrics: dict[str, float] | None, finish_reason: str | None) -> None:
-        """A finished request, from its ``StreamChunk.metrics``."""
+    def observe(self, metrics: dict[str, float] | None, finish_reason: str | None,
+                token_gaps: list[float] | None = None) -> None:
+        """A finished request, from its last ``StreamChunk``'s metrics and token gaps."""
         metrics = metrics or {}
+        for gap in token_gaps or ():
+            self.itl.observe(gap)
+        self.transfer_bytes.inc(metrics.get("transfer_bytes", 0))
         for histogram, key in ((self.ttft, "ttft"), (self.tpot, "tpot"), (self.e2e, "finish"),
                                (self.queue, "prefill_start"), (self.transfer, "transfer_time")):
             if key in metrics:

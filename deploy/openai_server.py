@@ -162,7 +162,7 @@ def _finish(chunk: StreamChunk) -> str | None:
 
 async def _whole(chunks: list[StreamChunk], parsed: Parsed, kind: str, served: Served) -> dict:
     last = chunks[-1]
-    served.metrics.observe(last.metrics, last.finish_reason)
+    served.metrics.observe(last.metrics, last.finish_reason, last.token_gaps)
     if last.error is not None:
         raise OpenAIError(500, last.error, kind="server_error")
     whole = merged(chunks)
@@ -207,7 +207,7 @@ async def _events(first: StreamChunk, chunks: AsyncIterator[StreamChunk], parsed
     try:
         async for chunk in stream:
             if chunk.finished:
-                served.metrics.observe(chunk.metrics, chunk.finish_reason)
+                served.metrics.observe(chunk.metrics, chunk.finish_reason, chunk.token_gaps)
             if chunk.error is not None:
                 error = OpenAIError(500, chunk.error, kind="server_error")
                 yield f"data: {json.dumps(error.body())}\n\n".encode()

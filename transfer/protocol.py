@@ -27,6 +27,8 @@ __all__ = ["KVHandle", "KVLayout", "PrefillResult", "RequestState", "SamplingPar
            "StreamChunk", "TokenDelta", "TopLogprob", "is_timeout", "remote_cause", "timeout_error"]
 
 _TIMED_OUT = " timed out: "
+_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8, "int8": 1, "uint8": 1,
+                "float8_e4m3fn": 1, "float8_e5m2": 1}
 
 
 class KVLayout(msgspec.Struct, frozen=True):
@@ -42,6 +44,14 @@ class KVLayout(msgspec.Struct, frozen=True):
     def block_shape(self) -> tuple[int, ...]:
         """Per-block slice of the cache ``[L, 2, blocks, block_size, Hkv, D]`` (blocks axis = 2)."""
         return (self.num_layers, 2, self.block_size, self.num_kv_heads, self.head_dim)
+
+    @property
+    def block_bytes(self) -> int:
+        """Bytes of one block (0 for a dtype this module does not know the size of)."""
+        size = 1
+        for n in self.block_shape:
+            size *= n
+        return size * _DTYPE_BYTES.get(self.dtype, 0)
 
 
 class KVHandle(msgspec.Struct, frozen=True):
@@ -94,6 +104,7 @@ class StreamChunk(msgspec.Struct, frozen=True):
     metrics: dict[str, float] | None = None
     logprobs: list[float] | None = None  # of these tokens, when the request asked
     top_logprobs: list[list[TopLogprob]] | None = None
+    token_gaps: list[float] | None = None  # the last chunk: seconds between consecutive tokens
 
     @property
     def finished(self) -> bool:

@@ -246,6 +246,10 @@ def test_metrics_parse_and_count_the_requests_served(server):
     assert delta("tandem:prompt_tokens_total") == 2 * len(PROMPT)  # one token per byte
     assert delta("tandem:time_to_first_token_seconds_count") == 2
     assert delta("tandem:kv_transfer_time_seconds_count") == 2
+    assert delta("tandem:inter_token_latency_seconds_count") == (12 - 1) + (10 - 1)
+    # The tiny model's KV: 2 layers x K/V x 16 tokens x 2 heads x 16 dims x 4 bytes = 8 KiB a block,
+    # and each prompt of 19 byte tokens fills 2 blocks.
+    assert delta("tandem:kv_transfer_bytes_total") == 2 * 2 * 8192
     assert after["tandem:kv_cache_usage_perc{instance=http-decode-0}"] >= 0
     assert "tandem:num_requests_running{instance=http-prefill-0}" in after
     assert "tandem:migrations_total{outcome=committed}" in after

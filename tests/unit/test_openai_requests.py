@@ -88,3 +88,28 @@ def test_logprobs_as_each_endpoint_defines_them():
         with pytest.raises(OpenAIError) as caught:
             parse_chat({"model": "m", "messages": [{"role": "user", "content": "hi"}]} | body, default_max_tokens=4)
         assert caught.value.status == 400 and caught.value.param == param
+
+
+def test_the_grafana_dashboard_queries_only_metrics_the_front_end_exports():
+    import json
+    import re
+    from pathlib import Path
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from tandem.deploy.openai_metrics import Metrics
+
+    stats = {"instances": {"c-decode-0": {"running": 1, "waiting": 0, "free_blocks": 3, "num_blocks": 4,
+                                          "preemptions": 0}},
+             "migrations": {"started": 0, "committed": 0, "resumed": 0, "cancelled": 0}}
+    metrics = Metrics(lambda: stats)
+    metrics.observe({"ttft": 0.1, "tpot": 0.01, "finish": 1.0, "prefill_start": 0.01, "prefill_end": 0.05,
+                     "transfer_time": 0.002, "transfer_bytes": 8192.0}, "length", [0.01])
+    metrics.finished.labels("length")
+    exported = {sample.name for family in text_string_to_metric_families(metrics.exposition().decode())
+                for sample in family.samples}
+    dashboard = json.loads((Path(__file__).resolve().parents[2] / "deploy/grafana/tandem-dashboard.json").read_text())
+    queried = {name for panel in dashboard["panels"] for target in panel["targets"]
+               for name in re.findall(r"tandem:[a-z0-9_:]+", target["expr"])}
+    assert len(dashboard["panels"]) >= 12 and queried
+    assert queried <= exported, queried - exported
