@@ -15,6 +15,7 @@ COMMAND_MODULES = (
     "tandem.deploy.cmd_serve",
     "tandem.deploy.cmd_profile",
     "tandem.deploy.cmd_demo",
+    "tandem.deploy.cmd_bench",
 )
 
 

@@ -297,3 +297,28 @@ def test_logprobs_come_in_each_endpoints_shape_and_match_the_engine(server, llm,
 
 def _close(got: list[float], want: list[float]) -> None:
     assert len(got) == len(want) and all(abs(a - b) < 1e-4 for a, b in zip(got, want)), (got, want)
+
+
+def test_tandem_bench_measures_the_server_and_writes_the_table_and_plots(server, tmp_path, capsys):
+    from matplotlib.image import imread
+
+    from tandem.deploy.cli import main
+
+    out = tmp_path / "bench"
+    args = ["bench", f"{server[1]}/v1", "--model", "tiny", "--api-key", KEY, "--rates", "4", "16",
+            "--requests", "8", "--input-len", "4:16", "--output-len", "4:8", "--max-len", "512",
+            "--token-range", "3", "250", "--ttft-ms", "5000", "--tpot-ms", "1000", "--out", str(out)]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "| 4 | 8 | 0 |" in printed and "| 16 | 8 | 0 |" in printed and "goodput (highest rate meeting it): 16 req/s" in printed
+    results = json.loads((out / "results.json").read_text())
+    for rate in ("4.0", "16.0"):
+        timings = results["requests"][rate]
+        assert len(timings) == 8 and all(t["error"] is None for t in timings)
+        assert all(t["output_tokens"] == t["output_len"] and len(t["token_times"]) >= 1 for t in timings)
+    # The server's decode steps last at least 20 ms (its pace): the client-side TPOT must see that.
+    assert all(row["tpot_ms"][0] >= 19 for row in results["rows"])
+    assert (out / "table.md").read_text().startswith("| rate (req/s) |")
+    for name in ("attainment.png", "latency_cdf.png", "timeline.png"):
+        image = imread(out / name)
+        assert image.shape[0] >= 300 and image.shape[1] >= 500 and image.std() > 0.01  # drawn, not blank
