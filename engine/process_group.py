@@ -17,7 +17,7 @@ import msgspec
 import torch
 
 from tandem.engine.step_inputs import StepInputs
-from tandem.engine.worker import WorkerConfig, WorkerFailed
+from tandem.engine.worker import WorkerConfig, WorkerFailed, pack_result, unpack_result
 
 STARTUP_TIMEOUT_S = 300.0  # each worker loads its shard before its first answer
 
@@ -53,7 +53,7 @@ def _worker_main(config_bytes: bytes, rank: int, init_method: str, threads: int,
         except Exception as exc:
             conn.send(("error", f"{type(exc).__name__}: {exc}"))
             continue
-        conn.send(("ok", None if logits is None else (tuple(logits.shape), logits.numpy().tobytes())))
+        conn.send(("ok", pack_result(logits)))
 
 
 class ProcessWorkerGroup:
@@ -99,8 +99,7 @@ class ProcessWorkerGroup:
         except WorkerFailed as exc:
             self.failed = str(exc)
             raise
-        shape, data = answers[self.output_rank]
-        return torch.frombuffer(bytearray(data), dtype=torch.float32).reshape(shape)
+        return unpack_result(answers[self.output_rank])
 
     def _send(self, rank: int, conn: Connection, payload: bytes) -> None:
         try:

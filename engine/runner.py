@@ -13,6 +13,7 @@ from tandem.engine.loader import load_weights
 from tandem.engine.model import CausalLM
 from tandem.engine.packed_linear import PackedLinear, packing_available
 from tandem.engine.parallel import WorkerShard, kv_head_range, layer_range, single_worker
+from tandem.engine.sampler import WorkerSampled
 from tandem.engine.scheduler import StepPlan
 from tandem.engine.step_inputs import StepInputs, model_inputs, step_inputs
 
@@ -91,8 +92,12 @@ class GroupRunner:
         self.group = group
         self.tables = tables
 
-    def run(self, plan: StepPlan) -> torch.Tensor:
-        return self.group.run(step_inputs(plan, self.tables))
+    def run(self, plan: StepPlan) -> torch.Tensor | WorkerSampled:
+        """The step's logits, or, when every request samples greedily without logprobs, the
+        tokens the output worker chose (only those cross to the controller)."""
+        greedy = all(s.params.greedy and not s.params.logprobs for s in plan.seqs)
+        result = self.group.run(step_inputs(plan, self.tables, greedy))
+        return WorkerSampled(result.tolist()) if greedy else result
 
     @property
     def kv_cache(self):

@@ -24,8 +24,16 @@ class Sampled(NamedTuple):
     top: list[list[TopLogprob] | None] | None = None
 
 
-def sample(logits: torch.Tensor, seqs: list[Sequence]) -> Sampled:
-    """logits: fp32 ``[B, vocab]``."""
+class WorkerSampled(NamedTuple):
+    """Tokens a parallel instance's output worker already chose (greedy, no logprobs asked)."""
+
+    tokens: list[int]
+
+
+def sample(logits: torch.Tensor | WorkerSampled, seqs: list[Sequence]) -> Sampled:
+    """logits: fp32 ``[B, vocab]`` (or the tokens a worker chose)."""
+    if isinstance(logits, WorkerSampled):
+        return Sampled(logits.tokens)
     logits = logits.cpu()
     tokens = argmax_rows(logits)
     random_rows = [i for i, s in enumerate(seqs) if not s.params.greedy]

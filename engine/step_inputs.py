@@ -17,21 +17,24 @@ from tandem.engine.scheduler import StepPlan
 
 class StepInputs(msgspec.Struct, frozen=True, array_like=True):
     """prefill: every sequence's whole ``token_ids`` packed, ``seq_lens`` their lengths; decode:
-    each sequence's newest token, ``seq_lens`` its context length. ``block_tables`` per sequence."""
+    each sequence's newest token, ``seq_lens`` its context length. ``block_tables`` per sequence.
+    ``greedy``: every sequence samples greedily and wants no logprobs, so the worker holding the
+    logits returns the chosen token ids instead (a few bytes, not a vocabulary per sequence)."""
 
     kind: Literal["prefill", "decode"]
     token_ids: list[int]
     seq_lens: list[int]
     block_tables: list[list[int]]
+    greedy: bool = False
 
 
-def step_inputs(plan: StepPlan, tables: dict[str, list[int]]) -> StepInputs:
+def step_inputs(plan: StepPlan, tables: dict[str, list[int]], greedy: bool = False) -> StepInputs:
     seqs = plan.seqs
     if plan.kind == "prefill":
         ids = [t for s in seqs for t in s.token_ids]
     else:
         ids = [s.last_token for s in seqs]
-    return StepInputs(plan.kind, ids, [s.num_tokens for s in seqs], [tables[s.request_id] for s in seqs])
+    return StepInputs(plan.kind, ids, [s.num_tokens for s in seqs], [tables[s.request_id] for s in seqs], greedy)
 
 
 def split_inputs(inputs: StepInputs, parts: int, min_tokens: int = 1) -> list[StepInputs]:
@@ -57,7 +60,7 @@ def split_inputs(inputs: StepInputs, parts: int, min_tokens: int = 1) -> list[St
     for n in tokens:
         offsets.append(offsets[-1] + n)
     return [StepInputs(inputs.kind, inputs.token_ids[offsets[a]:offsets[b]], inputs.seq_lens[a:b],
-                       inputs.block_tables[a:b]) for a, b in zip(bounds, bounds[1:])]
+                       inputs.block_tables[a:b], inputs.greedy) for a, b in zip(bounds, bounds[1:])]
 
 
 def _slots(table: list[int], block_size: int, end: int) -> torch.Tensor:

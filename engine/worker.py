@@ -16,6 +16,7 @@ import torch
 from tandem.engine import heap, hugepages
 from tandem.engine.collective import Collective
 from tandem.engine.config import load_config
+from tandem.engine.fused import argmax_rows
 from tandem.engine.parallel import Parallelism, WorkerShard
 from tandem.engine.runner import DTYPES, ModelRunner, build_model, kv_cache_shape
 from tandem.engine.step_inputs import StepInputs, split_inputs
@@ -86,4 +87,20 @@ class ShardWorker:
         pieces = split_inputs(inputs, self.shard.parallelism.pp, MICRO_BATCH_MIN_TOKENS)
         outputs = [self.runner.run_inputs(piece) for piece in pieces]
         self.comm.flush()
-        return None if outputs[0] is None else torch.cat(outputs) if len(outputs) > 1 else outputs[0]
+        if outputs[0] is None:
+            return None
+        logits = torch.cat(outputs) if len(outputs) > 1 else outputs[0]
+        return argmax_rows(logits) if inputs.greedy else logits
+
+
+def pack_result(result: torch.Tensor | None) -> tuple | None:
+    """A worker's step result as plain data for the trip to the controller."""
+    if result is None:
+        return None
+    result = result.cpu().contiguous()
+    return tuple(result.shape), str(result.dtype).removeprefix("torch."), result.numpy().tobytes()
+
+
+def unpack_result(packed: tuple) -> torch.Tensor:
+    shape, dtype, data = packed
+    return torch.frombuffer(bytearray(data), dtype=getattr(torch, dtype)).reshape(shape)

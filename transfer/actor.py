@@ -23,7 +23,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from tandem.engine.config import load_config
 from tandem.engine.step_inputs import StepInputs
-from tandem.engine.worker import WorkerConfig, WorkerFailed
+from tandem.engine.worker import WorkerConfig, WorkerFailed, pack_result, unpack_result
 from tandem.transfer.base import TransferError
 from tandem.transfer.hosting import close_transports
 from tandem.transfer.protocol import KVHandle, KVLayout, remote_cause
@@ -68,9 +68,8 @@ class ShardWorkerActor:
         allocator = allocators[0] if allocators and config.device == "cpu" else None
         self.worker = ShardWorker(config, rank, self.comm, allocator)
 
-    def run(self, inputs: StepInputs) -> tuple[tuple[int, ...], bytes] | None:
-        logits = self.worker.run(inputs)
-        return None if logits is None else (tuple(logits.shape), logits.cpu().numpy().tobytes())
+    def run(self, inputs: StepInputs) -> tuple | None:
+        return pack_result(self.worker.run(inputs))
 
     def export(self, transport: str, request_id: str, block_ids: list[int], num_tokens: int) -> KVHandle:
         return self.transports[transport].export(self.worker.kv_cache, request_id, block_ids, num_tokens)
@@ -146,8 +145,7 @@ class RayWorkerGroup:
         except WorkerFailed as exc:
             self.failed = str(exc)
             raise
-        shape, data = answers[self.config.parallelism.output_rank]
-        return torch.frombuffer(bytearray(data), dtype=torch.float32).reshape(shape)
+        return unpack_result(answers[self.config.parallelism.output_rank])
 
     def call_all(self, method: str, *args, timeout_s: float, doing: str) -> list:
         """``method(*args)`` on every worker at once; their answers by rank."""

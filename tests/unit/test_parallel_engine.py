@@ -60,6 +60,18 @@ def test_a_prefill_large_enough_goes_through_the_stages_as_micro_batches(models,
         assert_greedy_close(reference, prompt, out.token_ids, want)
 
 
+def test_a_greedy_step_brings_back_token_ids_not_logits(models):
+    from tandem.engine.sampler import WorkerSampled
+
+    with LLM(models["llama"], tp=2, dtype="float32") as llm:
+        engine = llm.engine
+        engine.add_request(PROMPTS[0], GREEDY)
+        sampled = engine.runner.run(engine.scheduler.schedule())
+        assert isinstance(sampled, WorkerSampled) and len(sampled.tokens) == 1
+        engine.add_request(PROMPTS[1], SamplingParams(max_tokens=2, temperature=0, logprobs=True))
+        assert engine.runner.run(engine.scheduler.schedule()).shape == (1, 256)  # logprobs need logits
+
+
 def test_seeded_sampling_matches_a_single_worker(models):
     params = [SamplingParams(max_tokens=NEW_TOKENS, ignore_eos=True, temperature=0.8, top_p=0.9, seed=s)
               for s in range(len(PROMPTS))]
