@@ -9,6 +9,7 @@ from __future__ import annotations
 import msgspec
 
 from tandem.cluster.launcher_config import InstanceGroup, LaunchConfig
+from tandem.engine.parallel import kv_head_range, layer_range
 from tandem.placement.model_spec import ModelSpec, normalize_dtype
 
 GIB = 2**30
@@ -97,7 +98,8 @@ def instance_memory_bytes(group: InstanceGroup, model: ModelSpec) -> tuple[int, 
     dtype = _dtype(engine.dtype, model, engine.device)
     per_block = int(engine.block_size * model.kv_bytes_per_token(dtype))
     par = engine.parallelism
-    shard = -(-model.layers // par.pp) * max(1, model.kv_heads // par.tp) / (model.layers * model.kv_heads)
+    largest = len(layer_range(model.layers, par.pp, 0)) * len(kv_head_range(model.kv_heads, par.tp, 0))
+    shard = largest / (model.layers * model.kv_heads)  # the largest worker's share of a block
     num_blocks = engine.num_blocks or max(1, int(engine.kv_cache_bytes // (per_block * shard)))
     return int(model.weight_bytes(dtype)), int(num_blocks * per_block * shard) * group.workers
 

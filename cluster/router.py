@@ -280,11 +280,9 @@ class Router:
         return await self._tokenize(text)
 
     async def token_texts(self, token_ids: list[int]) -> list[str]:
-        """Each token id on its own as text (front ends label logprobs with them); ids decode
-        without the tokenizer as "token_<id>"."""
-        if self.tokenizer is None:
-            return [f"token_{t}" for t in token_ids]
-        return [self.tokenizer.decode([t]) for t in token_ids]
+        """Each token id on its own as text (front ends label logprobs with them); "token_<id>"
+        for a model without a tokenizer."""
+        return self.tokenizer.token_texts(token_ids) if self.tokenizer else [f"token_{t}" for t in token_ids]
 
     async def limits(self) -> dict:
         """The longest request it takes, prompt and output together: the model's context and

@@ -119,10 +119,12 @@ class Engine:
     def _blocks_for_budget(self) -> int:
         """Blocks whose KV fits ``kv_cache_bytes`` on every worker (the largest shard decides)."""
         c, par = self.model_config, self.config.parallelism
-        layers = len(layer_range(c.num_layers, par.pp, 0))
-        kv_heads = len(kv_head_range(c.num_kv_heads, par.tp, 0))
-        per_block = 2 * layers * self.config.block_size * kv_heads * c.head_dim * self.dtype.itemsize
+        per_block = self._kv_block_bytes(len(layer_range(c.num_layers, par.pp, 0)),
+                                         len(kv_head_range(c.num_kv_heads, par.tp, 0)))
         return max(1, self.config.kv_cache_bytes // per_block)
+
+    def _kv_block_bytes(self, layers: int, kv_heads: int) -> int:
+        return 2 * layers * self.config.block_size * kv_heads * self.model_config.head_dim * self.dtype.itemsize
 
     def close(self) -> None:
         """Stop a parallel instance's workers (a single-worker engine holds nothing to stop)."""
@@ -193,8 +195,7 @@ class Engine:
     @property
     def block_bytes(self) -> int:
         """Bytes of KV one block holds, over the whole model."""
-        c = self.model_config
-        return 2 * c.num_layers * self.config.block_size * c.kv_size * self.dtype.itemsize
+        return self._kv_block_bytes(self.model_config.num_layers, self.model_config.num_kv_heads)
 
     @property
     def num_free_blocks(self) -> int:

@@ -30,6 +30,10 @@ class Tokenizer:
     def decode(self, token_ids: list[int]) -> str:
         return self._tok.decode(token_ids, skip_special_tokens=True)
 
+    def token_texts(self, token_ids: list[int]) -> list[str]:
+        """Each id decoded on its own (how logprobs label tokens)."""
+        return [self.decode([t]) for t in token_ids]
+
 
 @dataclass
 class DetokenizerState:

@@ -25,7 +25,7 @@ from tandem.engine.config import load_config
 from tandem.engine.step_inputs import StepInputs
 from tandem.engine.worker import WorkerConfig, WorkerFailed, pack_result, unpack_result
 from tandem.transfer.base import TransferError
-from tandem.transfer.hosting import close_transports
+from tandem.transfer.hosting import close_transports, serving_method
 from tandem.transfer.protocol import KVHandle, KVLayout, remote_cause
 from tandem.transfer.registry import make_transport
 from tandem.transfer.sharded import fetch_shard, sharded_handle, source_of
@@ -86,10 +86,7 @@ class ShardWorkerActor:
         """A destination's request to this worker's transport as a source (auto across nodes).
         Not ``async``: one async method would make Ray run every method on one event loop, and a
         KV fetch would then hold up the steps."""
-        method = getattr(self.transports.get(transport), f"serve_{op}", None)
-        if method is None:
-            raise ValueError(f"this worker has no {transport!r} transport serving {op!r}")
-        return method(*args)
+        return serving_method(self.transports, transport, op)(*args)
 
     def shutdown(self) -> None:
         close_transports(list(self.transports.values()))

@@ -37,10 +37,15 @@ def build_engine(model_dir: str, config: EngineConfig, num_threads: int,
 async def serve_transfer(transports: dict[str, Transport], name: str, op: str, args: tuple) -> Any:
     """Run a peer's request ``serve_<op>(*args)`` on this instance's ``name`` transport, off the
     event loop (it may pack KV or wait on NCCL)."""
+    return await asyncio.to_thread(serving_method(transports, name, op), *args)
+
+
+def serving_method(transports: dict[str, Transport], name: str, op: str) -> Callable[..., Any]:
+    """The ``name`` transport's ``serve_<op>``; ValueError if there is none."""
     method = getattr(transports.get(name), f"serve_{op}", None)
     if method is None:
         raise ValueError(f"this instance has no {name!r} transport serving {op!r}")
-    return await asyncio.to_thread(method, *args)
+    return method
 
 
 def close_transports(transports: Sequence[Transport]) -> None:

@@ -8,14 +8,19 @@ from tandem.placement.calibrate import load_profile
 from tandem.deploy.cmd_profile import DECODE_GRID, PREFILL_GRID
 
 
-def test_profile_writes_a_loadable_calibration(tiny_llama_dir, tmp_path, capsys):
+def _spec(tmp_path, model_dir):
     spec = tmp_path / "s.yaml"
     spec.write_text(textwrap.dedent(f"""\
         name: prof
-        model: {{path: {tiny_llama_dir}, dtype: float32}}
+        model: {{path: {model_dir}, dtype: float32}}
         prefill: {{replicas: 1}}
         decode: {{replicas: 1}}
         """))
+    return spec
+
+
+def test_profile_writes_a_loadable_calibration(tiny_llama_dir, tmp_path, capsys):
+    spec = _spec(tmp_path, tiny_llama_dir)
     out = tmp_path / "cal.json"
     assert main(["profile", str(spec), "--out", str(out), "--repeats", "1"]) == 0
     assert "wrote" in capsys.readouterr().out
@@ -27,13 +32,7 @@ def test_profile_writes_a_loadable_calibration(tiny_llama_dir, tmp_path, capsys)
 
 
 def test_profile_times_each_parallel_shape_asked_for(tiny_llama_dir, tmp_path, capsys):
-    spec = tmp_path / "s.yaml"
-    spec.write_text(textwrap.dedent(f"""\
-        name: prof
-        model: {{path: {tiny_llama_dir}, dtype: float32}}
-        prefill: {{replicas: 1}}
-        decode: {{replicas: 1}}
-        """))
+    spec = _spec(tmp_path, tiny_llama_dir)
     out = tmp_path / "cal.json"
     assert main(["profile", str(spec), "--out", str(out), "--repeats", "1", "--shapes", "1x1", "1x2"]) == 0
     assert "tp=1 pp=2: prefill rms" in capsys.readouterr().out
