@@ -24,7 +24,8 @@ def _group(section: str, inst: InstanceSpec, dtype: str) -> InstanceGroup:
         dtype=dtype, device=inst.device, block_size=inst.block_size, num_blocks=inst.num_blocks,
         kv_cache_bytes=kv_bytes,
         scheduler=SchedulerConfig(max_num_seqs=inst.max_num_seqs,
-                                  max_num_batched_tokens=inst.max_batch_tokens),
+                                  max_num_batched_tokens=inst.max_batch_tokens,
+                                  chunked_prefill=inst.chunked_prefill),
         parallelism=Parallelism(inst.tp or 1, inst.pp or 1),
     )
     num_gpus = inst.num_gpus if inst.num_gpus is not None else float(inst.device != "cpu")

@@ -55,8 +55,9 @@ class ModelRef(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 class InstanceSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """One pool of identical engine instances (the prefill pool, the decode pool, or the colocated
     pool). ``replicas``/``tp``/``pp`` are None only under ``placement: auto`` until the planner
-    chooses them; under explicit placement an omitted value means 1. tp/pp above 1 are accepted
-    here (and checked against the model) but not yet supported: the launcher refuses them. KV
+    chooses them; under explicit placement an omitted value means 1 (tp x pp worker actors per
+    instance above 1). ``chunked_prefill``: every step mixes the running decodes with prompt
+    chunks, ``max_batch_tokens`` tokens in all (engine/scheduler.py). KV
     capacity per instance: ``num_blocks`` blocks, or ``memory_fraction`` of the host's RAM (also
     for cuda pools), at most one of the two; neither gives the engine's default, 1 GiB of KV.
     A ``device: cuda`` instance reserves ``num_gpus`` of a GPU from Ray (default 1; a fraction lets
@@ -70,6 +71,7 @@ class InstanceSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     memory_fraction: float | None = None
     max_batch_tokens: int = 8192
     max_num_seqs: int = 128
+    chunked_prefill: bool = False
     device: Device = "cpu"
     num_cpus: float = 1.0  # Ray CPUs reserved for each instance (one actor today)
     num_gpus: float | None = None  # GPUs reserved for each cuda instance: 1, or a share of one

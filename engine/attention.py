@@ -4,11 +4,15 @@ The cache of one layer is ``[2, num_blocks, block_size, num_kv_heads, head_dim]`
 A token's *slot* is ``block_id * block_size + offset``; the scheduler's block tables become slot
 indices once per step (``AttentionMetadata``) and every layer reuses them.
 
-Prefill attends over the step's own fresh K/V (a sequence's whole prompt is prefilled in one step),
-so it never reads the cache: on CPU with the native kernel, otherwise SDPA. Decode reads each
-sequence's context through its slots: on CPU (bf16 or fp32) with the native kernel
-(``engine.kernels``), which reads every cached row once; otherwise by gathering the context
-(index_select) and running SDPA.
+A whole-prompt prefill attends over the step's own fresh K/V, so it never reads the cache: on CPU
+with the native kernel, otherwise SDPA. Decode reads each sequence's context through its slots: on
+CPU (bf16 or fp32) with the native kernel (``engine.kernels``), which reads every cached row once;
+otherwise by gathering the context (index_select) and running SDPA.
+
+A chunked-prefill step (``mixed_attention``) holds decodes first (one token each, decode attention)
+and then prompt chunks: a chunk whose prompt started in an earlier step attends to that prompt's
+cached prefix as well as to its own tokens, so its whole context is gathered from the cache (after
+the step's K/V is written) for the same native kernel, or SDPA with an offset causal mask.
 """
 from __future__ import annotations
 
@@ -36,6 +40,13 @@ class AttentionMetadata:
     context_slots: torch.Tensor | None = None  # decode: [B, Lmax] slots of each context
     context_mask: torch.Tensor | None = None  # decode: [B, 1, 1, Lmax] True where valid
     context_lens: torch.Tensor | None = None  # decode: [B] int64 tokens in each context
+    # Chunked prefill (a mixed step): the first ``num_decodes`` tokens are decodes (``context_*``
+    # describe them); ``seq_lens`` are the chunks after them, ``prefix_lens`` each chunk's tokens
+    # already cached before this step, ``chunk_context`` the slots of each chunk's whole context
+    # (prefix + chunk, packed) when some prefix is not empty.
+    num_decodes: int = 0
+    prefix_lens: tuple[int, ...] = ()
+    chunk_context: torch.Tensor | None = None
 
 
 def write_kv(kv_layer: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
@@ -85,31 +96,94 @@ def _prefill_lanes() -> int:
 
 
 @functools.lru_cache(maxsize=64)
-def _packed_lengths(seq_lens: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(first token, length) of each packed sequence, as the kernel's int64 arrays: once per step,
-    not once per layer."""
+def _packed_lengths(seq_lens: tuple[int, ...], prefix_lens: tuple[int, ...] | None = None) -> tuple:
+    """The kernel's int64 arrays (query starts, query lengths, key starts, prefix lengths) for
+    packed queries and, with prefixes, keys packed as each sequence's whole context: once per
+    step, not once per layer."""
     lens = torch.tensor(seq_lens, dtype=torch.int64)
-    return torch.cumsum(lens, 0) - lens, lens
+    starts = torch.cumsum(lens, 0) - lens
+    if prefix_lens is None:
+        return starts, lens, starts, torch.zeros_like(lens)
+    offsets = torch.tensor(prefix_lens, dtype=torch.int64)
+    contexts = lens + offsets
+    return starts, lens, torch.cumsum(contexts, 0) - contexts, offsets
 
 
 def native_prefill_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: tuple[int, ...], scale: float
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: tuple[int, ...], scale: float,
+    prefix_lens: tuple[int, ...] | None = None,
 ) -> torch.Tensor:
-    """The native kernel (engine/kernels/prefill_attention.cpp) on strided q/k/v rows."""
+    """The native kernel (engine/kernels/prefill_attention.cpp) on strided q/k/v rows. Without
+    ``prefix_lens`` k/v are the queries' own tokens; with them, each sequence's whole context."""
     tokens, heads, dim = q.shape
     if sum(seq_lens) != tokens:
         raise ValueError(f"prefill attention: sequence lengths sum to {sum(seq_lens)}, q has {tokens} tokens")
+    keys = tokens + (sum(prefix_lens) if prefix_lens is not None else 0)
+    if k.shape[0] != keys:
+        raise ValueError(f"prefill attention: k has {k.shape[0]} rows for {keys} keys")
     out = torch.empty(tokens, heads, dim, dtype=q.dtype)
-    starts, lens = _packed_lengths(tuple(seq_lens))
+    starts, lens, kv_starts, offsets = _packed_lengths(tuple(seq_lens), prefix_lens)
     status = kernels.load().prefill_attention(
         q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), starts.data_ptr(), lens.data_ptr(),
-        len(seq_lens), heads, k.shape[1], dim, q.stride(0), k.stride(0), scale,
-        q.dtype == torch.bfloat16, torch.get_num_threads(),
+        kv_starts.data_ptr(), offsets.data_ptr(), len(seq_lens), heads, k.shape[1], dim, q.stride(0),
+        k.stride(0), scale, q.dtype == torch.bfloat16, torch.get_num_threads(),
     )
     if status != 0:
         raise RuntimeError(f"prefill attention rejected its inputs (status {status}): q {tuple(q.shape)}, "
                            f"k {tuple(k.shape)}, sequence lengths {seq_lens}")
     return out
+
+
+def chunk_attention(
+    q: torch.Tensor, kv_layer: torch.Tensor, seq_lens: tuple[int, ...], prefix_lens: tuple[int, ...],
+    context: torch.Tensor, scale: float,
+) -> torch.Tensor:
+    """Causal attention of prompt chunks over their cached prefix and themselves (their K/V already
+    written). q: [T, H, D] packed chunks; ``context``: the slots of each chunk's prefix and chunk,
+    packed. Query i of a chunk with prefix p sees the context's keys 0..p + i."""
+    num_kv_heads, head_dim = kv_layer.shape[-2:]
+    keys = kv_layer[0].view(-1, num_kv_heads, head_dim).index_select(0, context)
+    values = kv_layer[1].view(-1, num_kv_heads, head_dim).index_select(0, context)
+    if native_prefill_applies(q, keys, values):
+        return native_prefill_attention(q, keys, values, seq_lens, scale, prefix_lens)
+    outputs, q_start, k_start = [], 0, 0
+    for n, prefix in zip(seq_lens, prefix_lens):
+        qs = q[q_start:q_start + n].transpose(0, 1)[None]
+        ks, vs = (t[k_start:k_start + prefix + n].transpose(0, 1)[None] for t in (keys, values))
+        visible = torch.arange(prefix + n, device=q.device)[None, :] <= prefix + torch.arange(n, device=q.device)[:, None]
+        out = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=visible, scale=scale, enable_gqa=True)
+        outputs.append(out[0].transpose(0, 1))
+        q_start, k_start = q_start + n, k_start + prefix + n
+    return torch.cat(outputs, dim=0)
+
+
+def step_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_layer: torch.Tensor, meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    """A step's attention, its K/V already written: decode, whole prompts, or a mixed step."""
+    if not meta.is_prefill:
+        return decode_attention(q, kv_layer, meta, scale)
+    if meta.num_decodes == 0 and meta.chunk_context is None:
+        return prefill_attention(q, k, v, meta.seq_lens, scale)
+    return mixed_attention(q, k, v, kv_layer, meta, scale)
+
+
+def mixed_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_layer: torch.Tensor, meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    """Decodes (the first ``num_decodes`` tokens) through decode attention, the prompt chunks after
+    them over their cached prefixes (or, where none has one, over their own fresh K/V)."""
+    d = meta.num_decodes
+    parts = [decode_attention(q[:d], kv_layer, meta, scale)] if d else []
+    if meta.seq_lens:
+        if meta.chunk_context is None:
+            parts.append(prefill_attention(q[d:], k[d:], v[d:], meta.seq_lens, scale))
+        else:
+            parts.append(chunk_attention(q[d:], kv_layer, meta.seq_lens, meta.prefix_lens,
+                                         meta.chunk_context, scale))
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
 
 
 def decode_attention(

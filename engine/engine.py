@@ -27,7 +27,7 @@ from tandem.engine.pacing import PacedRunner, StepPace
 from tandem.engine.params import SamplingParams
 from tandem.engine.parallel import Parallelism, check_parallelism, kv_head_range, layer_range
 from tandem.engine.runner import DTYPES, GroupRunner, ModelRunner, build_model, kv_cache_shape, resolve_dtype
-from tandem.engine.sampler import sample
+from tandem.engine.sampler import sample, select_rows
 from tandem.engine.scheduler import Scheduler, SchedulerConfig, StepPlan
 from tandem.engine.sequence import Sequence, Status, make_generator, sequence_from, state_of
 from tandem.engine.stopping import append_text, finish_reason
@@ -188,7 +188,7 @@ class Engine:
     def stats(self) -> dict[str, int]:
         return {"num_blocks": self.blocks.num_blocks, "free_blocks": self.blocks.num_free,
                 "waiting": len(self.scheduler.waiting), "running": len(self.scheduler.running),
-                "waiting_tokens": sum(s.num_tokens for s in self.scheduler.waiting),
+                "waiting_tokens": self.scheduler.tokens_to_prefill(),
                 "held": len(self._exports) + len(self._reserved), "preemptions": self.num_preemptions,
                 "block_bytes": self.block_bytes}
 
@@ -220,11 +220,15 @@ class Engine:
         if not plan.seqs:  # every request was preempted (blocks held elsewhere): nothing to run
             return plan, []
         logits = self._step_runner.run(plan)
-        sampled = sample(logits, list(plan.seqs))
+        rows = plan.sampling_rows()
+        if not rows:  # only mid-prompt chunks: nothing to sample yet
+            return plan, []
+        seqs = [plan.seqs[i] for i in rows]
+        sampled = sample(select_rows(logits, rows, len(plan.seqs)), seqs)
         return plan, [
             self._append_or_fail(seq, tok, None if sampled.logprobs is None else sampled.logprobs[i],
                                  None if sampled.top is None else sampled.top[i])
-            for i, (seq, tok) in enumerate(zip(plan.seqs, sampled.tokens))
+            for i, (seq, tok) in enumerate(zip(seqs, sampled.tokens))
         ]
 
     def _append_or_fail(self, seq: Sequence, token: int, logprob: float | None,

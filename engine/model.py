@@ -17,7 +17,7 @@ from torch import nn
 
 from torch.nn import functional as F
 
-from tandem.engine.attention import AttentionMetadata, decode_attention, prefill_attention, write_kv
+from tandem.engine.attention import AttentionMetadata, step_attention, write_kv
 from tandem.engine.collective import Collective, Solo
 from tandem.engine.config import ModelConfig
 from tandem.engine.fused import rope_
@@ -55,10 +55,7 @@ class Attention(nn.Module):
         k = qkv[:, q_end:k_end].view(tokens, self.num_kv_heads, self.head_dim)
         v = qkv[:, k_end:].view(tokens, self.num_kv_heads, self.head_dim)
         write_kv(kv_layer, k, v, meta.slot_mapping)
-        if meta.is_prefill:
-            out = prefill_attention(q, k, v, meta.seq_lens, self.scale)
-        else:
-            out = decode_attention(q, kv_layer, meta, self.scale)
+        out = step_attention(q, k, v, kv_layer, meta, self.scale)
         return self.comm.all_reduce(self.o_proj(out.reshape(tokens, self.q_size)))
 
 

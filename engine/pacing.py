@@ -9,6 +9,10 @@ Also a way to rehearse a deployment at a slower device's speed on a fast one.
 The forms are those of placement/calibrate.py (DistServe's), in seconds:
     prefill step = a + b * sum(prompt lengths) + c * sum(prompt lengths ** 2)
     decode step  = a + b * batch size          + c * sum(context lengths)
+A mixed step (chunked prefill) adds both variable parts under the larger intercept: its one-token
+queries are decodes, each chunk of n tokens after p cached ones costs the prefill's b * n +
+c * n * (2p + n) (a whole prompt, p = 0, is the prefill form; 2p + n counts the cached prefix every
+query reads).
 A step whose model work takes longer than its pace is not slowed further.
 """
 from __future__ import annotations
@@ -32,12 +36,23 @@ class StepPace(msgspec.Struct, frozen=True):
                 raise ValueError(f"step pace {name} needs three coefficients >= 0, got {coef}")
 
     def seconds(self, plan: StepPlan) -> float:
+        if plan.kind == "mixed":
+            return self.mixed_seconds(plan.chunks)
         lengths = [s.num_tokens for s in plan.seqs]
         if plan.kind == "prefill":
             a, b, c = self.prefill
             return a + b * sum(lengths) + c * sum(n * n for n in lengths)
         a, b, c = self.decode
         return a + b * len(lengths) + c * sum(lengths)
+
+    def mixed_seconds(self, chunks) -> float:
+        """A chunked-prefill step of (cached tokens, new tokens) per sequence."""
+        decodes = [start + 1 for start, n in chunks if n == 1]
+        prompts = [(start, n) for start, n in chunks if n != 1]
+        (ap, bp, cp), (ad, bd, cd) = self.prefill, self.decode
+        seconds = max(ap if prompts else 0.0, ad if decodes else 0.0)
+        seconds += bd * len(decodes) + cd * sum(decodes)
+        return seconds + sum(bp * n + cp * n * (2 * start + n) for start, n in prompts)
 
 
 class PacedRunner:

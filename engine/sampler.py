@@ -30,6 +30,16 @@ class WorkerSampled(NamedTuple):
     tokens: list[int]
 
 
+def select_rows(logits: torch.Tensor | WorkerSampled, rows: list[int], total: int):
+    """The rows of a step's logits (or worker-chosen tokens) that sample: all of them unless a
+    chunked prefill left some prompts mid-way."""
+    if len(rows) == total:
+        return logits
+    if isinstance(logits, WorkerSampled):
+        return WorkerSampled([logits.tokens[i] for i in rows])
+    return logits[torch.tensor(rows, device=logits.device)]
+
+
 def sample(logits: torch.Tensor | WorkerSampled, seqs: list[Sequence]) -> Sampled:
     """logits: fp32 ``[B, vocab]`` (or the tokens a worker chose)."""
     if isinstance(logits, WorkerSampled):

@@ -6,6 +6,13 @@ quickly. When a running request cannot get a slot for its next token, the most r
 running request is preempted: its blocks are freed and it is recomputed later by a prefill over
 prompt + output so far (its RNG state is kept, so seeded outputs do not change).
 
+With ``chunked_prefill`` (Sarathi-Serve's stall-free batching) every step is one token budget,
+``max_num_batched_tokens``: the running decodes go first, one token each; prompts already being
+prefilled continue, then waiting prompts start, each taking a chunk of what budget is left, so a
+long prompt is split over several steps and never stalls the running requests for its whole
+prefill. A prompt is ``PREFILLING`` between its chunks, holds the blocks of what it has cached,
+and is preempted like any running request (the newest first).
+
 Flags let the disaggregated instances reuse it: a prefill instance schedules prefills only and
 detaches each request after its first token; a decode instance admits requests whose KV arrived
 from elsewhere straight into ``running``.
@@ -24,22 +31,43 @@ from tandem.engine.sequence import Sequence, Status
 
 class SchedulerConfig(msgspec.Struct, frozen=True):
     max_num_seqs: int = 128
-    max_num_batched_tokens: int = 8192
+    max_num_batched_tokens: int = 8192  # a prefill step's tokens; with chunked_prefill, every step's
     enable_prefill: bool = True
     enable_decode: bool = True
+    chunked_prefill: bool = False
+
+    def __post_init__(self) -> None:
+        if self.chunked_prefill and self.max_num_batched_tokens < self.max_num_seqs:
+            raise ValueError(
+                f"chunked prefill needs max_num_batched_tokens >= max_num_seqs (got "
+                f"{self.max_num_batched_tokens} < {self.max_num_seqs}): every running request "
+                "decodes in every step, inside the step's token budget")
 
 
 @dataclass(frozen=True)
 class StepPlan:
-    """What the next model step runs; ``preempted`` lists requests evicted to make room."""
+    """What the next model step runs; ``preempted`` lists requests evicted to make room.
 
-    kind: Literal["prefill", "decode"]
+    ``mixed`` (chunked prefill): ``chunks[i]`` is (first token, tokens) of ``seqs[i]`` this step,
+    decodes first; a request samples only when its chunk reaches its newest token."""
+
+    kind: Literal["prefill", "decode", "mixed"]
     seqs: tuple[Sequence, ...]
     preempted: tuple[Sequence, ...] = ()
+    chunks: tuple[tuple[int, int], ...] = ()
 
     @property
     def num_tokens(self) -> int:
+        if self.kind == "mixed":
+            return sum(n for _, n in self.chunks)
         return sum(s.num_tokens for s in self.seqs) if self.kind == "prefill" else len(self.seqs)
+
+    def sampling_rows(self) -> list[int]:
+        """Rows of ``seqs`` that sample a token this step (all but mid-prompt chunks)."""
+        if self.kind != "mixed":
+            return list(range(len(self.seqs)))
+        return [i for i, (seq, (start, n)) in enumerate(zip(self.seqs, self.chunks))
+                if start + n == seq.num_tokens]
 
 
 class Scheduler:
@@ -64,6 +92,8 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def schedule(self) -> StepPlan | None:
+        if self.config.chunked_prefill:
+            return self._schedule_chunked()
         if self.config.enable_prefill and self.waiting:
             plan = self._schedule_prefill()
             if plan is not None:
@@ -107,9 +137,109 @@ class Scheduler:
         self.running.extendleft(reversed(scheduled))
         return StepPlan("decode", tuple(scheduled), tuple(preempted))
 
+    # -- chunked prefill: one token budget per step, decodes first ------------------------------
+
+    def _schedule_chunked(self) -> StepPlan | None:
+        budget = self.config.max_num_batched_tokens
+        chunks: list[tuple[Sequence, int, int]] = []
+        preempted: list[Sequence] = []
+        if self.config.enable_decode:
+            budget = self._continue_decodes(budget, chunks, preempted)
+        if self.config.enable_prefill:
+            budget, stalled = self._continue_prefills(budget, chunks)
+            if not preempted:  # never restart a request in the step that preempted it
+                self._start_waiting(budget, chunks)
+            if stalled and not chunks and len(self.running) > 1:
+                # Prompts half-prefilled and no room for any of them: free the newest one's blocks
+                # so the others can go on (alone, a prompt waits for blocks held elsewhere).
+                victim = self.running[-1]
+                self._preempt_running(victim)
+                preempted.append(victim)
+        if not chunks:
+            return StepPlan("decode", (), tuple(preempted)) if preempted else None
+        return self._chunked_plan(chunks, tuple(preempted))
+
+    def _continue_decodes(self, budget: int, chunks: list, preempted: list) -> int:
+        """One token for each running request while the budget and the batch cap last, preempting
+        the newest running requests (half-prefilled ones too) when blocks run out."""
+        for seq in [s for s in self.running if s.status is Status.RUNNING]:
+            if budget <= 0 or len(chunks) >= self.config.max_num_seqs:
+                break
+            if seq.status is not Status.RUNNING:  # preempted for an earlier request in this loop
+                continue
+            if self._grow_or_preempt(seq, seq.num_tokens, preempted):
+                chunks.append((seq, seq.num_tokens - 1, 1))
+                budget -= 1
+        return budget
+
+    def _continue_prefills(self, budget: int, chunks: list) -> tuple[int, bool]:
+        """The next chunk of each half-prefilled prompt, as large as the budget and the free blocks
+        allow; (budget left, whether some prompt got no room at all)."""
+        stalled = False
+        for seq in [s for s in self.running if s.status is Status.PREFILLING]:
+            if budget <= 0 or len(chunks) >= self.config.max_num_seqs:
+                break
+            start = seq.num_cached
+            table = self.blocks.tables[seq.request_id]
+            room = (len(table) + self.blocks.num_free) * self.blocks.block_size - start
+            count = min(seq.num_tokens - start, budget, room)
+            if count <= 0:
+                stalled = True
+                continue
+            self.blocks.append_slot(seq.request_id, start + count)
+            chunks.append((seq, start, count))
+            budget -= count
+        return budget, stalled
+
+    def _grow_or_preempt(self, seq: Sequence, num_tokens: int, preempted: list[Sequence]) -> bool:
+        """Blocks for ``seq`` to hold ``num_tokens``, preempting the newest running requests until
+        they fit; False if ``seq`` itself had to go."""
+        while not self.blocks.can_append(seq.request_id, num_tokens):
+            victim = self.running[-1]
+            self._preempt_running(victim)
+            preempted.append(victim)
+            if victim is seq:
+                return False
+        self.blocks.append_slot(seq.request_id, num_tokens)
+        return True
+
+    def _preempt_running(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self._preempt(seq)
+
+    def _start_waiting(self, budget: int, chunks: list) -> None:
+        """Waiting prompts, first come first served, each a chunk of what budget is left."""
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            seq = self.waiting[0]
+            count = min(seq.num_tokens, budget)
+            if not self.blocks.can_allocate(count):
+                break
+            self.waiting.popleft()
+            self.blocks.allocate(seq.request_id, count)
+            seq.status, seq.num_cached = Status.PREFILLING, 0
+            self.running.append(seq)
+            chunks.append((seq, 0, count))
+            budget -= count
+
+    def _chunked_plan(self, chunks: list, preempted: tuple[Sequence, ...]) -> StepPlan:
+        """The step's plan, each request's progress recorded: a prompt whose chunk reaches its
+        newest token is RUNNING after this step (it samples its next token)."""
+        chunks = [c for c in chunks if c[0] not in preempted]
+        for seq, start, count in chunks:
+            if seq.status is Status.PREFILLING:
+                seq.num_cached = start + count
+                if seq.num_cached == seq.num_tokens:
+                    seq.status = Status.RUNNING
+        if all(s.status is Status.RUNNING and start == s.num_tokens - 1 and n == 1
+               for s, start, n in chunks):
+            return StepPlan("decode", tuple(s for s, _, _ in chunks), preempted)
+        return StepPlan("mixed", tuple(s for s, _, _ in chunks), preempted,
+                        tuple((start, n) for _, start, n in chunks))
+
     def _preempt(self, seq: Sequence) -> None:
         self.blocks.free(seq.request_id)
         seq.status = Status.WAITING
+        seq.num_cached = 0
         seq.num_preemptions += 1
         self.waiting.appendleft(seq)
 
@@ -122,6 +252,11 @@ class Scheduler:
     def detach(self, seq: Sequence) -> None:
         """Stop scheduling a request but keep its blocks (a prefill instance hands them over)."""
         self._remove(seq)
+
+    def tokens_to_prefill(self) -> int:
+        """Prompt tokens (recomputed ones included) still waiting for their KV."""
+        return (sum(s.num_tokens for s in self.waiting)
+                + sum(s.num_tokens - s.num_cached for s in self.running if s.status is Status.PREFILLING))
 
     def find(self, request_id: str) -> Sequence | None:
         for seq in (*self.waiting, *self.running):

@@ -15,6 +15,7 @@ from tandem.engine.tokenizer import DetokenizerState
 
 class Status(enum.Enum):
     WAITING = "waiting"  # needs a prefill (new, or preempted and to be recomputed)
+    PREFILLING = "prefilling"  # chunked prefill under way: KV for its first ``num_cached`` tokens
     RUNNING = "running"  # has KV for all but its newest token; decodes each step
     FINISHED = "finished"
 
@@ -37,6 +38,12 @@ class Sequence:
     finish_reason: str | None = None
     error: str | None = None  # why, when finish_reason is "error"
     num_preemptions: int = 0
+    num_cached: int = 0  # while PREFILLING: tokens whose KV earlier chunks wrote
+
+    @property
+    def num_computed(self) -> int:
+        """Tokens whose KV is in the cache (a running request's newest token has none yet)."""
+        return self.num_tokens - 1 if self.status is Status.RUNNING else self.num_cached
 
     @property
     def num_tokens(self) -> int:

@@ -126,7 +126,7 @@ def load() -> ctypes.CDLL:
     lib.small_gemm_panel_width.restype = ctypes.c_int
     prefill = lib.prefill_attention
     prefill.restype = ctypes.c_int
-    prefill.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 6 + [ctypes.c_float, ctypes.c_int64, ctypes.c_int64]
+    prefill.argtypes = [ctypes.c_void_p] * 8 + [ctypes.c_int64] * 6 + [ctypes.c_float, ctypes.c_int64, ctypes.c_int64]
     lib.prefill_attention_lanes.restype = ctypes.c_int
     lib.kernels_use_openmp.restype = ctypes.c_int
     _declare_elementwise(lib)

@@ -1,4 +1,4 @@
-// Causal prefill attention over a packed batch of whole prompts (bf16 or fp32), flash style.
+// Causal prefill attention over a packed batch of prompts or prompt chunks (bf16 or fp32), flash style.
 //
 // Why a kernel: torch's CPU SDPA ran SmolLM2's shapes at a fraction of the GF/s this CPU's GEMMs
 // reach (benchmarks/RESULTS.md); here the score and weighted-sum products run as register-tiled
@@ -7,9 +7,11 @@
 //
 // Layout: token t of the packed batch has q at q + t * q_stride (H heads of D), k and v at
 // k/v + t * kv_stride (Hkv heads of D; the strides let q/k/v be views of the fused projection);
-// out [T, H, D] contiguous. Sequence s is tokens [starts[s], starts[s] + lens[s]); its query token i
-// attends to its keys 0..i. Query head h reads KV head h / (H / Hkv). Math in fp32, a bf16 output
-// rounded to nearest even.
+// out [T, H, D] contiguous. Sequence s's queries are tokens [starts[s], starts[s] + lens[s]), its keys
+// rows [kv_starts[s], kv_starts[s] + offsets[s] + lens[s]) of k and v: a chunk of a longer prompt sees
+// the offsets[s] keys of the prompt before it (a whole prompt: offset 0, keys = its own tokens). Its
+// query token i attends to its keys 0..offsets[s] + i. Query head h reads KV head h / (H / Hkv). Math
+// in fp32, a bf16 output rounded to nearest even.
 //
 // A work item is one sequence, one KV head and a block of QB query tokens: its rows are those
 // tokens times the query heads sharing that KV head (row r: token i0 + r / G, head g = r % G). Per
@@ -60,13 +62,15 @@ struct Problem {
     E* out;
     const int64_t* starts;
     const int64_t* lens;
+    const int64_t* kv_starts;
+    const int64_t* offsets;
     int64_t heads, kv_heads, dim, q_stride, kv_stride;
     float scale;
 };
 
 struct Item {
-    int64_t seq, kv_head, i0, i1;
-    int64_t cost() const { return i1 * (i1 - i0); }  // keys read x query tokens
+    int64_t seq, kv_head, i0, i1, offset;
+    int64_t cost() const { return (offset + i1) * (i1 - i0); }  // keys read x query tokens
 };
 
 struct Scratch {
@@ -174,7 +178,7 @@ void attend_item(const Problem<E>& p, const Item& it, Scratch& w) {
     constexpr int DS = D / L::LANES < DS_MAX ? D / L::LANES : DS_MAX;
     const int64_t group = p.heads / p.kv_heads, rows = (it.i1 - it.i0) * group;
     const int64_t rp = (rows + ROWS_ALIGN - 1) / ROWS_ALIGN * ROWS_ALIGN;
-    const int64_t base = p.starts[it.seq], kv_offset = it.kv_head * D;
+    const int64_t kv_base = p.kv_starts[it.seq], kv_offset = it.kv_head * D, end = it.offset + it.i1;
     w.qt.resize(D * rp);
     w.st.resize(KB * rp);
     w.kb.resize(KB * D);
@@ -185,14 +189,15 @@ void attend_item(const Problem<E>& p, const Item& it, Scratch& w) {
     w.alpha.resize(rp);
     load_queries<D>(p, it, rows, rp, w.qt.data());
     const auto tiles = std::make_integer_sequence<int, RP>{};
-    for (int64_t j0 = 0; j0 < it.i1; j0 += KB) {
-        const int64_t n = std::min<int64_t>(KB, it.i1 - j0);
-        load_rows<D>(p.k + (base + j0) * p.kv_stride + kv_offset, p.kv_stride, n, w.kb.data());
-        load_rows<D>(p.v + (base + j0) * p.kv_stride + kv_offset, p.kv_stride, n, w.vb.data());
+    for (int64_t j0 = 0; j0 < end; j0 += KB) {
+        const int64_t n = std::min<int64_t>(KB, end - j0);
+        load_rows<D>(p.k + (kv_base + j0) * p.kv_stride + kv_offset, p.kv_stride, n, w.kb.data());
+        load_rows<D>(p.v + (kv_base + j0) * p.kv_stride + kv_offset, p.kv_stride, n, w.vb.data());
         for (int64_t c0 = 0; c0 < KB; c0 += KT)
             for (int64_t r0 = 0; r0 < rp; r0 += ROWS_ALIGN)
                 score_tile<D>(w.qt.data() + r0, rp, w.kb.data() + c0 * D, w.st.data() + c0 * rp + r0);
-        if (j0 + KB > it.i0 + 1) mask_block(w.st.data(), rp, rows, j0, it.i0, group);
+        if (j0 + KB > it.offset + it.i0 + 1)
+            mask_block(w.st.data(), rp, rows, j0 - it.offset, it.i0, group);
         softmax_block(w.st.data(), rp, w.m.data(), w.l.data(), w.alpha.data());
         for (int64_t r0 = 0; r0 < rows; r0 += RP) {
             const int r = static_cast<int>(std::min<int64_t>(RP, rows - r0));
@@ -201,6 +206,7 @@ void attend_item(const Problem<E>& p, const Item& it, Scratch& w) {
                 tile(w.st.data() + r0, rp, w.vb.data() + slice, w.o.data() + r0 * D + slice, w.alpha.data() + r0);
         }
     }
+    const int64_t base = p.starts[it.seq];
     for (int64_t r = 0; r < rows; ++r) {
         const int64_t token = base + it.i0 + r / group, head = it.kv_head * group + r % group;
         E* dst = p.out + (token * p.heads + head) * D;
@@ -225,8 +231,10 @@ int prefill_attention(const Problem<E>& p, int64_t num_seqs, int64_t threads) {
     std::vector<Item> items;
     for (int64_t s = 0; s < num_seqs; ++s) {
         if (p.lens[s] < 1) return 2;
+        if (p.offsets[s] < 0) return 4;
         for (int64_t kvh = 0; kvh < p.kv_heads; ++kvh)
-            for (int64_t i0 = 0; i0 < p.lens[s]; i0 += QB) items.push_back({s, kvh, i0, std::min(p.lens[s], i0 + QB)});
+            for (int64_t i0 = 0; i0 < p.lens[s]; i0 += QB)
+                items.push_back({s, kvh, i0, std::min(p.lens[s], i0 + QB), p.offsets[s]});
     }
     std::stable_sort(items.begin(), items.end(), [](const Item& a, const Item& b) { return a.cost() > b.cost(); });
     threads = std::max<int64_t>(1, std::min<int64_t>(threads, static_cast<int64_t>(items.size())));
@@ -242,10 +250,12 @@ int prefill_attention(const Problem<E>& p, int64_t num_seqs, int64_t threads) {
 
 template <typename E>
 int prefill_attention(const void* q, const void* k, const void* v, void* out, const int64_t* starts,
-                      const int64_t* lens, int64_t num_seqs, int64_t heads, int64_t kv_heads, int64_t dim,
-                      int64_t q_stride, int64_t kv_stride, float scale, int64_t threads) {
+                      const int64_t* lens, const int64_t* kv_starts, const int64_t* offsets, int64_t num_seqs,
+                      int64_t heads, int64_t kv_heads, int64_t dim, int64_t q_stride, int64_t kv_stride,
+                      float scale, int64_t threads) {
     const Problem<E> p{static_cast<const E*>(q), static_cast<const E*>(k), static_cast<const E*>(v),
-                       static_cast<E*>(out), starts, lens, heads, kv_heads, dim, q_stride, kv_stride, scale};
+                       static_cast<E*>(out), starts, lens, kv_starts, offsets, heads, kv_heads, dim, q_stride,
+                       kv_stride, scale};
     return prefill_attention(p, num_seqs, threads);
 }
 
@@ -262,19 +272,21 @@ extern "C" int prefill_attention_lanes() {
 #endif
 }
 
-// Status: 0 ok, 1 bad head counts, 2 an empty sequence, 3 an unsupported head dim (or no vectors).
+// Status: 0 ok, 1 bad head counts, 2 an empty sequence, 3 an unsupported head dim (or no vectors),
+// 4 a negative offset. Whole prompts pass kv_starts = starts and offsets all 0.
 extern "C" int prefill_attention(const void* q, const void* k, const void* v, void* out, const int64_t* starts,
-                                 const int64_t* lens, int64_t num_seqs, int64_t heads, int64_t kv_heads,
-                                 int64_t dim, int64_t q_stride, int64_t kv_stride, float scale, int64_t bf16,
-                                 int64_t threads) {
+                                 const int64_t* lens, const int64_t* kv_starts, const int64_t* offsets,
+                                 int64_t num_seqs, int64_t heads, int64_t kv_heads, int64_t dim, int64_t q_stride,
+                                 int64_t kv_stride, float scale, int64_t bf16, int64_t threads) {
 #ifdef TANDEM_LANES
     if (bf16)
-        return prefill_attention<uint16_t>(q, k, v, out, starts, lens, num_seqs, heads, kv_heads, dim, q_stride,
-                                           kv_stride, scale, threads);
-    return prefill_attention<float>(q, k, v, out, starts, lens, num_seqs, heads, kv_heads, dim, q_stride,
-                                    kv_stride, scale, threads);
+        return prefill_attention<uint16_t>(q, k, v, out, starts, lens, kv_starts, offsets, num_seqs, heads,
+                                           kv_heads, dim, q_stride, kv_stride, scale, threads);
+    return prefill_attention<float>(q, k, v, out, starts, lens, kv_starts, offsets, num_seqs, heads, kv_heads,
+                                    dim, q_stride, kv_stride, scale, threads);
 #else
-    (void)q; (void)k; (void)v; (void)out; (void)starts; (void)lens; (void)num_seqs; (void)heads;
+    (void)q; (void)k; (void)v; (void)out; (void)starts; (void)lens; (void)kv_starts; (void)offsets;
+    (void)num_seqs; (void)heads;
     (void)kv_heads; (void)dim; (void)q_stride; (void)kv_stride; (void)scale; (void)bf16; (void)threads;
     return 3;
 #endif

@@ -155,15 +155,31 @@ def smollm2_fp32(smollm2_dir: Path) -> LLM:
     return LLM(smollm2_dir, dtype="float32", block_size=BLOCK_SIZE, num_blocks=NUM_BLOCKS)
 
 
-def test_smollm2_greedy_matches_transformers_gguf(smollm2_fp32: LLM) -> None:
+@pytest.fixture(scope="module")
+def smollm2_reference(smollm2_fp32: LLM) -> tuple[list[list[int]], list[list[int]]]:
+    """(prompts, transformers' greedy tokens from the GGUF itself)."""
     prompts = [smollm2_fp32.tokenizer.encode(t) for t in SMOLLM2_TEXTS]
+    return prompts, hf_greedy(hf_model_from_gguf(), prompts, NEW_TOKENS)
+
+
+def test_smollm2_greedy_matches_transformers_gguf(smollm2_fp32: LLM, smollm2_reference) -> None:
+    prompts, want = smollm2_reference
     lens = sorted(len(p) for p in prompts)
     assert lens[0] <= 2 and lens[-1] > 2 * BLOCK_SIZE  # varied: one block to several
     outs = smollm2_fp32.generate(prompts, GREEDY)
-    want = hf_greedy(hf_model_from_gguf(), prompts, NEW_TOKENS)
     assert_same_tokens([o.token_ids for o in outs], want, prompts)
     assert "Paris" in outs[0].text
     assert outs[0].text == smollm2_fp32.tokenizer.decode(outs[0].token_ids)
+
+
+def test_smollm2_chunked_prefill_matches_transformers_gguf(smollm2_dir: Path, smollm2_reference) -> None:
+    """Chunks of 19 tokens: the longer prompts span several steps, beside running decodes."""
+    prompts, want = smollm2_reference
+    llm = LLM(smollm2_dir, dtype="float32", block_size=BLOCK_SIZE, num_blocks=NUM_BLOCKS,
+              chunked_prefill=True, max_num_batched_tokens=19, max_num_seqs=8)
+    outs = llm.generate(prompts, GREEDY)
+    assert_same_tokens([o.token_ids for o in outs], want, prompts)
+    assert llm.engine.blocks.num_free == llm.engine.blocks.num_blocks
 
 
 def test_smollm2_bf16_knows_the_capital_of_france(smollm2_dir: Path) -> None:

@@ -80,3 +80,13 @@ def test_a_paced_engine_gives_the_same_tokens(tiny_llama_dir) -> None:
     assert [c.token_ids for c in paced] == [c.token_ids for c in plain]
     assert time.perf_counter() - start >= 6 * 0.005  # one prefill and five decode steps
     assert paced_llm.engine.blocks.num_free == 32
+
+
+def test_a_mixed_step_pays_both_variable_parts_under_the_larger_intercept() -> None:
+    pace = StepPace(prefill=(0.01, 1e-4, 1e-6), decode=(0.02, 1e-3, 1e-5))
+    # two decodes at contexts 10 and 20, a chunk of 30 tokens after 50 cached, a whole 8-token prompt
+    plan = StepPlan("mixed", (), (), ((9, 1), (19, 1), (50, 30), (0, 8)))
+    want = 0.02 + 2 * 1e-3 + 30 * 1e-5 + 1e-4 * 38 + 1e-6 * (30 * 130 + 64)
+    assert pace.seconds(plan) == pytest.approx(want)
+    # a mixed step of whole prompts alone is the prefill form
+    assert pace.seconds(StepPlan("mixed", (), (), ((0, 8),))) == pytest.approx(0.01 + 8e-4 + 64e-6)

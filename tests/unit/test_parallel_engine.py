@@ -99,3 +99,25 @@ def test_a_dead_worker_fails_the_step_naming_it_and_frees_every_block(models):
         assert not llm.engine.has_unfinished()
         with pytest.raises(WorkerFailed, match="failed earlier"):
             llm.generate(PROMPTS[:1], GREEDY)
+
+
+def test_chunked_prefill_on_a_tp2_pp2_engine_matches_transformers(models, references):
+    """Mixed steps (decodes beside prompt chunks with cached prefixes) through the workers."""
+    reference, wanted = references["llama"]
+    with LLM(models["llama"], tp=2, pp=2, dtype="float32", num_blocks=64, chunked_prefill=True,
+             max_num_batched_tokens=8, max_num_seqs=3) as llm:
+        outputs = llm.generate(PROMPTS, GREEDY)
+        assert llm.engine.num_free_blocks == 64
+    for prompt, out, want in zip(PROMPTS, outputs, wanted):
+        assert_greedy_close(reference, prompt, out.token_ids, want)
+
+
+def test_a_mixed_step_splits_into_micro_batches_with_its_chunk_lengths():
+    from tandem.engine.step_inputs import StepInputs, split_inputs
+
+    # two decodes, then chunks of 150 and 140 tokens after 10 and 0 cached tokens
+    step = StepInputs("prefill", list(range(292)), [7, 9, 160, 140], [[0], [1], [2], [3]],
+                      query_lens=[1, 1, 150, 140])
+    first, second = split_inputs(step, 2, 128)
+    assert first.query_lens == [1, 1, 150] and first.seq_lens == [7, 9, 160] and len(first.token_ids) == 152
+    assert second.query_lens == [140] and second.seq_lens == [140] and second.token_ids == list(range(152, 292))

@@ -96,3 +96,56 @@ def test_fp16_mixed_dtypes_and_odd_head_dims_keep_the_sdpa_path() -> None:
     assert not attention.native_prefill_applies(q, k, v)
     torch.testing.assert_close(prefill_attention(q, k, v, (5, 3), 0.2).double(),
                                _reference(q, k, v, (5, 3), 0.2), rtol=1e-5, atol=1e-5)
+
+
+# -- chunked prefill: chunks attend to their prompt's cached prefix too -------------------------
+
+
+def _chunk_reference(q, keys, values, lens, prefixes, scale):
+    """Each chunk alone in float64: query i of a chunk after `p` cached tokens sees keys 0..p + i."""
+    group = q.shape[1] // keys.shape[1]
+    out, q0, k0 = [], 0, 0
+    for n, p in zip(lens, prefixes):
+        qs = q[q0:q0 + n].double()
+        ks, vs = (t[k0:k0 + p + n].double().repeat_interleave(group, dim=1) for t in (keys, values))
+        scores = torch.einsum("qhd,khd->hqk", qs, ks) * scale
+        hidden = torch.arange(p + n)[None, :] > p + torch.arange(n)[:, None]
+        out.append(torch.einsum("hqk,khd->qhd", scores.masked_fill(hidden, -math.inf).softmax(-1), vs))
+        q0, k0 = q0 + n, k0 + p + n
+    return torch.cat(out)
+
+
+def _paged_chunks(chunks, heads, kv_heads, dim, dtype, block_size=16, seed=1):
+    """A random paged cache, each (prefix, chunk) sequence in scattered blocks; q of the chunks and
+    the packed context slots, as a mixed step's metadata has them."""
+    gen = torch.Generator().manual_seed(seed)
+    need = [-(-(p + n) // block_size) for p, n in chunks]
+    kv_layer = torch.randn(2, sum(need) + 3, block_size, kv_heads, dim, generator=gen).to(dtype)
+    order = torch.randperm(sum(need) + 3, generator=gen)
+    slots, used = [], 0
+    for (p, n), blocks in zip(chunks, need):
+        table = order[used:used + blocks]
+        used += blocks
+        slots.append((table[:, None] * block_size + torch.arange(block_size)).reshape(-1)[:p + n])
+    q = torch.randn(sum(n for _, n in chunks), heads, dim, generator=gen).to(dtype)
+    return q, kv_layer, torch.cat(slots)
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["native", "sdpa"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_chunks_attend_to_their_cached_prefix(native, dtype, monkeypatch) -> None:
+    if native and (not kernels.available() or attention._prefill_lanes() == 0):
+        pytest.skip("no native prefill kernel here")
+    if not native:
+        monkeypatch.setattr(attention, "native_prefill_applies", lambda *a: False)
+    # prefixes on and around the kernel's 32-key blocks and the cache's 16-token blocks
+    chunks = [(0, 40), (15, 1), (16, 17), (31, 33), (100, 5), (1, 64)]
+    heads, kv_heads, dim = 9, 3, 64
+    q, kv_layer, context = _paged_chunks(chunks, heads, kv_heads, dim, dtype)
+    lens, prefixes = tuple(n for _, n in chunks), tuple(p for p, _ in chunks)
+    got = attention.chunk_attention(q, kv_layer, lens, prefixes, context, dim**-0.5)
+    keys = kv_layer[0].view(-1, kv_heads, dim)[context]
+    values = kv_layer[1].view(-1, kv_heads, dim)[context]
+    want = _chunk_reference(q, keys, values, lens, prefixes, dim**-0.5)
+    tolerance = 2e-5 if dtype == torch.float32 else 4 * 2 ** -8
+    assert got.dtype == dtype and (got.double() - want).abs().max().item() <= tolerance

@@ -123,6 +123,13 @@ OUT_OF_RANGE = [
 ]
 
 
+def test_chunked_prefill_needs_a_budget_that_holds_every_decode() -> None:
+    data = with_value(with_value(base(), "decode.chunked_prefill", True), "decode.max_batch_tokens", 64)
+    expect_error(data, "decode.max_batch_tokens", "with chunked_prefill it must be >= max_num_seqs (128)")
+    spec = parse_spec(with_value(data, "decode.max_num_seqs", 64))
+    assert spec.decode.chunked_prefill and spec.decode.max_batch_tokens == 64
+
+
 @pytest.mark.parametrize("field,value,fragment", OUT_OF_RANGE,
                          ids=[f"{c[0]}={c[1]!r}"[:40] for c in OUT_OF_RANGE])
 def test_out_of_range(field: str, value: Any, fragment: str) -> None:

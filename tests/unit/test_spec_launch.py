@@ -65,3 +65,14 @@ def test_cuda_pools_reserve_gpus(device: str, num_gpus, reserved: float) -> None
 def test_gpu_shares_that_make_no_sense_are_refused(device: str, num_gpus, fragment: str) -> None:
     data = with_value(with_value(base(), "decode.device", device), "decode.num_gpus", num_gpus)
     expect_error(data, "decode.num_gpus", fragment)
+
+
+def test_chunked_prefill_reaches_the_colocated_engines() -> None:
+    from tandem.cluster.deployment import launch_config
+
+    data = {**{k: v for k, v in base().items() if k not in ("prefill", "decode")}, "mode": "colocated",
+            "instances": {"device": "cpu", "chunked_prefill": True, "max_batch_tokens": 256,
+                          "max_num_seqs": 16}}
+    scheduler = launch_config(parse_spec(data), "/m").decode.engine.scheduler
+    assert scheduler.chunked_prefill and scheduler.max_num_batched_tokens == 256
+    assert launch_config(parse_spec(base()), "/m").decode.engine.scheduler.chunked_prefill is False
