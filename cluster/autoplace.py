@@ -29,7 +29,7 @@ import msgspec
 from tandem.cluster.spec_check import check_model, check_spec
 from tandem.cluster.spec_types import ClusterSpec, PlanningCluster, PlanningSpec, SpecError
 from tandem.placement.candidates import required_kv_blocks
-from tandem.placement.plan import Plan, SearchResult
+from tandem.placement.plan import ColocatedBaseline, Plan, SearchResult, mode_reason
 from tandem.placement.problem import Problem, problem_from_dict
 from tandem.placement.problem import SpecError as ProblemError
 from tandem.placement.search import PlacementError, search
@@ -64,6 +64,11 @@ def plan_spec(spec: ClusterSpec, cluster: PlanningCluster | None = None) -> Plan
         result = search(problem)
     except (PlacementError, SimulationError) as exc:
         raise SpecError("placement", f"auto placement found no feasible deployment: {exc}") from None
+    allowed = (spec.planning or PlanningSpec()).allow_colocated
+    if result.mode == "colocated" and allowed and result.baseline is not None:
+        return PlannedSpec(spec=fill_colocated_spec(spec, result.baseline), result=result)
+    if result.mode == "colocated":
+        result = msgspec.structs.replace(result, mode="disaggregated")  # planning.allow_colocated: false
     return PlannedSpec(spec=fill_spec(spec, result.plan), result=result)
 
 
@@ -130,8 +135,27 @@ def fill_spec(spec: ClusterSpec, plan: Plan) -> ClusterSpec:
     return msgspec.structs.replace(filled, model_check=check_model(filled))
 
 
+def fill_colocated_spec(spec: ClusterSpec, chosen: ColocatedBaseline) -> ClusterSpec:
+    """The explicit colocated spec the planner chose instead: one pool of ``chosen``'s instances,
+    the decode section's settings (its device, memory, restarts) with the batching the planner
+    simulated, and as many CPUs each as the larger of the two pools reserved (one device slot)."""
+    assert spec.prefill is not None and spec.decode is not None
+    batching = (dict(chunked_prefill=True, max_batch_tokens=chosen.token_budget, max_num_seqs=chosen.max_batch)
+                if chosen.chunked_prefill else
+                dict(max_batch_tokens=spec.prefill.max_batch_tokens, max_num_seqs=spec.decode.max_num_seqs))
+    pool = msgspec.structs.replace(spec.decode, replicas=chosen.replicas, tp=chosen.tp, pp=chosen.pp,
+                                   num_cpus=max(spec.prefill.num_cpus, spec.decode.num_cpus), **batching)
+    filled = msgspec.structs.replace(spec, mode="colocated", placement="explicit", planning=None,
+                                     prefill=None, decode=None, instances=pool)
+    check_spec(filled)
+    return msgspec.structs.replace(filled, model_check=check_model(filled))
+
+
 def summary(name: str, result: SearchResult) -> str:
-    """One line: per phase replicas x (tp, pp), predicted goodput and attainment."""
+    """One line: per phase replicas x (tp, pp), predicted goodput and attainment (or, when the
+    planner chose colocated instances, why)."""
+    if result.mode == "colocated":
+        return f"planned {name}: {mode_reason(result)}"
     plan = result.plan
     phases = ", ".join(f"{phase} {p.replicas} x (tp={p.tp}, pp={p.pp})"
                        for phase, p in (("prefill", plan.prefill), ("decode", plan.decode)))

@@ -144,7 +144,8 @@ class PlanningSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     one parser, so the two spec formats cannot drift apart. ``calibration`` (a ``tandem profile``
     output) and a workload ``trace`` are stored resolved against the spec file's directory.
     Omitted: hardware ``cpu`` for CPU pools; ``cluster`` from the Ray cluster at launch (this host
-    for an offline ``tandem plan``)."""
+    for an offline ``tandem plan``). ``allow_colocated``: the planner may launch colocated
+    instances instead when they are predicted to serve the SLO better (cluster/autoplace.py)."""
 
     hardware: str | dict[str, Any] | None = None
     calibration: str | None = None
@@ -152,6 +153,7 @@ class PlanningSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     workload: dict[str, Any] | None = None
     policy: dict[str, Any] | None = None
     search: dict[str, Any] | None = None
+    allow_colocated: bool = True
 
 
 class ModelCheck(msgspec.Struct, frozen=True):

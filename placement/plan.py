@@ -77,7 +77,9 @@ class Plan(msgspec.Struct, frozen=True):
 
 
 class ColocatedBaseline(msgspec.Struct, frozen=True):
-    """Best colocated deployment (every instance prefills and decodes) on as many devices."""
+    """Best colocated deployment (every instance prefills and decodes) on as many devices, with
+    whole prompts per step or, if that serves more, chunked prefill (``token_budget`` tokens a
+    step, ``max_batch`` running requests at most)."""
 
     tp: int
     pp: int
@@ -85,6 +87,9 @@ class ColocatedBaseline(msgspec.Struct, frozen=True):
     devices: int
     goodput: float
     goodput_per_device: float
+    chunked_prefill: bool = False
+    token_budget: int = 0
+    max_batch: int = 0
 
 
 class SearchResult(msgspec.Struct, frozen=True):
@@ -101,6 +106,7 @@ class SearchResult(msgspec.Struct, frozen=True):
     simulations: int
     joint_searches: int
     exact: bool
+    mode: str = "disaggregated"  # or "colocated": the baseline serves the objective better
 
 
 def _ms(seconds: float) -> str:
@@ -158,10 +164,28 @@ def format_result(result: SearchResult) -> str:
     if result.baseline is not None:
         b = result.baseline
         ratio = plan.goodput_per_device / b.goodput_per_device if b.goodput_per_device > 0 else float("inf")
-        lines.append(f"\ncolocated baseline: {b.replicas} x (tp={b.tp}, pp={b.pp}) on {b.devices} devices: "
-                     f"{b.goodput:.2f} req/s = {b.goodput_per_device:.3f} req/s per device "
-                     f"(plan: {ratio:.2f}x per device)")
+        lines.append(f"\ncolocated baseline: {b.replicas} x (tp={b.tp}, pp={b.pp}) on {b.devices} devices"
+                     f"{colocated_batching(b)}: {b.goodput:.2f} req/s = {b.goodput_per_device:.3f} "
+                     f"req/s per device (plan: {ratio:.2f}x per device)")
+    if result.mode == "colocated":
+        lines.append(mode_reason(result))
     proof = "optimal over all candidates" if result.exact else "best found (max_joint reached)"
     lines.append(f"search: {result.simulations} simulations ({result.joint_searches} whole-deployment "
                  f"goodput searches) in {result.elapsed_s:.1f} s; {proof}")
     return "\n".join(lines)
+
+
+def colocated_batching(b: ColocatedBaseline) -> str:
+    if not b.chunked_prefill:
+        return ", whole prompts per step"
+    return f", chunked prefill ({b.token_budget} tokens a step)"
+
+
+def mode_reason(result: SearchResult) -> str:
+    """Why the planner recommends colocated instances: both predicted goodputs."""
+    b, plan = result.baseline, result.plan
+    assert b is not None
+    return (f"mode: colocated: {b.replicas} colocated instance(s){colocated_batching(b)} are "
+            f"predicted to serve {b.goodput:.2f} req/s on {b.devices} devices "
+            f"({b.goodput_per_device:.3f} per device), the best disaggregated plan "
+            f"{plan.goodput:.2f} req/s on {plan.devices} ({plan.goodput_per_device:.3f} per device)")

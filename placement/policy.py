@@ -15,6 +15,10 @@ class Policy(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     than the budget runs alone). Decode batches continuously up to ``decode_max_batch`` sequences;
     its admission waits while fewer than the request's blocks plus a ``watermark`` share of all
     blocks are free, so a fresh admission cannot immediately force a preemption.
+
+    ``chunked_prefill`` (colocated instances): every step is one budget of ``prefill_token_budget``
+    tokens; the running decodes go first and prompt chunks fill the rest (Sarathi-Serve's
+    stall-free batching, engine/scheduler.py), so a prompt may take several steps.
     """
 
     prefill_token_budget: Pos = 4096
@@ -23,3 +27,4 @@ class Policy(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     block_size: Pos = 16
     memory_utilization: Annotated[float, msgspec.Meta(gt=0, le=1)] = 0.9
     watermark: Annotated[float, msgspec.Meta(ge=0, lt=1)] = 0.01
+    chunked_prefill: bool = False

@@ -21,7 +21,7 @@ import time
 from .candidates import PhaseName, Shape, legal_shapes, memory_explanation
 from .evaluate import Deployment, Evaluator
 from .goodput import Goodput
-from .plan import SearchResult
+from .plan import ColocatedBaseline, Plan, SearchResult
 from .problem import Problem
 from .results import baseline, build_plan
 from .universe import Candidate, high_affinity, low_affinity, objective
@@ -126,10 +126,22 @@ def search(problem: Problem) -> SearchResult:
         raise PlacementError("no deployment reaches the attainment target at any rate: "
                              + unreachable(problem, ev, pre, dec))
     plans = [build_plan(problem, ev, e.deployment, e.value, e.joint) for e in ranked[:6]]
-    return SearchResult(plan=plans[0], alternatives=tuple(plans[1:]),
-                        baseline=baseline(problem, ev, plans[0]),
+    colocated = baseline(problem, ev, plans[0])
+    return SearchResult(plan=plans[0], alternatives=tuple(plans[1:]), baseline=colocated,
+                        mode=choose_mode(problem, plans[0], colocated),
                         elapsed_s=time.perf_counter() - started, simulations=ev.simulations,
                         joint_searches=len(done), exact=exact)
+
+
+def choose_mode(problem: Problem, plan: Plan, colocated: ColocatedBaseline | None) -> str:
+    """``colocated`` when the colocated deployment ranks above the best disaggregated plan by the
+    search's own objective (DistServe picks whichever placement serves the most goodput per
+    device; on some hosts and SLOs that is not disaggregation); a tie stays disaggregated."""
+    if colocated is None or colocated.goodput <= 0:
+        return "disaggregated"
+    rate = problem.workload.rate
+    better = objective(colocated.goodput, colocated.devices, rate) > objective(plan.goodput, plan.devices, rate)
+    return "colocated" if better else "disaggregated"
 
 
 def unreachable(problem: Problem, ev: Evaluator, pre: list[Shape], dec: list[Shape]) -> str:

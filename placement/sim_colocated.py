@@ -3,6 +3,10 @@
 Each instance runs vLLM-style continuous batching where one step carries every running decode
 sequence plus whole waiting prompts (FCFS, under the prefill token budget and the KV blocks left),
 so a long prefill stalls all decodes sharing the step: the interference disaggregation removes.
+With ``policy.chunked_prefill`` a step holds at most ``prefill_token_budget`` tokens: the decodes
+first, then chunks of the prompts already started and of waiting ones (FCFS); a chunk of n tokens
+after p cached ones counts n * (2p + n) toward the step's attention term (p = 0: a whole prompt's
+n^2). A prompt's first token comes at the end of the step that holds its last chunk.
 A sequence preempted for memory is recomputed: it re-enters the prompt queue at the front with its
 prompt plus the tokens produced so far. The router sends each request to the instance with the
 fewest queued prompt tokens (ties: most free blocks).
@@ -21,7 +25,7 @@ from .workload import BaseTrace
 
 class _Instance:
     __slots__ = ("idx", "model", "batch", "waiting", "queued_tokens", "ready", "busy", "running",
-                 "watermark")
+                 "watermark", "partial", "chunks")
 
     def __init__(self, idx: int, model: InstanceModel, policy: Policy) -> None:
         self.idx = idx
@@ -31,6 +35,8 @@ class _Instance:
         self.queued_tokens = 0
         self.ready: list[tuple[int, int, int]] = []  # prefilled, joins the next step
         self.running: list[tuple[int, int, int]] = []  # prompts in the current step
+        self.partial: list[list[int]] = []  # chunked: [rid, prompt, remaining, cached] started prompts
+        self.chunks: list[tuple[list[int], int]] = []  # chunked: (partial entry, tokens) this step
         self.busy = False
         self.watermark = int(policy.watermark * model.kv_blocks)
 
@@ -105,18 +111,64 @@ class ColocatedSim:
         for rid, ctx, remaining in inst.ready:
             batch.join(rid, ctx, remaining)
         inst.ready = []
-        tokens, sum_sq = self._take_prompts(inst)
-        if batch.size == 0 and not inst.running:
+        if self.policy.chunked_prefill:
+            seqs, tokens, sum_sq = self._take_chunks(inst)
+        else:
+            tokens, sum_sq = self._take_prompts(inst)
+            seqs = len(inst.running)
+        if batch.size == 0 and not seqs:
             inst.busy = False
             return
         inst.busy = True
-        seconds = inst.model.step.mixed(len(inst.running), tokens, sum_sq, batch.size, batch.sum_ctx)
+        seconds = inst.model.step.mixed(seqs, tokens, sum_sq, batch.size, batch.sum_ctx)
         self.seq += 1
         heapq.heappush(self.events, (now + seconds, self.seq, inst.idx))
+
+    def _take_chunks(self, inst: _Instance) -> tuple[int, int, int]:
+        """Chunked prefill: after the decodes, chunks of started prompts, then of waiting ones
+        that fit the batch cap and the free blocks (all of a prompt's blocks reserved when it
+        starts), within the step's token budget; (chunks, tokens, attention term)."""
+        budget = self.policy.prefill_token_budget - inst.batch.size
+        tokens = attention = 0
+        for entry in inst.partial:
+            if budget <= 0:
+                break
+            n = min(entry[1] - entry[3], budget)
+            inst.chunks.append((entry, n))
+            tokens, attention, budget = tokens + n, attention + n * (2 * entry[3] + n), budget - n
+        bs, batch = self.policy.block_size, inst.batch
+        room = self.policy.decode_max_batch - batch.size - len(inst.partial)
+        while inst.waiting and budget > 0 and room > 0:
+            rid, length, remaining = inst.waiting[0]
+            need = blocks_for(length + 1, bs)
+            if need + inst.watermark > batch.free_blocks:
+                if need + inst.watermark > batch.total_blocks:
+                    raise SimulationError(f"a {length}-token context exceeds an instance's KV")
+                break
+            inst.waiting.popleft()
+            batch.free_blocks -= need
+            entry = [rid, length, remaining, 0]
+            inst.partial.append(entry)
+            n = min(length, budget)
+            inst.chunks.append((entry, n))
+            tokens, attention, budget, room = tokens + n, attention + n * n, budget - n, room - 1
+        return len(inst.chunks), tokens, attention
+
+    def _end_chunks(self, inst: _Instance) -> None:
+        """Each chunk's tokens are cached; a prompt whose last chunk ran becomes a finished prefill."""
+        for entry, n in inst.chunks:
+            entry[3] += n
+            inst.queued_tokens -= n  # the router sees the prompt tokens not yet cached
+            if entry[3] == entry[1]:
+                inst.partial.remove(entry)
+                inst.running.append((entry[0], entry[1], entry[2]))
+        inst.chunks = []
 
     def _step_end(self, now: float, inst: _Instance) -> None:
         for rid in inst.batch.advance():
             self.finish[rid] = now
+        if self.policy.chunked_prefill:
+            self._end_chunks(inst)
         bs = self.policy.block_size
         for rid, ctx, remaining in inst.running:
             if self.first[rid] < 0:

@@ -41,7 +41,10 @@ def auto(model_dir: Path, **changes: Any) -> dict[str, Any]:
         "prefill": {"max_batch_tokens": 512, "max_num_seqs": 8, "num_cpus": 0.5},
         "decode": {"max_num_seqs": 24, "num_blocks": 64, "num_cpus": 0.5, "block_size": 16},
         "slo": {"ttft_ms": 1000, "tpot_ms": 100, "attainment": 0.9},
-        "planning": {"workload": copy.deepcopy(WORKLOAD), "search": {"requests": 60}},
+        # These tests check the disaggregated plan's mechanics; the choice of colocated instances
+        # instead is tests/unit/test_placement_mode.py's.
+        "planning": {"workload": copy.deepcopy(WORKLOAD), "search": {"requests": 60},
+                     "allow_colocated": False},
     }
     data.update(changes)
     return {k: v for k, v in data.items() if v is not None}

@@ -275,6 +275,40 @@ def test_hand_traced_colocated_run() -> None:
     assert result.tpot == pytest.approx((15 / 256, 1 / 32), abs=1e-12)
 
 
+def test_hand_traced_chunked_colocated_run() -> None:
+    """The run above with chunked prefill and a 32-token step budget (steps 1/64 + batch/128 +
+    tokens/1024 s; a step with no decodes still pays 1/64). r0's 64 tokens take two 32-token
+    steps of 3/64 (first token at 6/64); r1, waiting since 1/32, then rides beside r0's decodes
+    in chunks of 31, 31 and 2 tokens: steps of 55/1024, 55/1024 (r0 done at 206/1024) and 18/1024
+    (r1's first token at 224/1024), and one decode step of 24/1024 finishes r1 at 248/1024. r0's
+    decode steps last 55/1024 s instead of the 88/1024 a whole 64-token prompt stalled it for."""
+    trace = _fixed_trace([0.0, 1 / 32], [64, 64], [3, 2])
+    steps = LinearSteps(per_token=1 / 1024, fixed=1 / 64, per_seq=1 / 128)
+    policy = Policy(chunked_prefill=True, prefill_token_budget=32)
+    sim = ColocatedSim([InstanceModel(steps, 1000)], policy, trace, 1.0)
+    result = sim.run(LOOSE)
+    assert sim.first == [96 / 1024, 224 / 1024]
+    assert sim.finish == [206 / 1024, 248 / 1024]
+    assert result.tpot == pytest.approx((55 / 1024, 24 / 1024), abs=1e-12)
+    inst = sim.instances[0]
+    assert inst.batch.free_blocks == 1000 and inst.queued_tokens == 0 and not inst.partial
+
+
+def test_chunked_steps_charge_each_chunk_its_cached_prefix() -> None:
+    """The attention term a chunked step reports: n * (2p + n) per chunk of n after p cached."""
+    seen: list[tuple] = []
+
+    class Recording(LinearSteps):
+        def mixed(self, seqs, tokens, sum_sq, batch, sum_ctx):  # type: ignore[no-untyped-def]
+            seen.append((seqs, tokens, sum_sq, batch))
+            return 1 / 64
+
+    trace = _fixed_trace([0.0], [100], [1])
+    policy = Policy(chunked_prefill=True, prefill_token_budget=40)
+    ColocatedSim([InstanceModel(Recording(), 1000)], policy, trace, 1.0).run(LOOSE)
+    assert seen == [(1, 40, 40 * 40, 0), (1, 40, 40 * (80 + 40), 0), (1, 20, 20 * (160 + 20), 0)]
+
+
 def test_hand_traced_colocated_preemption_recomputes() -> None:
     """One colocated instance, 4 blocks of 16 tokens, every step 1/64 s, no watermark. r0 and r1
     (16-token prompts, 40 out) arrive together; r0 prefills in step 0, r1 in step 1 (first tokens
