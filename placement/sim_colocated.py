@@ -83,24 +83,31 @@ class ColocatedSim:
     def _take_prompts(self, inst: _Instance) -> tuple[int, int]:
         """Move FCFS prompts that fit the token budget, batch cap and free blocks into the step."""
         tokens = sum_sq = 0
-        bs, batch = self.policy.block_size, inst.batch
+        batch = inst.batch
         room = self.policy.decode_max_batch - batch.size - len(inst.ready)
         while inst.waiting and len(inst.running) < room:
             rid, length, remaining = inst.waiting[0]
             if inst.running and tokens + length > self.policy.prefill_token_budget:
                 break
-            need = blocks_for(length + 1, bs)
-            if need + inst.watermark > batch.free_blocks:
-                if need + inst.watermark > batch.total_blocks:
-                    raise SimulationError(f"a {length}-token context exceeds an instance's KV")
+            if not self._reserve(inst, length):
                 break
-            inst.waiting.popleft()
             inst.queued_tokens -= length
-            batch.free_blocks -= need
             inst.running.append((rid, length, remaining))
             tokens += length
             sum_sq += length * length
         return tokens, sum_sq
+
+    def _reserve(self, inst: _Instance, length: int) -> bool:
+        """Take the first waiting prompt off the queue with blocks for its context and first
+        token, if they are free above the watermark."""
+        need = blocks_for(length + 1, self.policy.block_size)
+        if need + inst.watermark > inst.batch.free_blocks:
+            if need + inst.watermark > inst.batch.total_blocks:
+                raise SimulationError(f"a {length}-token context exceeds an instance's KV")
+            return False
+        inst.waiting.popleft()
+        inst.batch.free_blocks -= need
+        return True
 
     def _step_start(self, now: float, inst: _Instance) -> None:
         batch = inst.batch
@@ -136,17 +143,12 @@ class ColocatedSim:
             n = min(entry[1] - entry[3], budget)
             inst.chunks.append((entry, n))
             tokens, attention, budget = tokens + n, attention + n * (2 * entry[3] + n), budget - n
-        bs, batch = self.policy.block_size, inst.batch
+        batch = inst.batch
         room = self.policy.decode_max_batch - batch.size - len(inst.partial)
         while inst.waiting and budget > 0 and room > 0:
             rid, length, remaining = inst.waiting[0]
-            need = blocks_for(length + 1, bs)
-            if need + inst.watermark > batch.free_blocks:
-                if need + inst.watermark > batch.total_blocks:
-                    raise SimulationError(f"a {length}-token context exceeds an instance's KV")
+            if not self._reserve(inst, length):
                 break
-            inst.waiting.popleft()
-            batch.free_blocks -= need
             entry = [rid, length, remaining, 0]
             inst.partial.append(entry)
             n = min(length, budget)
