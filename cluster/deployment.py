@@ -25,7 +25,8 @@ def _group(section: str, inst: InstanceSpec, dtype: str) -> InstanceGroup:
         kv_cache_bytes=kv_bytes,
         scheduler=SchedulerConfig(max_num_seqs=inst.max_num_seqs,
                                   max_num_batched_tokens=inst.max_batch_tokens,
-                                  chunked_prefill=inst.chunked_prefill),
+                                  chunked_prefill=inst.chunked_prefill,
+                                  long_prefill_tokens=inst.long_prefill_tokens),
         parallelism=Parallelism(inst.tp or 1, inst.pp or 1),
     )
     num_gpus = inst.num_gpus if inst.num_gpus is not None else float(inst.device != "cpu")

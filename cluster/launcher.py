@@ -23,6 +23,7 @@ from tandem.cluster.router import Router
 from tandem.decode.actor import DecodeActor
 from tandem.engine.engine import EngineConfig
 from tandem.prefill.actor import PrefillActor
+from tandem.transfer.hosting import openmp_options
 from tandem.transfer.protocol import remote_cause
 
 log = logging.getLogger(__name__)
@@ -95,6 +96,7 @@ class Cluster:
             name=name, namespace=NAMESPACE, lifetime=lifetime, num_cpus=0 if parallel else group.num_cpus,
             num_gpus=0 if parallel else group.num_gpus, max_restarts=group.max_restarts,
             scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=0),
+            **openmp_options(1 if parallel else group.num_threads),
         ).remote(name, self.config.model_dir, engine, router_name(self.config.name), transport,
                  num_threads=group.num_threads, restart_on_failure=group.max_restarts > 0,
                  router_namespace=NAMESPACE, worker_cpus=group.num_cpus, worker_gpus=group.num_gpus,

@@ -61,6 +61,8 @@ def check_instance(section: InstanceSpec, where: str) -> None:
         _fraction(section.memory_fraction, f"{where}.memory_fraction")
     _at_least(section.max_batch_tokens, 1, f"{where}.max_batch_tokens")
     _at_least(section.max_num_seqs, 1, f"{where}.max_num_seqs")
+    if section.long_prefill_tokens is not None:
+        _at_least(section.long_prefill_tokens, 1, f"{where}.long_prefill_tokens")
     if section.chunked_prefill and section.max_batch_tokens < section.max_num_seqs:
         raise SpecError(f"{where}.max_batch_tokens",
                         f"with chunked_prefill it must be >= max_num_seqs ({section.max_num_seqs}), "

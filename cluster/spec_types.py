@@ -57,7 +57,8 @@ class InstanceSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     pool). ``replicas``/``tp``/``pp`` are None only under ``placement: auto`` until the planner
     chooses them; under explicit placement an omitted value means 1 (tp x pp worker actors per
     instance above 1). ``chunked_prefill``: every step mixes the running decodes with prompt
-    chunks, ``max_batch_tokens`` tokens in all (engine/scheduler.py). KV
+    chunks, ``max_batch_tokens`` tokens in all, one prompt's chunk at most ``long_prefill_tokens``
+    (engine/scheduler.py). KV
     capacity per instance: ``num_blocks`` blocks, or ``memory_fraction`` of the host's RAM (also
     for cuda pools), at most one of the two; neither gives the engine's default, 1 GiB of KV.
     A ``device: cuda`` instance reserves ``num_gpus`` of a GPU from Ray (default 1; a fraction lets
@@ -72,6 +73,7 @@ class InstanceSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     max_batch_tokens: int = 8192
     max_num_seqs: int = 128
     chunked_prefill: bool = False
+    long_prefill_tokens: int | None = None  # with chunked_prefill: one prompt's tokens a step at most
     device: Device = "cpu"
     num_cpus: float = 1.0  # Ray CPUs reserved for each instance (one actor today)
     num_gpus: float | None = None  # GPUs reserved for each cuda instance: 1, or a share of one

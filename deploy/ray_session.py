@@ -17,6 +17,13 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 log = logging.getLogger(__name__)
 
+# Ray starts worker processes at niceness 15, so that its own daemons stay responsive beside
+# batch jobs; an engine's threads at 15 lose their cores to any process at 0 (the router, an HTTP
+# ingress, a client on the same host), which stretched served decode steps by ~60% on a 2-core host
+# (benchmarks/RESULTS.md, "Threading policy"). A cluster tandem starts runs its actors at 0; for
+# one started with `ray start`, set RAY_worker_niceness=0 in its environment.
+LOCAL_SYSTEM_CONFIG = {"worker_niceness": 0}
+
 
 def connect_ray(address: str | None = None, num_cpus: int | None = None, *, local_ok: bool = True):
     """Join `address` (or $RAY_ADDRESS / a running local head); start a token-authenticated
@@ -37,7 +44,8 @@ def connect_ray(address: str | None = None, num_cpus: int | None = None, *, loca
         if os.environ.get("RAY_AUTH_MODE") == "disabled":
             log.warning("RAY_AUTH_MODE=disabled: anyone who can reach this host can use the local "
                         "Ray cluster tandem starts")
-        ray.init(num_cpus=num_cpus, include_dashboard=False, namespace="tandem", log_to_driver=False)
+        ray.init(num_cpus=num_cpus, include_dashboard=False, namespace="tandem", log_to_driver=False,
+                 _system_config=LOCAL_SYSTEM_CONFIG)
         protect_token_file()
     return ray
 

@@ -36,17 +36,19 @@ class LLM:
         tp: int = 1,
         pp: int = 1,
         chunked_prefill: bool = False,
+        long_prefill_tokens: int | None = None,
     ) -> None:
         """``tp``/``pp`` above 1 run the model on tp x pp local worker processes (tensor- and
         pipeline-parallel shards; ``close`` stops them). ``chunked_prefill``: every step mixes
-        the running decodes with prompt chunks, ``max_num_batched_tokens`` in all
-        (engine/scheduler.py)."""
+        the running decodes with prompt chunks, ``max_num_batched_tokens`` in all, one prompt's
+        chunk at most ``long_prefill_tokens`` (engine/scheduler.py)."""
         config = EngineConfig(
             dtype=dtype, device=device, block_size=block_size, num_blocks=num_blocks,
             kv_cache_bytes=kv_cache_bytes, max_model_len=max_model_len,
             scheduler=SchedulerConfig(max_num_seqs=max_num_seqs,
                                       max_num_batched_tokens=max_num_batched_tokens,
-                                      chunked_prefill=chunked_prefill),
+                                      chunked_prefill=chunked_prefill,
+                                      long_prefill_tokens=long_prefill_tokens),
             parallelism=Parallelism(tp, pp),
         )
         self.model_dir = resolve_model_path(model)

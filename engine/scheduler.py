@@ -10,7 +10,8 @@ With ``chunked_prefill`` (Sarathi-Serve's stall-free batching) every step is one
 ``max_num_batched_tokens``: the running decodes go first, one token each; prompts already being
 prefilled continue, then waiting prompts start, each taking a chunk of what budget is left, so a
 long prompt is split over several steps and never stalls the running requests for its whole
-prefill. A prompt is ``PREFILLING`` between its chunks, holds the blocks of what it has cached,
+prefill. ``long_prefill_tokens`` caps one prompt's chunk, so the prompts queued behind a long one
+share its steps instead of waiting for its last chunk. A prompt is ``PREFILLING`` between its chunks, holds the blocks of what it has cached,
 and is preempted like any running request (the newest first).
 
 Flags let the disaggregated instances reuse it: a prefill instance schedules prefills only and
@@ -35,6 +36,7 @@ class SchedulerConfig(msgspec.Struct, frozen=True):
     enable_prefill: bool = True
     enable_decode: bool = True
     chunked_prefill: bool = False
+    long_prefill_tokens: int | None = None  # chunked: one prompt's tokens per step at most
 
     def __post_init__(self) -> None:
         if self.chunked_prefill and self.max_num_batched_tokens < self.max_num_seqs:
@@ -42,6 +44,8 @@ class SchedulerConfig(msgspec.Struct, frozen=True):
                 f"chunked prefill needs max_num_batched_tokens >= max_num_seqs (got "
                 f"{self.max_num_batched_tokens} < {self.max_num_seqs}): every running request "
                 "decodes in every step, inside the step's token budget")
+        if self.long_prefill_tokens is not None and self.long_prefill_tokens < 1:
+            raise ValueError(f"long_prefill_tokens must be >= 1, got {self.long_prefill_tokens}")
 
 
 @dataclass(frozen=True)
@@ -182,7 +186,7 @@ class Scheduler:
             start = seq.num_cached
             table = self.blocks.tables[seq.request_id]
             room = (len(table) + self.blocks.num_free) * self.blocks.block_size - start
-            count = min(seq.num_tokens - start, budget, room)
+            count = min(seq.num_tokens - start, budget, room, self._chunk_cap)
             if count <= 0:
                 stalled = True
                 continue
@@ -190,6 +194,10 @@ class Scheduler:
             chunks.append((seq, start, count))
             budget -= count
         return budget, stalled
+
+    @property
+    def _chunk_cap(self) -> int:
+        return self.config.long_prefill_tokens or self.config.max_num_batched_tokens
 
     def _grow_or_preempt(self, seq: Sequence, num_tokens: int, preempted: list[Sequence]) -> bool:
         """Blocks for ``seq`` to hold ``num_tokens``, preempting the newest running requests until
@@ -211,7 +219,7 @@ class Scheduler:
         """Waiting prompts, first come first served, each a chunk of what budget is left."""
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
-            count = min(seq.num_tokens, budget)
+            count = min(seq.num_tokens, budget, self._chunk_cap)
             if not self.blocks.can_allocate(count):
                 break
             self.waiting.popleft()

@@ -18,7 +18,8 @@ class Policy(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
     ``chunked_prefill`` (colocated instances): every step is one budget of ``prefill_token_budget``
     tokens; the running decodes go first and prompt chunks fill the rest (Sarathi-Serve's
-    stall-free batching, engine/scheduler.py), so a prompt may take several steps.
+    stall-free batching, engine/scheduler.py), so a prompt may take several steps; one prompt's
+    chunk is at most ``long_prefill_tokens`` (None: the budget).
     """
 
     prefill_token_budget: Pos = 4096
@@ -28,3 +29,4 @@ class Policy(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     memory_utilization: Annotated[float, msgspec.Meta(gt=0, le=1)] = 0.9
     watermark: Annotated[float, msgspec.Meta(ge=0, lt=1)] = 0.01
     chunked_prefill: bool = False
+    long_prefill_tokens: Pos | None = None

@@ -136,12 +136,16 @@ def search(problem: Problem) -> SearchResult:
 def choose_mode(problem: Problem, plan: Plan, colocated: ColocatedBaseline | None) -> str:
     """``colocated`` when the colocated deployment ranks above the best disaggregated plan by the
     search's own objective (DistServe picks whichever placement serves the most goodput per
-    device; on some hosts and SLOs that is not disaggregation); a tie stays disaggregated."""
+    device; on some hosts and SLOs that is not disaggregation) with ``MODE_MARGIN`` to spare, so
+    that two simulations within their own noise of each other do not switch the mode."""
     if colocated is None or colocated.goodput <= 0:
         return "disaggregated"
     rate = problem.workload.rate
-    better = objective(colocated.goodput, colocated.devices, rate) > objective(plan.goodput, plan.devices, rate)
-    return "colocated" if better else "disaggregated"
+    discounted = objective(colocated.goodput / MODE_MARGIN, colocated.devices, rate)
+    return "colocated" if discounted > objective(plan.goodput, plan.devices, rate) else "disaggregated"
+
+
+MODE_MARGIN = 1.1  # colocated must serve 10% more than the plan to be chosen
 
 
 def unreachable(problem: Problem, ev: Evaluator, pre: list[Shape], dec: list[Shape]) -> str:

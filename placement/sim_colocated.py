@@ -136,11 +136,12 @@ class ColocatedSim:
         that fit the batch cap and the free blocks (all of a prompt's blocks reserved when it
         starts), within the step's token budget; (chunks, tokens, attention term)."""
         budget = self.policy.prefill_token_budget - inst.batch.size
+        cap = self.policy.long_prefill_tokens or self.policy.prefill_token_budget
         tokens = attention = 0
         for entry in inst.partial:
             if budget <= 0:
                 break
-            n = min(entry[1] - entry[3], budget)
+            n = min(entry[1] - entry[3], budget, cap)
             inst.chunks.append((entry, n))
             tokens, attention, budget = tokens + n, attention + n * (2 * entry[3] + n), budget - n
         batch = inst.batch
@@ -151,7 +152,7 @@ class ColocatedSim:
                 break
             entry = [rid, length, remaining, 0]
             inst.partial.append(entry)
-            n = min(length, budget)
+            n = min(length, budget, cap)
             inst.chunks.append((entry, n))
             tokens, attention, budget, room = tokens + n, attention + n * n, budget - n, room - 1
         return len(inst.chunks), tokens, attention

@@ -10,7 +10,6 @@ bounded; a worker that dies or fails fails the step (and so the instance) with a
 """
 from __future__ import annotations
 
-import os
 import socket
 import time
 from pathlib import Path
@@ -25,7 +24,7 @@ from tandem.engine.config import load_config
 from tandem.engine.step_inputs import StepInputs
 from tandem.engine.worker import WorkerConfig, WorkerFailed, pack_result, unpack_result
 from tandem.transfer.base import TransferError
-from tandem.transfer.hosting import close_transports, serving_method
+from tandem.transfer.hosting import close_transports, openmp_options, serving_method
 from tandem.transfer.protocol import KVHandle, KVLayout, remote_cause
 from tandem.transfer.registry import make_transport
 from tandem.transfer.sharded import fetch_shard, sharded_handle, source_of
@@ -40,7 +39,6 @@ class ShardWorkerActor:
     its transports. Threaded: a KV fetch runs beside the steps, into blocks no step touches."""
 
     def __init__(self, transports: tuple[str, ...], num_threads: int) -> None:
-        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         torch.set_num_threads(max(1, num_threads))
         self.transports = {}
         for name in transports:
@@ -119,6 +117,7 @@ class RayWorkerGroup:
             strategy = None if group is None else PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=rank)
             self.workers.append(ShardWorkerActor.options(
                 num_cpus=num_cpus, num_gpus=num_gpus, scheduling_strategy=strategy,
+                **openmp_options(num_threads),
                 name=None if name is None else f"{name}-worker-{rank}",
             ).remote(transports, num_threads))
         try:

@@ -4,6 +4,7 @@ source side of transports that ask the source for something (auto across nodes, 
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import uuid
 from concurrent.futures import Future
@@ -13,18 +14,44 @@ from typing import Any, Callable, Sequence
 from tandem.engine.engine import Engine, EngineConfig
 from tandem.transfer.base import Transport
 
+log = logging.getLogger(__name__)
+
 REPORT_TIMEOUT_S = 5.0  # how long a failing instance waits for the router to take its report
+
+
+def openmp_options(num_threads: int) -> dict[str, Any]:
+    """Ray actor options for an engine process with ``num_threads`` torch threads: its OpenMP
+    environment, set before the process starts (libgomp reads it once, when torch loads). A
+    multi-threaded engine's threads spin for a while between the many short parallel regions of a
+    step, then sleep, so an idle instance burns no core (plain ACTIVE spins forever; PASSIVE
+    sleeps after every region, which cost a 2-thread decode step all its gain over one thread:
+    benchmarks/RESULTS.md, "Threading policy"). A one-thread engine has no OpenMP workers to
+    wait for: no options (a runtime environment costs each actor a fresh worker process)."""
+    if num_threads <= 1:
+        return {}
+    return {"runtime_env": {"env_vars": {"OMP_WAIT_POLICY": "ACTIVE", "GOMP_SPINCOUNT": str(SPIN_COUNT)}}}
+
+
+SPIN_COUNT = 300_000  # libgomp's own default: well under a millisecond of spinning
+
+
+def warn_if_niced() -> None:
+    """Say so when this engine's process runs below normal priority (Ray's workers start at
+    niceness 15 unless the cluster was started with RAY_worker_niceness=0)."""
+    niceness = os.nice(0)
+    if niceness > 0:
+        log.warning("this instance runs at niceness %d: any process at normal priority on its node "
+                    "takes its cores first; start Ray with RAY_worker_niceness=0 for serving", niceness)
 
 
 def build_engine(model_dir: str, config: EngineConfig, num_threads: int,
                  transports: Sequence[Transport] = ()) -> Engine:
     """The instance's engine, its KV cache allocated by the first transport that allocates caches
     (shared memory for shm/auto) when the cache lives on the CPU."""
-    # Several actors share the host's cores: spinning OpenMP threads would starve each other.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     import torch
 
     torch.set_num_threads(max(1, num_threads))
+    warn_if_niced()
     allocators = [t.allocate for t in transports if hasattr(t, "allocate")]
     allocator = allocators[0] if allocators and config.device == "cpu" else None
     try:

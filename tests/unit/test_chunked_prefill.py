@@ -79,6 +79,21 @@ def test_the_budget_holds_every_step_and_blocks_cover_only_what_is_cached():
     assert all(q.status is Status.RUNNING for q in s.running)
 
 
+def test_a_long_prompt_shares_its_steps_with_the_prompts_behind_it():
+    capped = chunked(max_num_batched_tokens=16, long_prefill_tokens=8)
+    uncapped = chunked(max_num_batched_tokens=16)
+    for s in (capped, uncapped):
+        s.add(seq("long", 40))
+        s.add(seq("short", 6))
+    plan = capped.schedule()
+    assert plan.chunks == ((0, 8), (0, 6)) and plan.sampling_rows() == [1]  # short's first token now
+    sampled(capped, plan)
+    assert capped.schedule().chunks == ((6, 1), (8, 8))  # short decodes, long goes on 8 at a time
+    assert uncapped.schedule().chunks == ((0, 16),)  # without the cap short waits for long's chunks
+    with pytest.raises(ValueError, match="long_prefill_tokens must be >= 1"):
+        SchedulerConfig(long_prefill_tokens=0)
+
+
 def test_max_num_seqs_caps_decodes_and_new_prompts():
     s = chunked(max_num_batched_tokens=100, max_num_seqs=2)
     for rid in "abc":
@@ -132,9 +147,11 @@ def llama_reference(tiny_llama_dir: Path) -> list[list[int]]:
     return hf_greedy(tiny_llama_dir, PROMPTS, NEW_TOKENS)
 
 
-def _run(model_dir: Path, budget: int, num_blocks: int = 128, params=GREEDY, prompts=PROMPTS):
+def _run(model_dir: Path, budget: int, num_blocks: int = 128, params=GREEDY, prompts=PROMPTS,
+         long_prefill_tokens: int | None = None):
     llm = LLM(model_dir, dtype="float32", block_size=BLOCK_SIZE, num_blocks=num_blocks,
-              chunked_prefill=True, max_num_batched_tokens=budget, max_num_seqs=min(budget, 8))
+              chunked_prefill=True, max_num_batched_tokens=budget, max_num_seqs=min(budget, 8),
+              long_prefill_tokens=long_prefill_tokens)
     plans = []
     schedule = llm.engine.scheduler.schedule
 
@@ -159,6 +176,12 @@ def test_chunked_greedy_matches_transformers(tiny_llama_dir: Path, llama_referen
     assert any(any(start > 0 and n > 1 for start, n in c) for c in mixed), "no chunk continued a prompt"
     assert any(any(n == 1 for _, n in c) and any(n > 1 for _, n in c) for c in mixed), \
         "no step mixed decodes with a prompt chunk"
+
+
+def test_capped_chunks_match_transformers(tiny_llama_dir: Path, llama_reference) -> None:
+    outs, plans = _run(tiny_llama_dir, 33, long_prefill_tokens=10)
+    assert_same_tokens([o.token_ids for o in outs], llama_reference, PROMPTS)
+    assert max(n for _, chunks, _ in plans for _, n in chunks) == 10
 
 
 def test_chunked_parity_with_preemption_mid_prompt(tiny_llama_dir: Path, llama_reference) -> None:

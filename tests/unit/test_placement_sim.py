@@ -307,6 +307,11 @@ def test_chunked_steps_charge_each_chunk_its_cached_prefix() -> None:
     policy = Policy(chunked_prefill=True, prefill_token_budget=40)
     ColocatedSim([InstanceModel(Recording(), 1000)], policy, trace, 1.0).run(LOOSE)
     assert seen == [(1, 40, 40 * 40, 0), (1, 40, 40 * (80 + 40), 0), (1, 20, 20 * (160 + 20), 0)]
+    seen.clear()  # a 30-token cap on one prompt's chunk: a prompt arriving behind it rides along
+    trace = _fixed_trace([0.0, 0.001], [100, 10], [1, 1])
+    capped = Policy(chunked_prefill=True, prefill_token_budget=40, long_prefill_tokens=30)
+    ColocatedSim([InstanceModel(Recording(), 1000)], capped, trace, 1.0).run(LOOSE)
+    assert seen[:2] == [(1, 30, 30 * 30, 0), (2, 40, 30 * (60 + 30) + 10 * 10, 0)]
 
 
 def test_hand_traced_colocated_preemption_recomputes() -> None:

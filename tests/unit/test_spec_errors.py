@@ -98,6 +98,7 @@ OUT_OF_RANGE = [
     ("decode.memory_fraction", float("nan"), "must be in (0, 1]"),
     ("prefill.max_batch_tokens", 0, "must be >= 1"),
     ("decode.max_num_seqs", 0, "must be >= 1"),
+    ("decode.long_prefill_tokens", 0, "must be >= 1"),
     ("prefill.num_cpus", -0.5, "must be >= 0"),
     ("transfer.timeout_s", 0, "must be > 0, got 0"),
     ("transfer.timeout_s", -1.0, "must be > 0"),
