@@ -19,8 +19,8 @@ log = logging.getLogger(__name__)
 
 # Ray starts worker processes at niceness 15, so that its own daemons stay responsive beside
 # batch jobs; an engine's threads at 15 lose their cores to any process at 0 (the router, an HTTP
-# ingress, a client on the same host), which stretched served decode steps by ~60% on a 2-core host
-# (benchmarks/RESULTS.md, "Threading policy"). A cluster tandem starts runs its actors at 0; for
+# ingress, a client on the same host): benchmarks/RESULTS.md, issue 21's section, measured the
+# difference on a 2-core host. A cluster tandem starts runs its actors at 0; for
 # one started with `ray start`, set RAY_worker_niceness=0 in its environment.
 LOCAL_SYSTEM_CONFIG = {"worker_niceness": 0}
 

@@ -25,7 +25,7 @@ def openmp_options(num_threads: int) -> dict[str, Any]:
     multi-threaded engine's threads spin for a while between the many short parallel regions of a
     step, then sleep, so an idle instance burns no core (plain ACTIVE spins forever; PASSIVE
     sleeps after every region, which cost a 2-thread decode step all its gain over one thread:
-    benchmarks/RESULTS.md, "Threading policy"). A one-thread engine has no OpenMP workers to
+    benchmarks/RESULTS.md, issue 21's section). A one-thread engine has no OpenMP workers to
     wait for: no options (a runtime environment costs each actor a fresh worker process)."""
     if num_threads <= 1:
         return {}
