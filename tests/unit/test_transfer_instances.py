@@ -22,10 +22,10 @@ def pair(tiny_llama_dir):
     """(prefill instance, decode instance), each engine's cache in its transport's pool."""
     made = []
 
-    def instance(kind: str, hold_timeout_s: float = 60.0):
+    def instance(kind: str, hold_timeout_s: float = 60.0, **chunking):
         transport = ShmTransport()
         made.append(transport)
-        scheduler = SchedulerConfig(enable_decode=kind == "decode")
+        scheduler = SchedulerConfig(enable_decode=kind == "decode", **chunking)
         engine = Engine(tiny_llama_dir, EngineConfig(dtype="float32", num_blocks=12, block_size=4,
                                                      scheduler=scheduler),
                         kv_allocator=transport.allocate)
@@ -66,6 +66,28 @@ def test_disaggregated_over_shm_matches_the_engine(pair, tiny_llama_dir):
     while plain.has_unfinished():
         expected += [t for d in plain.step() for t in d.token_ids]
     assert tokens == expected and len(tokens) == 8
+    for inst in (prefill, decode):
+        assert inst.engine.num_free_blocks == 12
+
+
+def test_a_chunked_prefill_instance_hands_over_only_whole_prompts(pair, tiny_llama_dir):
+    """Chunks of 6 (the 19-token prompt takes four steps): nothing is published before the last
+    chunk, and the decode side continues from the same KV as an unchunked prefill would leave."""
+    prefill = pair("prefill", chunked_prefill=True, max_num_batched_tokens=6, max_num_seqs=4)
+    decode = pair("decode")
+    prefill.submit("r1", PROMPT, GREEDY)
+    assert [prefill.step() for _ in range(3)] == [[], [], []]
+    (result,) = prefill.step()
+    assert result.handle is not None and result.handle.num_blocks == 5
+    decode.admit(result.state, result.handle)
+    tokens = result.delta.token_ids + _decode_all(decode, "r1")
+    prefill.ack("r1")
+    plain = Engine(tiny_llama_dir, EngineConfig(dtype="float32", num_blocks=12, block_size=4))
+    plain.add_request(PROMPT, GREEDY, "r1")
+    expected = []
+    while plain.has_unfinished():
+        expected += [t for d in plain.step() for t in d.token_ids]
+    assert tokens == expected
     for inst in (prefill, decode):
         assert inst.engine.num_free_blocks == 12
 
