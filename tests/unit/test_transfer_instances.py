@@ -54,17 +54,22 @@ def _decode_all(decode: DecodeInstance, rid: str) -> list[int]:
     return tokens
 
 
+def _unchunked_engine_tokens(model_dir) -> list[int]:
+    plain = Engine(model_dir, EngineConfig(dtype="float32", num_blocks=12, block_size=4))
+    plain.add_request(PROMPT, GREEDY, "r1")
+    tokens = []
+    while plain.has_unfinished():
+        tokens += [t for d in plain.step() for t in d.token_ids]
+    return tokens
+
+
 def test_disaggregated_over_shm_matches_the_engine(pair, tiny_llama_dir):
     prefill, decode = pair("prefill"), pair("decode")
     result = _prefill(prefill, "r1")
     decode.admit(result.state, result.handle)
     tokens = result.delta.token_ids + _decode_all(decode, "r1")
     prefill.ack("r1")
-    plain = Engine(tiny_llama_dir, EngineConfig(dtype="float32", num_blocks=12, block_size=4))
-    plain.add_request(PROMPT, GREEDY, "r1")
-    expected = []
-    while plain.has_unfinished():
-        expected += [t for d in plain.step() for t in d.token_ids]
+    expected = _unchunked_engine_tokens(tiny_llama_dir)
     assert tokens == expected and len(tokens) == 8
     for inst in (prefill, decode):
         assert inst.engine.num_free_blocks == 12
@@ -82,11 +87,7 @@ def test_a_chunked_prefill_instance_hands_over_only_whole_prompts(pair, tiny_lla
     decode.admit(result.state, result.handle)
     tokens = result.delta.token_ids + _decode_all(decode, "r1")
     prefill.ack("r1")
-    plain = Engine(tiny_llama_dir, EngineConfig(dtype="float32", num_blocks=12, block_size=4))
-    plain.add_request(PROMPT, GREEDY, "r1")
-    expected = []
-    while plain.has_unfinished():
-        expected += [t for d in plain.step() for t in d.token_ids]
+    expected = _unchunked_engine_tokens(tiny_llama_dir)
     assert tokens == expected
     for inst in (prefill, decode):
         assert inst.engine.num_free_blocks == 12
