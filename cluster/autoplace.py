@@ -64,11 +64,11 @@ def plan_spec(spec: ClusterSpec, cluster: PlanningCluster | None = None) -> Plan
         result = search(problem)
     except (PlacementError, SimulationError) as exc:
         raise SpecError("placement", f"auto placement found no feasible deployment: {exc}") from None
-    allowed = (spec.planning or PlanningSpec()).allow_colocated
-    if result.mode == "colocated" and allowed and result.baseline is not None:
-        return PlannedSpec(spec=fill_colocated_spec(spec, result.baseline), result=result)
     if result.mode == "colocated":
-        result = msgspec.structs.replace(result, mode="disaggregated")  # planning.allow_colocated: false
+        if (spec.planning or PlanningSpec()).allow_colocated:
+            assert result.baseline is not None  # the mode is colocated only beside one
+            return PlannedSpec(spec=fill_colocated_spec(spec, result.baseline), result=result)
+        result = msgspec.structs.replace(result, mode="disaggregated")
     return PlannedSpec(spec=fill_spec(spec, result.plan), result=result)
 
 

@@ -40,19 +40,22 @@ class StepPace(msgspec.Struct, frozen=True):
             return self.mixed_seconds(plan.chunks)
         lengths = [s.num_tokens for s in plan.seqs]
         if plan.kind == "prefill":
-            a, b, c = self.prefill
-            return a + b * sum(lengths) + c * sum(n * n for n in lengths)
-        a, b, c = self.decode
-        return a + b * len(lengths) + c * sum(lengths)
+            return self.of_sums(len(lengths), sum(lengths), sum(n * n for n in lengths), 0, 0)
+        return self.of_sums(0, 0, 0, len(lengths), sum(lengths))
 
     def mixed_seconds(self, chunks) -> float:
         """A chunked-prefill step of (cached tokens, new tokens) per sequence."""
         decodes = [start + 1 for start, n in chunks if n == 1]
         prompts = [(start, n) for start, n in chunks if n != 1]
+        return self.of_sums(len(prompts), sum(n for _, n in prompts),
+                            sum(n * (2 * start + n) for start, n in prompts), len(decodes), sum(decodes))
+
+    def of_sums(self, prompts: int, tokens: int, attention: float, decodes: int, context: int) -> float:
+        """The forms above from a step's sums (what the simulator keeps): prompt chunks, their
+        tokens and attention term, decodes and their context tokens."""
         (ap, bp, cp), (ad, bd, cd) = self.prefill, self.decode
-        seconds = max(ap if prompts else 0.0, ad if decodes else 0.0)
-        seconds += bd * len(decodes) + cd * sum(decodes)
-        return seconds + sum(bp * n + cp * n * (2 * start + n) for start, n in prompts)
+        fixed = max(ap if prompts else 0.0, ad if decodes else 0.0)
+        return fixed + bp * tokens + cp * attention + bd * decodes + cd * context
 
 
 class PacedRunner:

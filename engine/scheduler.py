@@ -11,8 +11,9 @@ With ``chunked_prefill`` (Sarathi-Serve's stall-free batching) every step is one
 prefilled continue, then waiting prompts start, each taking a chunk of what budget is left, so a
 long prompt is split over several steps and never stalls the running requests for its whole
 prefill. ``long_prefill_tokens`` caps one prompt's chunk, so the prompts queued behind a long one
-share its steps instead of waiting for its last chunk. A prompt is ``PREFILLING`` between its chunks, holds the blocks of what it has cached,
-and is preempted like any running request (the newest first).
+share its steps instead of waiting for its last chunk. A prompt is ``PREFILLING`` between its
+chunks, holds the blocks of what it has cached, and is preempted like any running request (the
+newest first).
 
 Flags let the disaggregated instances reuse it: a prefill instance schedules prefills only and
 detaches each request after its first token; a decode instance admits requests whose KV arrived

@@ -41,11 +41,6 @@ class Sequence:
     num_cached: int = 0  # while PREFILLING: tokens whose KV earlier chunks wrote
 
     @property
-    def num_computed(self) -> int:
-        """Tokens whose KV is in the cache (a running request's newest token has none yet)."""
-        return self.num_tokens - 1 if self.status is Status.RUNNING else self.num_cached
-
-    @property
     def num_tokens(self) -> int:
         return len(self.token_ids)
 

@@ -43,6 +43,14 @@ def assert_all_blocks_free(cluster, timeout_s: float = 30.0) -> None:
     wait_until(lambda: all_blocks_free(cluster), timeout_s)
 
 
+def assert_simulation_within(rate: float, row: dict, tolerance: float) -> None:
+    """Every simulated percentile of ``row`` (benchmarks.sim_vs_real.compare's) within
+    ``tolerance`` of the measured one."""
+    print(f"rate {rate:.2f} req/s", row)  # shown with -s; the tolerance below is what counts
+    errors = {key: cell["sim_err"] for key, cell in row.items()}
+    assert all(abs(e) <= tolerance for e in errors.values()), errors
+
+
 def mixed_workload(seed: int, count: int, max_prompt: int, max_tokens: tuple[int, int]):
     """(prompts, params) for a tiny byte-vocabulary model: random prompts of 1..``max_prompt`` ids;
     odd requests greedy, even ones seeded top-k sampling; ``max_tokens`` drawn from the range."""

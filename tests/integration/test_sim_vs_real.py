@@ -20,7 +20,7 @@ from benchmarks.sim_vs_real import (cluster_profile, compare, launch, run_real, 
 from benchmarks.sim_vs_real_costs import measure_transfer, transfer_cost
 from tandem.cluster.served_profile import PROBE_TOKENS, PROBES, probe
 from tandem.engine.pacing import StepPace
-from tests.integration.conftest import assert_all_blocks_free
+from tests.integration.conftest import assert_all_blocks_free, assert_simulation_within
 
 # Decode-bound like the real model: 160-token prompts prefill in ~150 ms, a step of 8 sequences
 # at ~200 tokens of context takes ~100 ms. Long enough that the Python and Ray work around each
@@ -61,8 +61,5 @@ def test_simulated_percentiles_match_the_paced_cluster(paced_pair, tiny_llama_di
                        router_delay=profile.router_delay_s)
         return rate, compare(results, {"sim": sim})
 
-    rate, row = asyncio.run(asyncio.wait_for(measure(), 600))
-    print(f"rate {rate:.2f} req/s", row)  # shown with -s; the tolerance below is what counts
-    errors = {key: cell["sim_err"] for key, cell in row.items()}
-    assert all(abs(e) <= TOLERANCE for e in errors.values()), errors
+    assert_simulation_within(*asyncio.run(asyncio.wait_for(measure(), 600)), TOLERANCE)
     assert_all_blocks_free(paced_pair)

@@ -18,7 +18,7 @@ import pytest
 
 from benchmarks.sim_vs_real import compare, run_real, workload
 from tandem.engine.pacing import StepPace
-from tests.integration.conftest import assert_all_blocks_free
+from tests.integration.conftest import assert_all_blocks_free, assert_simulation_within
 
 PACE = StepPace(prefill=(0.03, 3e-4, 0.0), decode=(0.035, 1e-3, 2e-5))
 BUDGET = 96  # tokens a step: most prompts (64..256 tokens) take two or three steps
@@ -31,24 +31,21 @@ TOLERANCE = 0.15
 
 
 class PacedSteps:
-    """placement's StepModel for steps paced by ``pace`` (the simulator's batch sums in the
-    pace's forms; a chunked step's attention term is what the simulator passes as sum_sq)."""
+    """placement's StepModel for steps paced by ``pace``: the simulator's batch sums in the pace's
+    own forms (a chunked step's attention term is what the simulator passes as sum_sq)."""
 
     def __init__(self, pace: StepPace) -> None:
         self.pace = pace
 
     def prefill(self, seqs: int, tokens: int, sum_sq: float) -> tuple[float, float]:
-        a, b, c = self.pace.prefill
-        return a + b * tokens + c * sum_sq, a + b * tokens + c * sum_sq
+        seconds = self.pace.of_sums(seqs, tokens, sum_sq, 0, 0)
+        return seconds, seconds
 
     def decode(self, batch: int, sum_ctx: int) -> float:
-        a, b, c = self.pace.decode
-        return a + b * batch + c * sum_ctx
+        return self.pace.of_sums(0, 0, 0, batch, sum_ctx)
 
     def mixed(self, seqs: int, tokens: int, sum_sq: float, batch: int, sum_ctx: int) -> float:
-        (ap, bp, cp), (ad, bd, cd) = self.pace.prefill, self.pace.decode
-        fixed = max(ap if seqs else 0.0, ad if batch else 0.0)
-        return fixed + bp * tokens + cp * sum_sq + bd * batch + cd * sum_ctx
+        return self.pace.of_sums(seqs, tokens, sum_sq, batch, sum_ctx)
 
 
 def simulate(arrivals, inputs, outputs, router_delay: float, rate: float = 1.0):
@@ -114,8 +111,5 @@ def test_simulated_percentiles_match_a_paced_chunked_instance(chunked_instance):
         sim = simulate(sent, [len(p) for _, p, _ in reqs], [o for _, _, o in reqs], delay)
         return rate, compare(results, {"sim": sim})
 
-    rate, row = asyncio.run(asyncio.wait_for(measure(), 600))
-    print(f"rate {rate:.2f} req/s", row)  # shown with -s; the tolerance below is what counts
-    errors = {key: cell["sim_err"] for key, cell in row.items()}
-    assert all(abs(e) <= TOLERANCE for e in errors.values()), errors
+    assert_simulation_within(*asyncio.run(asyncio.wait_for(measure(), 600)), TOLERANCE)
     assert_all_blocks_free(chunked_instance)
