@@ -2,12 +2,14 @@
 
     python -m benchmarks.skewed                       # 24 requests, 1 prefill + 2 decode, SmolLM2
     python -m benchmarks.skewed --requests 32 --rate 1.5 --repeats 2
+    python -m benchmarks.skewed --long 320 --migration off on growth   # growth-aware freeness too
 
 SmolLM2-135M (fp32) on a local Ray cluster: 1 prefill + 2 decode instances, one torch thread each,
 96 KV blocks (1,536 tokens) per decode instance, round-robin decode dispatch. Requests alternate
 long (``--long`` output tokens) and short (``--short``), so every long one lands on the same decode
 instance, whose KV fills while the other's empties: without migration it preempts (and recomputes);
-with ``migration: {enabled: true}`` the rebalancer moves requests to the other instance. Poisson
+with ``migration: {enabled: true}`` the rebalancer moves requests to the other instance (``growth``:
+also ``growth_horizon_tokens: --horizon``, so freeness counts what requests will grow into). Poisson
 arrivals at ``--rate`` per second, 64..128-token random prompts, greedy, ignore_eos, same seeds
 for both. Reports, timed from the client: TTFT and TPOT p50/p99, joint SLO attainment (TTFT <=
 ``--ttft-ms`` and TPOT <= ``--tpot-ms``), the decode instances' preemptions and migrations.
@@ -27,7 +29,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from benchmarks.serving import pct, run_rate  # noqa: E402  (same client-side timing as serving)
 
 
-def launch(model_dir: str, name: str, migrate: bool):
+def launch(model_dir: str, name: str, mode: str, horizon: int):
     from tandem.cluster.launcher import Cluster
     from tandem.cluster.launcher_config import InstanceGroup, LaunchConfig
     from tandem.cluster.spec_types import MigrationSpec
@@ -37,7 +39,8 @@ def launch(model_dir: str, name: str, migrate: bool):
     group = lambda n: InstanceGroup(n, engine, num_cpus=0.5, num_threads=1)  # noqa: E731
     config = LaunchConfig(name=name, model_dir=model_dir, prefill=group(1), decode=group(2),
                           transfer_backend="shm", decode_policy="round_robin",
-                          migration=MigrationSpec(enabled=migrate))
+                          migration=MigrationSpec(enabled=mode != "off",
+                                                  growth_horizon_tokens=horizon if mode == "growth" else 0))
     return Cluster.launch(config, timeout_s=300)
 
 
@@ -76,15 +79,15 @@ async def main_async(args) -> None:
     model_dir = str(prepare_model("smollm2"))
     ray.init(address="local", num_cpus=2, include_dashboard=False, namespace="tandem", log_to_driver=False)
     rows = []
-    for migrate in [m == "on" for m in args.migration]:
-        cluster = launch(model_dir, f"skew-{'on' if migrate else 'off'}", migrate)
+    for mode in args.migration:
+        cluster = launch(model_dir, f"skew-{mode}", mode, args.horizon)
         client = cluster.client(timeout_s=900)
         try:
             await run_rate(client, [(0.0, [5] * 16, 4)] * 2)  # warm-up
             for repeat in range(args.repeats):
                 before = preemptions(cluster)
                 results = await run_rate(client, workload(args, seed=repeat))
-                row = {"migration": "on" if migrate else "off", "repeat": repeat,
+                row = {"migration": mode, "repeat": repeat,
                        **summarize(results, args), "preemptions": preemptions(cluster) - before}
                 print(json.dumps(row), flush=True)
                 rows.append(row)
@@ -107,7 +110,8 @@ def main() -> None:
     ap.add_argument("--long", type=int, default=200)
     ap.add_argument("--short", type=int, default=24)
     ap.add_argument("--repeats", type=int, default=1)
-    ap.add_argument("--migration", nargs="+", default=["off", "on"], choices=["off", "on"])
+    ap.add_argument("--migration", nargs="+", default=["off", "on"], choices=["off", "on", "growth"])
+    ap.add_argument("--horizon", type=int, default=256, help="growth_horizon_tokens for 'growth'")
     ap.add_argument("--worst", type=int, default=0, help="print this many worst-TPOT requests per run")
     ap.add_argument("--ttft-ms", type=float, default=1000)
     ap.add_argument("--tpot-ms", type=float, default=100)

@@ -94,11 +94,13 @@ class Client:
     def abort(self, request_id: str) -> bool:
         return self._get(self.router.abort.remote(request_id), 30.0)
 
-    def migrate(self, request_id: str, to: str | None = None) -> str:
-        """Move a decoding request, live, to decode instance ``to`` (default: the one with the
-        most free blocks); returns the destination. Raises MigrationError, the request going on
-        where it was, if it cannot move (not decoding, already moving, finished meanwhile)."""
-        return self._get(self.router.migrate.remote(request_id, to), 60.0)
+    def migrate(self, request_id: str, to: str | None = None, kind: str | None = None) -> str:
+        """Move a request, live, to decode instance ``to`` (default: the one with the most free
+        blocks); returns the destination. ``kind``: "copy" its KV or "recompute" it there (default:
+        by ``migration.recompute_max_tokens``); one not prefilled yet (colocated) is re-dispatched.
+        Raises MigrationError, the request going on where it was, if it cannot move (not on a
+        decode instance, already moving, finished meanwhile)."""
+        return self._get(self.router.migrate.remote(request_id, to, kind), 60.0)
 
     def drain(self, instance_id: str, timeout_s: float = 120.0) -> dict:
         """Empty decode instance ``instance_id``: no new requests go to it and its requests move,

@@ -57,7 +57,8 @@ def launch_config(spec: ClusterSpec, model_dir: str) -> LaunchConfig:
     common = dict(name=spec.name, model_dir=model_dir, transfer_backend=backend,
                   transfer_timeout_s=spec.transfer.timeout_s, request_timeout_s=spec.router.request_timeout_s,
                   result_ttl_s=spec.router.result_ttl_s, max_requests=spec.router.max_requests,
-                  health_timeout_s=spec.router.health_timeout_s, migration=spec.migration,
+                  health_timeout_s=spec.router.health_timeout_s, recompute_lost=spec.router.recompute_lost,
+                  migration=spec.migration,
                   prefill_policy=spec.router.prefill_policy, decode_policy=spec.router.decode_policy)
     if spec.mode == "colocated":
         return LaunchConfig(mode="colocated", decode=_group("instances", spec.instances, dtype), **common)

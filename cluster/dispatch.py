@@ -94,6 +94,10 @@ class Dispatcher:
         requests = self.running.get(instance_id, 0) + len(self.reserved[instance_id])
         return self.free_estimate(instance_id) / max(1, requests)
 
+    def num_estimates(self) -> int:
+        """Requests the estimates count now (queued for prefill or reserved for decode)."""
+        return sum(map(len, self.queued.values())) + sum(map(len, self.reserved.values()))
+
     def prefill_done(self, instance_id: str, request_id: str) -> None:
         _pop(self.queued, self.queued_total, instance_id, request_id)
 

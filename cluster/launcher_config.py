@@ -39,6 +39,7 @@ class LaunchConfig(msgspec.Struct, frozen=True):
     request_timeout_s: float = 600.0  # the router times out any request older than this
     max_requests: int = 20_000  # beyond this many requests in flight, submit raises Overloaded
     health_timeout_s: float = 10.0  # an instance silent this long is taken out of service
+    recompute_lost: bool = False  # requests a lost instance held are recomputed elsewhere
     result_ttl_s: float = 60.0  # how long the router keeps a finished request nobody reads
     prefill_policy: str = "least_tokens"
     decode_policy: str = "most_free_blocks"

@@ -11,6 +11,11 @@
                       rest, and the request joins its batch (``admit_migration``)
     commit            the destination's step report lists the request as admitted: the source
                       frees its blocks
+    without a copy    a request still waiting for its prefill leaves its source with its state
+                      (``withdraw``: re-dispatched), and a short running one may leave the batch
+                      without publishing its KV (``detach``: migrated by recompute); the
+                      destination queues it for a prefill over its tokens so far (``recompute``);
+                      commit and resume as above (a withdrawn request resumes in the source's queue)
     resume            anything failed before commit: the request goes on at the source, where
                       its blocks still are; the destination drops what it reserved
 
@@ -27,7 +32,7 @@ import asyncio
 import time
 from typing import Callable
 
-from tandem.cluster.rebalance import Budget, Move
+from tandem.cluster.rebalance import KINDS, Budget, Move
 from tandem.cluster.requests import Migration, RequestRecord
 from tandem.cluster.spec_types import MigrationSpec
 from tandem.engine.block_manager import blocks_needed
@@ -62,10 +67,12 @@ class MigrationDesk:
             limit = min(limit, self.policy.max_bytes_in_flight // self.block_bytes)
         return Budget(limit, dict(self.in_flight))
 
-    async def start(self, rec: RequestRecord, to: str | None) -> str:
-        """Move a decoding request to ``to`` (or the decode instance with the most free blocks
-        other than its own); returns the destination once it has queued the final admission.
-        MigrationError (the request decodes on at its source) if it cannot."""
+    async def start(self, rec: RequestRecord, to: str | None, kind: str | None = None) -> str:
+        """Move a request on a decode instance to ``to`` (or the decode instance with the most
+        free blocks other than its own); returns the destination once it has taken the request.
+        ``kind`` (default: ``redispatch`` for one with no token yet, ``recompute`` for a context of
+        at most ``migration.recompute_max_tokens``, else ``copy``) is how. MigrationError (the
+        request goes on at its source) if it cannot."""
         source = rec.decode_instance
         if rec.stage != "decode" or rec.migration is not None or rec.done:
             raise MigrationError(f"request {rec.request_id!r} is not decoding (stage {rec.stage})")
@@ -73,18 +80,33 @@ class MigrationDesk:
         if dest is None or dest == source or dest not in self.decode or source not in self.decode:
             raise MigrationError(f"no decode instance to move request {rec.request_id!r} to "
                                  f"(from {source}, asked for {to})")
+        kind = self._kind(rec, kind)
         num_blocks = blocks_needed(len(rec.prompt_ids) + len(rec.token_ids), self.dispatch.block_size)
-        if not self.budget().allows(Move(rec.request_id, source, dest, num_blocks, "")):
+        if not self.budget().allows(Move(rec.request_id, source, dest, num_blocks, "", kind)):
             raise MigrationError(f"request {rec.request_id!r}: moving its {num_blocks} blocks from "
                                  f"{source} to {dest} would pass migration.max_blocks_in_flight/"
                                  f"max_bytes_in_flight; try again once other migrations are done")
-        mig = rec.migration = Migration(source, dest, time.time(), num_blocks)
+        mig = rec.migration = Migration(source, dest, time.time(), num_blocks, kind)
         for instance_id in (source, dest):
-            self.in_flight[instance_id] = self.in_flight.get(instance_id, 0) + num_blocks
+            self.in_flight[instance_id] = self.in_flight.get(instance_id, 0) + mig.budget_blocks
         self.totals["started"] += 1
-        copied = await self._precopy(rec, mig)
-        await self._final(rec, mig, copied)
+        if kind == "copy":
+            copied = await self._precopy(rec, mig)
+            await self._final(rec, mig, copied)
+        else:
+            await self._without_kv(rec, mig)
         return rec.decode_instance
+
+    def _kind(self, rec: RequestRecord, asked: str | None) -> str:
+        if not rec.token_ids:
+            return "redispatch"  # no KV to move: it has not been prefilled (or is being, and refuses)
+        if asked is None:
+            context = len(rec.prompt_ids) + len(rec.token_ids)
+            return "recompute" if context <= self.policy.recompute_max_tokens else "copy"
+        if asked not in KINDS[:2]:
+            raise MigrationError(f"request {rec.request_id!r} is running: it moves by 'copy' or "
+                                 f"'recompute', not {asked!r}")
+        return asked
 
     async def _call(self, instance_id: str, method: str, *args):
         """A call to a decode instance, bounded; its remote error unwrapped."""
@@ -126,26 +148,45 @@ class MigrationDesk:
 
     async def _final(self, rec: RequestRecord, mig: Migration, copied: int) -> None:
         """Pause the request on the source and hand it and its last blocks to the destination."""
-        rid = rec.request_id
         if self._ended(rec, mig):
             raise self._give_up(rec, mig, "it ended during its pre-copy stages")
+        state, handle = await self._leave(rec, mig, "export", copied)
+        self.dispatch.reserve_decode(mig.dest, rec.request_id, handle.num_tokens + 1)
+        await self._hand_to(rec, mig, "admit_migration", state, handle)
+
+    async def _without_kv(self, rec: RequestRecord, mig: Migration) -> None:
+        """Take the request off the source with its state only (withdrawn from the queue, or
+        detached from the batch) and have the destination queue it for a prefill."""
+        state = await self._leave(rec, mig, "withdraw" if mig.kind == "redispatch" else "detach")
+        self.dispatch.reserve_decode(mig.dest, rec.request_id, len(state.token_ids) + 1)
+        await self._hand_to(rec, mig, "recompute", state)
+
+    async def _leave(self, rec: RequestRecord, mig: Migration, how: str, *args):
+        """The source's ``how`` call; on success the request is paused there and the
+        destination owns its tokens from the hand-over index on. Raises MigrationError."""
+        rid = rec.request_id
         try:
-            state, handle = await self._call(mig.source, "export", rid, copied)
-        except Exception as exc:  # finished meanwhile, preempted, the source is gone or slow
-            if mig.source in self.decode:  # it may have left the batch: back in (a no-op if not;
-                self.decode[mig.source].resume_export.remote(rid)  # and if this runs first, the
-                # source resumes the export by itself after its hold timeout)
+            left = await self._call(mig.source, how, rid, *args)
+        except Exception as exc:  # finished meanwhile, preempted, started, the source is gone or slow
+            if mig.source in self.decode:  # it may have left: back in (a no-op if not; and if this
+                self.decode[mig.source].resume_export.remote(rid)  # runs first, the source resumes
+                # it by itself after its hold timeout)
             raise self._give_up(rec, mig, f"it could not leave {mig.source}: {exc}") from None
-        if self._ended(rec, mig):  # aborted while exporting: nothing to move
+        if self._ended(rec, mig):  # aborted while leaving: nothing to move
             self.free_everywhere(rec)
             raise MigrationError(f"request {rid!r} ended while leaving {mig.source}")
+        state = left[0] if how == "export" else left
         mig.phase, mig.pause = "final", time.time()
         mig.index = len(state.token_ids) - state.num_prompt_tokens
         rec.owners = (rec.owners or [(mig.source, 0)]) + [(mig.dest, mig.index)]
         rec.decode_instance = mig.dest
-        self.dispatch.reserve_decode(mig.dest, rid, handle.num_tokens + 1)
+        return left
+
+    async def _hand_to(self, rec: RequestRecord, mig: Migration, method: str, *args) -> None:
+        """The destination takes the paused request; a refusal resumes it at the source, a lost
+        reply is resolved before it does."""
         try:
-            await self._call(mig.dest, "admit_migration", state, handle)
+            await self._call(mig.dest, method, *args)
         except ValueError as exc:  # no room there (or its stages were dropped): nothing taken
             self.resume(rec, f"{mig.dest} refused it: {exc}")
         except Exception as exc:
@@ -182,7 +223,7 @@ class MigrationDesk:
 
     def _end(self, mig: Migration) -> None:
         for instance_id in (mig.source, mig.dest):
-            left = self.in_flight.get(instance_id, 0) - mig.num_blocks
+            left = self.in_flight.get(instance_id, 0) - mig.budget_blocks
             if left > 0:
                 self.in_flight[instance_id] = left
             else:
@@ -200,11 +241,13 @@ class MigrationDesk:
         rec.migration = None
         self._end(mig)
         self.totals["committed"] += 1
+        self.dispatch.admitted(mig.source, rec.request_id)  # a re-dispatched one's estimate there
         if mig.source in self.decode:
             self.decode[mig.source].release_export.remote(rec.request_id)
         now = time.time()
         joined = max(mig.pause, joined or now)
-        rec.migrations.append({"from": mig.source, "to": mig.dest, "start": mig.start, "pause": mig.pause,
+        rec.migrations.append({"from": mig.source, "to": mig.dest, "kind": mig.kind, "start": mig.start,
+                               "pause": mig.pause,
                                "joined": joined, "commit": now, "downtime_s": joined - mig.pause,
                                "stages": mig.stages,
                                "blocks": mig.num_blocks, "precopied_blocks": mig.copied_blocks})

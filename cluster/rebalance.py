@@ -1,10 +1,13 @@
 """The rebalancing policy (pure, no Ray): which decoding requests to move between decode instances.
 
 Load follows Llumnix's *freeness*: an instance's free KV blocks, minus the blocks its queued
-admissions will take, per running request: how many more blocks each of its requests can grow
-by before it must preempt. A pass pairs the least free instance with the freest and moves the
-source's shortest-running requests (the fewest tokens to copy, the most tokens still to come)
-until the pair is balanced. Triggers: a gap in freeness over ``imbalance_threshold``, any
+admissions will take (and, with a growth horizon, the blocks its running requests will grow into
+over it), per running request: how many more blocks each of its requests can grow by before it
+must preempt. A pass pairs the least free instance with the freest and moves the source's
+requests that wait for their prefill (re-dispatched: nothing to copy), then its shortest-running
+ones (the fewest tokens to copy, the most tokens still to come) until the pair is balanced; a
+running request moves by KV copy, or by recompute when its context is at most
+``recompute_max_tokens``. A move goes only where the request and its growth fit. Triggers: a gap in freeness over ``imbalance_threshold``, any
 preemption on the source since the last pass, and a drain (every request leaves). A move that
 would leave the destination less free than the source is never made: it would only swap the
 imbalance and be moved back next pass.
@@ -18,11 +21,14 @@ from tandem.cluster.spec_types import MigrationSpec
 
 @dataclass(frozen=True)
 class Running:
-    """A request decoding on an instance, as the rebalancer weighs it."""
+    """A request on an instance that may move, as the rebalancer weighs it."""
 
     request_id: str
-    num_blocks: int  # KV blocks it holds (what a migration copies)
+    num_blocks: int  # KV blocks it holds (what a migration copies); waiting: blocks it will take
     num_output_tokens: int  # how long it has been running
+    num_tokens: int = 0  # its context, prompt and output (what a recompute prefills)
+    growth_blocks: int = 0  # blocks it will grow by within the growth horizon
+    waiting: bool = False  # waits for its prefill: holds no KV, counted in the demand
 
 
 @dataclass(frozen=True)
@@ -30,24 +36,45 @@ class InstanceLoad:
     instance_id: str
     free_blocks: int
     demand_blocks: int = 0  # blocks its queued admissions and incoming migrations will take
-    running: tuple[Running, ...] = ()  # requests that may move (decoding, not migrating)
+    running: tuple[Running, ...] = ()  # requests that may move (decoding or waiting, not migrating)
     num_running: int = 0  # every request on it, movable or not (at least len(running))
     preempted: int = 0  # preemptions since the last pass
     draining: bool = False
+    growth_blocks: int = -1  # blocks all its requests will grow by (-1: those of ``running``)
+
+    def __post_init__(self) -> None:
+        if self.growth_blocks < 0:
+            object.__setattr__(self, "growth_blocks", sum(r.growth_blocks for r in self.running))
+
+    @property
+    def room(self) -> int:
+        """Free blocks after queued demand and growth."""
+        return self.free_blocks - self.demand_blocks - self.growth_blocks
 
     @property
     def freeness(self) -> float:
-        """Free blocks per running request, after queued demand (Llumnix); may be negative."""
-        return (self.free_blocks - self.demand_blocks) / max(1, self.num_running, len(self.running))
+        """Free blocks per request, after queued demand and growth (Llumnix); may be negative."""
+        return self.room / max(1, self.num_running, len(self.running))
 
     def without(self, req: Running) -> InstanceLoad:
-        return replace(self, free_blocks=self.free_blocks + req.num_blocks,
+        held, demand = (0, req.num_blocks) if req.waiting else (req.num_blocks, 0)
+        return replace(self, free_blocks=self.free_blocks + held, demand_blocks=self.demand_blocks - demand,
+                       growth_blocks=self.growth_blocks - req.growth_blocks,
                        running=tuple(r for r in self.running if r is not req),
                        num_running=max(0, max(self.num_running, len(self.running)) - 1))
 
     def with_(self, req: Running) -> InstanceLoad:
-        return replace(self, free_blocks=self.free_blocks - req.num_blocks,
+        held, demand = (0, req.num_blocks) if req.waiting else (req.num_blocks, 0)
+        return replace(self, free_blocks=self.free_blocks - held, demand_blocks=self.demand_blocks + demand,
+                       growth_blocks=self.growth_blocks + req.growth_blocks,
                        num_running=max(self.num_running, len(self.running)) + 1)
+
+    def fits(self, req: Running) -> bool:
+        """Whether ``req`` and its growth fit in what is left here."""
+        return self.room >= req.num_blocks + req.growth_blocks
+
+
+KINDS = ("copy", "recompute", "redispatch")  # how a request moves: its KV copied, rebuilt, or none yet
 
 
 @dataclass(frozen=True)
@@ -57,6 +84,18 @@ class Move:
     dest: str
     num_blocks: int
     why: str  # "drain", "imbalance" or "preemption"
+    kind: str = "copy"
+
+    @property
+    def copied_blocks(self) -> int:
+        """Blocks the move sends between the instances (what the budget bounds)."""
+        return self.num_blocks if self.kind == "copy" else 0
+
+
+def move_kind(req: Running, policy: MigrationSpec) -> str:
+    if req.waiting:
+        return "redispatch"
+    return "recompute" if req.num_tokens and req.num_tokens <= policy.recompute_max_tokens else "copy"
 
 
 @dataclass
@@ -67,11 +106,11 @@ class Budget:
     used: dict[str, int] = field(default_factory=dict)
 
     def allows(self, move: Move) -> bool:
-        return all(self.used.get(i, 0) + move.num_blocks <= self.limit for i in (move.source, move.dest))
+        return all(self.used.get(i, 0) + move.copied_blocks <= self.limit for i in (move.source, move.dest))
 
     def take(self, move: Move) -> None:
         for i in (move.source, move.dest):
-            self.used[i] = self.used.get(i, 0) + move.num_blocks
+            self.used[i] = self.used.get(i, 0) + move.copied_blocks
 
 
 def plan_moves(loads: list[InstanceLoad], policy: MigrationSpec, budget: Budget) -> list[Move]:
@@ -81,7 +120,7 @@ def plan_moves(loads: list[InstanceLoad], policy: MigrationSpec, budget: Budget)
     moves: list[Move] = []
     for load in loads:
         if load.draining:
-            _drain(load.instance_id, by_id, budget, moves)
+            _drain(load.instance_id, by_id, policy, budget, moves)
     if policy.enabled:
         _relieve(by_id, policy, budget, moves)
     return moves[:policy.max_moves_per_pass] if policy.enabled else moves
@@ -91,8 +130,10 @@ def _destinations(by_id: dict[str, InstanceLoad], source: str) -> list[InstanceL
     return [load for i, load in by_id.items() if i != source and not load.draining]
 
 
-def _drain(source: str, by_id: dict[str, InstanceLoad], budget: Budget, moves: list[Move]) -> None:
-    """Every movable request on ``source`` to the freest open instance at the time."""
+def _drain(source: str, by_id: dict[str, InstanceLoad], policy: MigrationSpec, budget: Budget,
+           moves: list[Move]) -> None:
+    """Every movable request on ``source`` to the freest open instance at the time (it must fit
+    there now; its growth may not: a drain cannot wait for room to grow)."""
     for req in _shortest_first(by_id[source].running):
         dests = _destinations(by_id, source)
         if not dests:
@@ -100,8 +141,8 @@ def _drain(source: str, by_id: dict[str, InstanceLoad], budget: Budget, moves: l
         dest = max(dests, key=lambda d: (d.freeness, d.instance_id))
         if dest.free_blocks - dest.demand_blocks < req.num_blocks:
             continue  # does not fit anywhere now: a later pass tries again
-        _take(Move(req.request_id, source, dest.instance_id, req.num_blocks, "drain"), req, by_id,
-              budget, moves)
+        _take(Move(req.request_id, source, dest.instance_id, req.num_blocks, "drain", move_kind(req, policy)),
+              req, by_id, budget, moves)
 
 
 def _relieve(by_id: dict[str, InstanceLoad], policy: MigrationSpec, budget: Budget,
@@ -140,10 +181,11 @@ def _move_from(source: InstanceLoad, dest: InstanceLoad, why: str, policy: Migra
         src_after, dest_after = source.without(req), dest.with_(req)
         if dest_after.freeness < src_after.freeness:
             continue  # would swap the imbalance: it would only be moved back
-        if dest.free_blocks - dest.demand_blocks < req.num_blocks:
+        if not dest.fits(req):
             continue
-        if _take(Move(req.request_id, source.instance_id, dest.instance_id, req.num_blocks, why), req,
-                 by_id, budget, moves):
+        move = Move(req.request_id, source.instance_id, dest.instance_id, req.num_blocks, why,
+                    move_kind(req, policy))
+        if _take(move, req, by_id, budget, moves):
             return True
     return False
 
@@ -161,4 +203,5 @@ def _take(move: Move, req: Running, by_id: dict[str, InstanceLoad], budget: Budg
 
 
 def _shortest_first(running: tuple[Running, ...]) -> list[Running]:
-    return sorted(running, key=lambda r: (r.num_output_tokens, r.num_blocks, r.request_id))
+    """Waiting requests first (nothing to copy), then the shortest-running."""
+    return sorted(running, key=lambda r: (not r.waiting, r.num_output_tokens, r.num_blocks, r.request_id))

@@ -37,17 +37,36 @@ class Rebalancer:
             if not rec.done and rec.migration is not None and rec.migration.phase == "precopy":
                 dest = rec.migration.dest
                 incoming[dest] = incoming.get(dest, 0) + rec.migration.num_blocks
-        size = self.dispatch.block_size
         loads = []
         for iid, recs in on.items():
-            movable = tuple(Running(r.request_id, blocks_needed(len(r.prompt_ids) + len(r.token_ids), size),
-                                    len(r.token_ids))
-                            for r in recs if r.stage == "decode" and r.migration is None and r.token_ids)
+            movable = tuple(self._weigh(r) for r in recs if r.stage == "decode" and r.migration is None)
             preempted = self.preemptions.get(iid, 0) - self._seen.get(iid, 0)
             demand = self.dispatch.reserved_total.get(iid, 0) + incoming.get(iid, 0)
+            growth = sum(self._growth(r) for r in recs if r.token_ids)
             loads.append(InstanceLoad(iid, self.dispatch.free.get(iid, 0), demand, movable, len(recs),
-                                      max(0, preempted), iid in self.dispatch.draining))
+                                      max(0, preempted), iid in self.dispatch.draining, growth))
         return loads
+
+    def _weigh(self, rec: RequestRecord) -> Running:
+        """A request as the policy sees it; one with no token yet waits for its prefill (colocated
+        mode: it may have started meanwhile, and then it refuses to leave)."""
+        context = len(rec.prompt_ids) + len(rec.token_ids)
+        if not rec.token_ids:
+            return Running(rec.request_id, blocks_needed(context + 1, self.dispatch.block_size), 0,
+                           context, waiting=True)
+        return Running(rec.request_id, blocks_needed(context, self.dispatch.block_size), len(rec.token_ids),
+                       context, self._growth(rec))
+
+    def _growth(self, rec: RequestRecord) -> int:
+        """Blocks a running request will grow by over the next ``growth_horizon_tokens`` tokens
+        (fewer if its ``max_tokens`` ends it sooner)."""
+        horizon = self.desk.policy.growth_horizon_tokens
+        if not horizon:
+            return 0
+        context = len(rec.prompt_ids) + len(rec.token_ids)
+        left = max(0, rec.params.max_tokens - len(rec.token_ids))
+        size = self.dispatch.block_size
+        return blocks_needed(context + min(horizon, left), size) - blocks_needed(context, size)
 
     def pass_once(self) -> list[Move]:
         """Plan one pass and start its migrations (each runs on as its own task)."""
@@ -63,7 +82,7 @@ class Rebalancer:
 
     async def _migrate(self, rec: RequestRecord, move: Move) -> None:
         try:
-            await self.desk.start(rec, move.dest)
+            await self.desk.start(rec, move.dest, move.kind)
         except MigrationError as exc:
             log.debug("rebalancing move %s (%s) not made: %s", move.request_id, move.why, exc)
 

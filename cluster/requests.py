@@ -27,12 +27,19 @@ class Migration:
     source: str
     dest: str
     start: float
-    num_blocks: int  # blocks it holds at the start: what the budget counts
+    num_blocks: int  # blocks it holds at the start
+    kind: str = "copy"  # "copy" (its KV), "recompute" (the destination prefills it again) or
+    # "redispatch" (it had not started)
     phase: str = "precopy"  # precopy -> final (paused on the source) or resolving (reply lost)
     index: int = -1  # the first token index the destination produces (known at the final stage)
     stages: int = 0  # pre-copy stages done
     copied_blocks: int = 0  # blocks copied while the request kept decoding
     pause: float = 0.0  # when the source stopped it (the final stage began)
+
+    @property
+    def budget_blocks(self) -> int:
+        """Blocks in flight between the two instances (what the budget counts)."""
+        return self.num_blocks if self.kind == "copy" else 0
 
 
 @dataclass(eq=False)
@@ -64,14 +71,16 @@ class RequestRecord:
     migration: Migration | None = None
     migrations: list[dict] = field(default_factory=list)  # finished ones: from, to, times
     transfer_bytes: int = 0  # KV moved from the prefill instance to the decode instance
+    recoveries: int = 0  # times it went on elsewhere after its instance was lost (recompute_lost)
 
     @property
     def done(self) -> bool:
         return self.finish_reason is not None
 
     def owned_by(self, instance_id: str, index: int) -> bool:
-        """Whether ``instance_id`` owned the request when it produced token ``index``."""
-        owner = None
+        """Whether ``instance_id`` owned the request when it produced token ``index`` (its decode
+        instance, until a migration or recovery records owners by index)."""
+        owner = self.decode_instance
         for candidate, first in self.owners:
             if first <= index:
                 owner = candidate
@@ -143,6 +152,8 @@ class RequestRecord:
             m["transfer_bytes"] = float(self.transfer_bytes)
         m["num_prompt_tokens"] = float(len(self.prompt_ids))
         m["num_migrations"] = float(len(self.migrations))
+        if self.recoveries:
+            m["num_recoveries"] = float(self.recoveries)
         m["num_output_tokens"] = float(len(self.token_ids))
         return m
 

@@ -25,6 +25,7 @@ from tandem.cluster.launcher_config import NAMESPACE, LaunchConfig, instance_nam
 from tandem.cluster.mailbox import Mailboxes
 from tandem.cluster.migration import MigrationDesk
 from tandem.cluster.rebalancer import Rebalancer
+from tandem.cluster.recovery import Unrecoverable, lost_state
 from tandem.cluster.requests import RequestBook, RequestRecord
 from tandem.cluster.roster import CALL_TIMEOUT_S, Roster
 from tandem.engine.config import load_config
@@ -121,7 +122,8 @@ class Router:
         self.roster.step_failed(instance_id, failure)
 
     def _fail_requests_on(self, role: str, iid: str, what_happened: str) -> None:
-        """An instance left service: its requests fail with the cause."""
+        """An instance left service: its requests fail with the cause, or with
+        ``router.recompute_lost`` go on elsewhere, recomputed."""
         reason = f"{role} instance {iid} {what_happened}"
         for rec in list(self.book.live.values()):
             on_it = rec.prefill_instance == iid if role == "prefill" else rec.decode_instance == iid
@@ -130,8 +132,49 @@ class Router:
             if on_it and not rec.done and (role == "decode" or rec.stage == "prefill"):
                 if role == "decode" and self.migrations.resume(rec, reason):
                     continue  # it was migrating to the lost instance: it goes on at its source
-                rec.finish("error", reason)
+                why = self._go_on_elsewhere(rec, iid, reason) if self.config.recompute_lost else ""
+                if why is None:
+                    continue
+                rec.finish("error", f"{reason}; {why}" if why else reason)
                 self._free_everywhere(rec)
+
+    def _go_on_elsewhere(self, rec: RequestRecord, lost: str, reason: str) -> str | None:
+        """Send a request a lost instance held elsewhere (None), or say why it cannot go on.
+        One with no token yet is dispatched anew; one with output is rebuilt from the router's
+        record and recomputed on another decode instance."""
+        self.dispatch.forget(rec)
+        if not rec.token_ids:
+            rec.prefill_instance = rec.decode_instance = None
+            rec.stage, rec.owners = "prefill", []  # whichever instance takes it owns it
+            rec.recoveries += 1
+            asyncio.ensure_future(self._redispatch_lost(rec, reason))
+            return None
+        try:
+            state = lost_state(rec, self.tokenizer)
+            target = self.dispatch.pick_decode(rec.request_id, len(state.token_ids) + 1)
+        except (Unrecoverable, RuntimeError) as exc:
+            return str(exc)
+        rec.recoveries += 1
+        if rec.stage == "transfer" and rec.prefill_instance in self.prefill:
+            self.prefill[rec.prefill_instance].ack.remote([rec.request_id])  # its KV is not needed now
+        rec.owners = (rec.owners or [(lost, 0)]) + [(target, len(rec.token_ids))]
+        rec.decode_instance, rec.stage = target, "decode"
+        asyncio.ensure_future(self._recompute_lost(rec, target, state, reason))
+        return None
+
+    async def _redispatch_lost(self, rec: RequestRecord, reason: str) -> None:
+        try:
+            await self._dispatch_new(rec)
+        except Exception as exc:
+            rec.finish("error", f"{reason}; sending it elsewhere failed: {remote_cause(exc)}")
+            self._free_everywhere(rec)
+
+    async def _recompute_lost(self, rec: RequestRecord, target: str, state, reason: str) -> None:
+        try:
+            await asyncio.wait_for(self.decode[target].recompute.remote(state), CALL_TIMEOUT_S)
+        except Exception as exc:
+            rec.finish("error", f"{reason}; recomputing it on {target} failed: {remote_cause(exc)}")
+            self._free_everywhere(rec)
 
     # -- client side ----------------------------------------------------------------------------
 
@@ -311,14 +354,16 @@ class Router:
     def _on_instance(self, instance_id: str) -> list[RequestRecord]:
         return [rec for rec in self.book.live.values() if not rec.done and rec.decode_instance == instance_id]
 
-    async def migrate(self, request_id: str, to: str | None = None) -> str:
-        """Move a decoding request, live, to decode instance ``to`` (default: the one with the
-        most free blocks); returns the destination. MigrationError (the request goes on where it
-        was) if it is not decoding, already migrating, or cannot leave its instance."""
+    async def migrate(self, request_id: str, to: str | None = None, kind: str | None = None) -> str:
+        """Move a request, live, to decode instance ``to`` (default: the one with the most free
+        blocks); returns the destination. ``kind``: "copy" its KV or "recompute" it there (default:
+        by ``migration.recompute_max_tokens``); a request not prefilled yet is re-dispatched.
+        MigrationError (the request goes on where it was) if it is not on a decode instance,
+        already migrating, or cannot leave its instance."""
         rec = self.book.get(request_id)
         if rec is None:
             raise KeyError(f"unknown request id {request_id!r} (not in flight)")
-        return await self.migrations.start(rec, to)
+        return await self.migrations.start(rec, to, kind)
 
     def _free_everywhere(self, rec: RequestRecord) -> None:
         self.dispatch.forget(rec)
@@ -337,8 +382,8 @@ class Router:
             rid = r.delta.request_id
             rec = self.book.get(rid)
             self.dispatch.prefill_done(instance_id, rid)
-            if rec is None or rec.done:
-                if r.handle is not None and instance_id in self.prefill:
+            if rec is None or rec.done or rec.prefill_instance != instance_id:  # ended, or sent
+                if r.handle is not None and instance_id in self.prefill:  # elsewhere meanwhile
                     self.prefill[instance_id].ack.remote([rid])
                 continue
             rec.events.update(prefill_start=r.prefill_start, prefill_end=r.prefill_end)
@@ -377,7 +422,7 @@ class Router:
             self.dispatch.admitted(instance_id, rid)
             if rec is not None and self.migrations.committed(rec, instance_id, joined):
                 continue
-            if rec is not None and rec.prefill_instance:
+            if rec is not None and rec.prefill_instance and "transfer_end" not in rec.events:
                 rec.events["transfer_end"] = joined
                 rec.stage = "decode" if not rec.done else rec.stage
                 acks.setdefault(rec.prefill_instance, []).append(rid)
@@ -399,6 +444,8 @@ class Router:
                 continue
             if rec.owned_by(instance_id, delta.index):  # else a stale owner's: never counted twice
                 rec.add_delta(delta, now)
+                if rec.prefill_instance is None:  # colocated: prefilled here, its blocks now
+                    self.dispatch.admitted(instance_id, rec.request_id)  # count in the free ones
             elif instance_id != rec.decode_instance and not delta.finished:
                 stale = self.roster.handle(instance_id)  # it should not run there: stop it
                 if stale is not None:
@@ -426,6 +473,7 @@ class Router:
                            "rebalancing": self.config.migration.enabled,
                            "moves_planned": self.rebalancer.moves_started},
             "router": {"mailboxes": len(self.mailboxes), "polls": self.polls,
+                       "dispatch_estimates": self.dispatch.num_estimates(),
                        "max_requests": self.config.max_requests, "restarted": self.book.restarted,
                        **process_memory()},
         }

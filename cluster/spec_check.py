@@ -76,7 +76,8 @@ def _check_migration(spec: ClusterSpec) -> None:
     _at_least(m.imbalance_threshold, 0, "migration.imbalance_threshold")
     for name in ("max_moves_per_pass", "max_blocks_in_flight", "max_bytes_in_flight", "min_stage_blocks"):
         _at_least(getattr(m, name), 1, f"migration.{name}")
-    _at_least(m.max_stages, 0, "migration.max_stages")
+    for name in ("max_stages", "recompute_max_tokens", "growth_horizon_tokens"):
+        _at_least(getattr(m, name), 0, f"migration.{name}")
 
 
 def _at_least(value: float, low: float, where: str, *, strict: bool = False) -> None:

@@ -103,6 +103,9 @@ class RouterSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     result_ttl_s: float = 60.0  # a finished request nobody reads is dropped after this long
     max_requests: int = 20_000  # requests in flight beyond which submit fails as overloaded
     health_timeout_s: float = 10.0  # an instance silent this long leaves service until it answers
+    # Requests an instance held when it left service go on elsewhere, recomputed (greedy and
+    # unseeded ones; a seeded one fails: its sampling stream was lost with the instance).
+    recompute_lost: bool = False
 
 
 class MigrationSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -111,7 +114,12 @@ class MigrationSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     use the same budget and stages. ``imbalance_threshold`` is a gap in freeness (free blocks per
     running request) between two instances. A migration copies the request's KV in up to
     ``max_stages`` pre-copy stages while it keeps decoding, stopping early when fewer than
-    ``min_stage_blocks`` new blocks are left, then pauses it to copy the rest."""
+    ``min_stage_blocks`` new blocks are left, then pauses it to copy the rest. A request whose
+    context is at most ``recompute_max_tokens`` moves by recompute instead (no copy: the
+    destination prefills it again; 0: never). Requests still waiting for their prefill (colocated
+    mode) are simply re-dispatched. ``growth_horizon_tokens``: freeness also counts the blocks each
+    running request will grow into over this many more tokens (at most to its ``max_tokens``;
+    0: only what it holds, as Llumnix)."""
 
     enabled: bool = False
     interval_s: float = 0.5  # how often the rebalancer looks
@@ -121,6 +129,8 @@ class MigrationSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     max_bytes_in_flight: int = 1 << 30  # per instance, the same blocks counted in bytes
     max_stages: int = 3
     min_stage_blocks: int = 2
+    recompute_max_tokens: int = 0
+    growth_horizon_tokens: int = 256
 
 
 class SloSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

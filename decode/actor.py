@@ -77,6 +77,20 @@ class DecodeActor:
         ``release_export`` (committed elsewhere) or ``resume_export``."""
         return await on_loop(self.loop.call(lambda: self.instance.export(request_id, first_block)))
 
+    async def withdraw(self, request_id: str) -> RequestState:
+        """Re-dispatch, source side: a request still waiting for its prefill leaves with its
+        state, held like an export (ValueError if it has started)."""
+        return await on_loop(self.loop.call(lambda: self.instance.withdraw(request_id)))
+
+    async def detach(self, request_id: str) -> RequestState:
+        """Migration by recompute, source side: the request leaves the batch with its state; its
+        blocks are held until ``release_export`` or ``resume_export``."""
+        return await on_loop(self.loop.call(lambda: self.instance.detach(request_id)))
+
+    async def recompute(self, state: RequestState) -> None:
+        """A request moved here without its KV: queued for a prefill over its tokens so far."""
+        await on_loop(self.loop.call(lambda: self.instance.recompute(state)))
+
     async def release_export(self, request_id: str) -> bool:
         return await on_loop(self.loop.call(lambda: self.instance.release_export(request_id)))
 

@@ -220,6 +220,18 @@ class DecodeInstance:
         self.stages_out.release(request_id)
         return self.outgoing.export(request_id, first_block)
 
+    def withdraw(self, request_id: str) -> RequestState:
+        """Re-dispatch, source side: a request still waiting for its prefill here (queued in
+        colocated mode, or preempted) leaves with its state, held until ``release_export`` or
+        ``resume_export`` (back in the queue here); ValueError if it is not waiting."""
+        return self.outgoing.withdraw(request_id)
+
+    def detach(self, request_id: str) -> RequestState:
+        """Migration by recompute, source side: the running request leaves the batch at a step
+        boundary with its state; its blocks are held as an export's (nothing is published)."""
+        self.stages_out.release(request_id)
+        return self.outgoing.detach(request_id)
+
     # -- migration: this instance as the destination ---------------------------------------------
 
     def receive_stage(self, request_id: str, handle: KVHandle) -> Future:
@@ -228,6 +240,13 @@ class DecodeInstance:
         if handle.transport not in self.transports:
             raise ValueError(f"no {handle.transport!r} transport on this instance")
         return self.stages_in.receive(request_id, handle, self.transports[handle.transport])
+
+    def recompute(self, state: RequestState) -> None:
+        """A request moved here without its KV (re-dispatched, or migrating by recompute): it
+        waits for a prefill here and is reported as admitted by the next step report (the
+        router then frees it on its source). ValueError if it cannot be taken."""
+        self.engine.recompute(state)
+        self._joined.append(state.request_id)
 
     def release_export(self, request_id: str) -> bool:
         """The destination committed the request: free its blocks here."""

@@ -307,6 +307,31 @@ class Engine:
             raise ValueError(f"request {request_id!r} is not exported from here")
         self.scheduler.add_running(seq)
 
+    def withdraw(self, request_id: str) -> RequestState:
+        """A request waiting for its prefill here (new, or preempted and to be recomputed) leaves
+        this engine with its state; it holds no blocks. ValueError if it is not waiting."""
+        seq = self.scheduler.find(request_id)
+        if seq is None or seq.status is not Status.WAITING:
+            raise ValueError(f"request {request_id!r} is not waiting here: only a request that "
+                             "has no KV yet is withdrawn")
+        self.scheduler.detach(seq)
+        return state_of(seq)
+
+    def recompute(self, state: RequestState) -> None:
+        """A request arriving without its KV waits for a prefill over its prompt and output so
+        far, then decodes on (its sampling stream continues); one that has output goes first, as
+        a preempted request does. ValueError if its id is in use or it can never fit here."""
+        self._check_unused(state.request_id)
+        try:
+            self.validate(state.token_ids[:state.num_prompt_tokens], state.params)
+        except ValueError as exc:
+            raise ValueError(f"request {state.request_id!r}: {exc}") from None
+        seq = sequence_from(state)
+        if seq.num_output_tokens:
+            self.scheduler.add_first(seq)
+        else:
+            self.scheduler.add(seq)
+
     def reserve(self, request_id: str, num_tokens: int) -> list[int] | None:
         """Blocks for an incoming request's ``num_tokens`` of KV, or None (nothing held) if they
         are not free now."""

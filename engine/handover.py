@@ -11,6 +11,9 @@ migrate running requests between them:
     admit(state)                      destination: the caller filled the reserved blocks; join the batch
     release(request_id)               either side: free an export's or a reservation's blocks
     resume(request_id)                source: an export that went nowhere rejoins the batch here
+    withdraw(request_id) -> state     source: a request still waiting for its prefill leaves
+    recompute(state)                  destination: a request without KV waits for a prefill over
+                                      its prompt and output so far (moving costs compute, no copy)
 
 plus ``Engine.kv_cache``, the tensor a transport reads the exported blocks from and writes the
 reserved ones into. ``RequestState`` is everything but the KV that a request needs to continue
@@ -99,4 +102,6 @@ class HandoverEngine(Protocol):
     def admit(self, state: RequestState) -> None: ...
     def release(self, request_id: str) -> None: ...
     def resume(self, request_id: str) -> None: ...
+    def withdraw(self, request_id: str) -> RequestState: ...
+    def recompute(self, state: RequestState) -> None: ...
 

@@ -86,6 +86,11 @@ class Scheduler:
         seq.status = Status.WAITING
         self.waiting.append(seq)
 
+    def add_first(self, seq: Sequence) -> None:
+        """Queue a request ahead of the waiting ones (it was running elsewhere)."""
+        seq.status = Status.WAITING
+        self.waiting.appendleft(seq)
+
     def add_running(self, seq: Sequence) -> None:
         """Admit a request whose KV (all but its newest token) already sits in its blocks."""
         if seq.request_id not in self.blocks.tables:

@@ -56,3 +56,14 @@ def detokenize_step(tokenizer: Tokenizer, token_ids: list[int], state: Detokeniz
         state.read_offset = len(token_ids)
         return full[len(prefix):]
     return ""
+
+
+def replay_detokenizer(tokenizer: Tokenizer | None, token_ids: list[int],
+                       num_prompt_tokens: int) -> DetokenizerState:
+    """The detokenizer's state after emitting every output token of ``token_ids`` one by one, as
+    the engine did: what a request rebuilt from its tokens alone continues from."""
+    state = DetokenizerState.after_prompt(num_prompt_tokens)
+    if tokenizer is not None:
+        for end in range(num_prompt_tokens + 1, len(token_ids) + 1):
+            detokenize_step(tokenizer, token_ids[:end], state)
+    return state

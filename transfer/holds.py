@@ -15,9 +15,13 @@ from tandem.transfer.protocol import KVHandle, RequestState
 
 
 class ExportHolds:
+    """Also holds requests that leave without their KV (``withdraw``, ``detach``): nothing is
+    published, and ``resume`` puts a withdrawn one back in the waiting queue here."""
+
     def __init__(self, engine: HandoverEngine, transport: Transport, hold_timeout_s: float) -> None:
         self.engine, self.transport, self.hold_timeout_s = engine, transport, hold_timeout_s
-        self._held: dict[str, tuple[KVHandle, float]] = {}  # request id -> (handle, deadline)
+        self._held: dict[str, tuple[KVHandle | None, float]] = {}  # request id -> (handle, deadline)
+        self._withdrawn: dict[str, RequestState] = {}  # held requests that had no KV here
 
     def __len__(self) -> int:
         return len(self._held)
@@ -39,21 +43,44 @@ class ExportHolds:
         self._held[request_id] = (handle, time.monotonic() + self.hold_timeout_s)
         return export.state, handle
 
+    def detach(self, request_id: str) -> RequestState:
+        """Take a running request off the schedule, keeping its blocks, publishing nothing (it
+        moves by recompute); ValueError if it is not running here."""
+        export = self.engine.export(request_id)
+        self._held[request_id] = (None, time.monotonic() + self.hold_timeout_s)
+        return export.state
+
+    def withdraw(self, request_id: str) -> RequestState:
+        """Take a request that waits for its prefill off the schedule (it holds no KV);
+        ValueError if it is not waiting here."""
+        state = self.engine.withdraw(request_id)
+        self._held[request_id] = (None, time.monotonic() + self.hold_timeout_s)
+        self._withdrawn[request_id] = state
+        return state
+
     def release(self, request_id: str) -> bool:
-        """The destination has the KV (or gave up for good): free the blocks here."""
-        return self._let_go(request_id, self.engine.release)
+        """The destination has the request (or gave up for good): free what is held here."""
+        return self._let_go(request_id, resume=False)
 
     def resume(self, request_id: str) -> bool:
-        """The hand-over failed before the destination took the request: it runs on here."""
-        return self._let_go(request_id, self.engine.resume)
+        """The hand-over failed before the destination took the request: it goes on here."""
+        return self._let_go(request_id, resume=True)
 
-    def _let_go(self, request_id: str, then) -> bool:
-        """Unpublish an export, then ``then(request_id)`` on the engine; False if not held."""
+    def _let_go(self, request_id: str, resume: bool) -> bool:
+        """Unpublish an export, then free or resume it on the engine; False if not held."""
         entry = self._held.pop(request_id, None)
         if entry is None:
             return False
-        self.transport.release(entry[0])
-        then(request_id)
+        if entry[0] is not None:
+            self.transport.release(entry[0])
+        state = self._withdrawn.pop(request_id, None)
+        if state is not None:
+            if resume:
+                self.engine.recompute(state)
+        elif resume:
+            self.engine.resume(request_id)
+        else:
+            self.engine.release(request_id)
         return True
 
     def reclaim_expired(self, resume: bool = False) -> list[str]:

@@ -36,7 +36,7 @@ def wait_until(predicate, timeout_s: float = 30.0, interval_s: float = 0.05):
 def all_blocks_free(cluster) -> bool:
     stats = cluster.stats()["instances"]
     return all(s.get("free_blocks") == s.get("num_blocks") and not s.get("held")
-               and not s.get("pending_admissions") for s in stats.values())
+               and not s.get("pending_admissions") and not s.get("migrating_out") for s in stats.values())
 
 
 def assert_all_blocks_free(cluster, timeout_s: float = 30.0) -> None:

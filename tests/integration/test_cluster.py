@@ -19,7 +19,7 @@ def _engine(num_blocks: int, **scheduler) -> EngineConfig:
 
 
 def _launch(name, model_dir, *, mode="disaggregated", prefill=2, decode=2, prefill_blocks=64,
-            decode_blocks=64, transfer_backend="ray", **scheduler):
+            decode_blocks=64, transfer_backend="ray", recompute_lost=False, **scheduler):
     from tandem.cluster.launcher import Cluster
     from tandem.cluster.launcher_config import InstanceGroup, LaunchConfig
 
@@ -28,7 +28,7 @@ def _launch(name, model_dir, *, mode="disaggregated", prefill=2, decode=2, prefi
     config = LaunchConfig(
         name=name, model_dir=str(model_dir), mode=mode,
         prefill=group(prefill, prefill_blocks) if mode == "disaggregated" else None,
-        decode=group(decode, decode_blocks), transfer_backend=transfer_backend)
+        decode=group(decode, decode_blocks), transfer_backend=transfer_backend, recompute_lost=recompute_lost)
     return Cluster.launch(config, timeout_s=120)
 
 
@@ -104,6 +104,44 @@ def test_outputs_are_identical_under_each_backend(ray_cluster, tiny_llama_dir, b
     finally:
         cluster.shutdown()
     assert not pools & node_pools(ray_cluster)  # unlinked when the instances shut down
+
+
+def test_colocated_requests_move_queued_by_redispatch_and_running_by_recompute(colocated, workload,
+                                                                              reference, tiny_llama_dir):
+    """Llumnix's colocated moves: requests queued on a stalled instance are re-dispatched (they
+    have no KV yet), a running one moves by recompute; outputs stay the in-process engine's
+    (greedy and seeded sampling), and the router's estimates end empty (nothing leaks there)."""
+    import ray
+
+    client = colocated.client(timeout_s=120)
+    a, b = "coloc-decode-0", "coloc-decode-1"
+    describe = lambda rid: ray.get(client.router.describe.remote(rid), timeout=30)  # noqa: E731
+    prompts, params = workload
+    ray.get(colocated.actors[a].pause.remote(True), timeout=30)
+    try:
+        rids = [client.submit(p, sp) for p, sp in zip(prompts[:6], params[:6])]
+        queued = [rid for rid in rids if describe(rid)["decode_instance"] == a]
+        assert queued  # dispatch spreads them over both instances
+        assert all(client.migrate(rid, b) == b for rid in queued)
+    finally:
+        ray.get(colocated.actors[a].pause.remote(False), timeout=30)
+    long = SamplingParams(max_tokens=400, temperature=0.8, top_k=20, seed=3, ignore_eos=True)
+    expected = LLM(tiny_llama_dir, dtype="float32").generate([prompts[6]], long)[0].token_ids
+    running = client.submit(prompts[6], long)
+    here = wait_until(lambda: (d := describe(running))["num_tokens"] >= 3 and d["decode_instance"])
+    ray.get(colocated.actors[here].pause.remote(True), timeout=30)  # mid-stream until it has left
+    try:
+        there = b if here == a else a
+        assert client.migrate(running, there, kind="recompute") == there
+    finally:
+        ray.get(colocated.actors[here].pause.remote(False), timeout=30)
+    kinds = {rid: [m["kind"] for m in describe(rid)["migrations"]] for rid in [*queued, running]}
+    assert kinds == {**{rid: ["redispatch"] for rid in queued}, running: ["recompute"]}
+    outs = [client.result(rid) for rid in rids]
+    assert [o.token_ids for o in outs] == [r.token_ids for r in reference[:6]]
+    assert client.result(running).token_ids == expected
+    assert_all_blocks_free(colocated)
+    wait_until(lambda: colocated.stats()["router"]["dispatch_estimates"] == 0)
 
 
 def test_generate_batch_and_metrics(disagg, workload, reference):

@@ -6,7 +6,7 @@ import re
 import pytest
 
 from tandem.engine import SamplingParams
-from tests.integration.conftest import all_blocks_free, wait_until
+from tests.integration.conftest import wait_until
 from tests.integration.test_cluster import _launch, _pause, node_pools
 from tandem.transfer.shm_pool import SHM_DIR, pool_tag, sweep_orphans
 
@@ -53,6 +53,49 @@ def test_decode_instance_dies_mid_decode(fresh):
     after = client.generate([4] * 10, SamplingParams(max_tokens=5, temperature=0))
     assert after.finish_reason == "length"  # served by the survivor
     wait_until(lambda: _survivors_free(fresh))
+
+
+def test_with_recompute_lost_the_requests_of_lost_instances_go_on_elsewhere(ray_cluster, tiny_llama_dir):
+    """``router.recompute_lost``: a decode instance killed mid-decode and a prefill instance killed
+    with queued requests lose no greedy or unseeded request: each goes on elsewhere, greedy ones
+    with the tokens of an undisturbed run; a seeded one on the lost instance fails saying why."""
+    import ray
+
+    from tandem.engine import LLM
+
+    cluster = _launch("fail-recover", tiny_llama_dir, recompute_lost=True)
+    try:
+        client = cluster.client(timeout_s=60)
+        greedy = SamplingParams(max_tokens=300, temperature=0, ignore_eos=True)
+        unseeded = SamplingParams(max_tokens=300, temperature=0.8, ignore_eos=True)
+        seeded = SamplingParams(max_tokens=300, temperature=0.8, seed=1, ignore_eos=True)
+        prompts = [[3 + i] * 20 for i in range(7)]
+        params = [seeded, greedy, unseeded, greedy, greedy, unseeded, greedy]
+        expected = LLM(tiny_llama_dir, dtype="float32").generate(prompts, params)
+        rids = [client.submit(p, sp) for p, sp in zip(prompts, params)]
+        where = lambda rid: ray.get(client.router.describe.remote(rid), timeout=30)  # noqa: E731
+        wait_until(lambda: all(where(r)["stage"] == "decode" and where(r)["num_tokens"] >= 3 for r in rids))
+        victim = _kill(cluster, where(rids[0])["decode_instance"])  # the seeded request's
+        lost = [i for i, r in enumerate(rids) if where(r)["decode_instance"] == victim]
+        assert params[0] is seeded and len(lost) >= 2  # the dispatcher spread them
+        outs = [client.result(r) for r in rids]
+        assert outs[0].finish_reason == "error" and victim in outs[0].error and "seeded" in outs[0].error
+        for i in range(1, len(rids)):
+            assert (outs[i].finish_reason, outs[i].error, len(outs[i].token_ids)) == ("length", None, 300)
+            if params[i] is greedy:
+                assert outs[i].token_ids == expected[i].token_ids
+        assert [outs[i].metrics.get("num_recoveries", 0.0) for i in lost[1:]] == [1.0] * (len(lost) - 1)
+
+        _pause(cluster, "prefill", True)
+        short = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+        queued = [client.submit([7 + i] * 30, short) for i in range(4)]
+        victim = _kill(cluster, "-prefill-0")
+        ray.get(cluster.actors[victim.replace("-0", "-1")].pause.remote(False), timeout=30)
+        reference = LLM(tiny_llama_dir, dtype="float32").generate([[7 + i] * 30 for i in range(4)], short)
+        assert [client.result(r).token_ids for r in queued] == [r.token_ids for r in reference]
+        wait_until(lambda: _survivors_free(cluster))
+    finally:
+        cluster.shutdown()
 
 
 def test_prefill_dies_with_queued_requests(fresh):

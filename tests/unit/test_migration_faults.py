@@ -24,6 +24,10 @@ PROMPT = [5, 17, 42, 9, 33, 7, 81, 12, 60, 3, 14, 15, 92, 65, 35, 89, 79]
 MAX_TOKENS = 60
 BLOCKS = 48
 POLICY = MigrationSpec(min_stage_blocks=1, max_stages=2)
+# (how the request moves, the side and the call a fault is injected at): every protocol step
+HOLD_POINTS = [("copy", "A", "precopy"), ("copy", "B", "receive_stage"), ("copy", "A", "export"),
+               ("copy", "B", "admit_migration"), ("recompute", "A", "detach"), ("recompute", "B", "recompute"),
+               ("redispatch", "A", "withdraw"), ("redispatch", "B", "recompute")]
 
 
 class Died(RuntimeError):
@@ -82,6 +86,7 @@ class World:
             Engine(model_dir, EngineConfig(dtype="float32", num_blocks=n, block_size=4)),
             {"local": transport}, hold_timeout_s=2.0)) for name, n in self.blocks.items()}
         self.decode = dict(self.instances)  # in service
+        self.paused: set[str] = set()  # instances not stepped for now
         self.dispatch = Dispatcher()
         for name, n in self.blocks.items():
             self.dispatch.set_free_blocks(name, n, 4)
@@ -109,6 +114,8 @@ class World:
 
     async def step_all(self) -> None:
         for name, handle in list(self.decode.items()):
+            if name in self.paused:
+                continue
             if handle.inst.has_work():
                 self.on_report(name, handle.inst.step())
             else:
@@ -159,7 +166,8 @@ class World:
     def settled(self) -> bool:
         for name, handle in self.decode.items():
             handle.inst.reclaim_expired()
-            if handle.inst.engine.num_free_blocks != self.blocks[name] or handle.inst.engine.stats()["held"]:
+            if (handle.inst.engine.num_free_blocks != self.blocks[name] or handle.inst.engine.stats()["held"]
+                    or handle.inst.stats()["migrating_out"]):
                 return False
         return not self.desk.in_flight
 
@@ -203,10 +211,10 @@ def test_without_faults_the_request_moves_with_pre_copy(tiny_llama_dir, referenc
     _moved_or_stayed(world, reference, moved=True)
 
 
-@pytest.mark.parametrize("step", ["precopy", "receive_stage", "export", "admit_migration"])
-def test_the_destination_dies_at_each_step(tiny_llama_dir, reference, step):
+@pytest.mark.parametrize("kind,side,step", HOLD_POINTS)
+def test_the_destination_dies_at_each_step(tiny_llama_dir, reference, kind, side, step):
     async def scenario(w: World):
-        migration, gate = await w.migrate_held_at(step)
+        migration, gate = await _start_move(w, kind, (side, step))
         w.kill("B")
         gate.set()
         await w.finish(migration)
@@ -242,10 +250,10 @@ def test_the_source_dies_after_the_destination_took_the_request(tiny_llama_dir, 
     _moved_or_stayed(world, reference, moved=True)
 
 
-@pytest.mark.parametrize("step", ["precopy", "receive_stage", "export", "admit_migration"])
-def test_an_abort_at_each_step_frees_both_sides(tiny_llama_dir, step):
+@pytest.mark.parametrize("kind,side,step", HOLD_POINTS)
+def test_an_abort_at_each_step_frees_both_sides(tiny_llama_dir, kind, side, step):
     async def scenario(w: World):
-        migration, gate = await w.migrate_held_at(step)
+        migration, gate = await _start_move(w, kind, (side, step))
         w.rec.finish("abort")
         w.free_everywhere(w.rec)
         gate.set()
@@ -253,7 +261,7 @@ def test_an_abort_at_each_step_frees_both_sides(tiny_llama_dir, step):
     world = World(tiny_llama_dir)
     _run(scenario, world)
     assert world.rec.finish_reason == "abort"
-    assert world.settled()
+    assert world.settled() and all(not h.inst.engine.request_ids() for h in world.decode.values())
 
 
 def test_a_request_that_finishes_during_pre_copy_cancels_the_migration(tiny_llama_dir, reference):
@@ -332,15 +340,90 @@ def test_a_lost_reply_from_an_unreachable_destination_never_runs_the_request_twi
     _moved_or_stayed(world, reference, moved=None)
 
 
-@pytest.mark.parametrize("side,step", [("A", "precopy"), ("B", "receive_stage"), ("A", "export")])
-def test_a_call_that_never_answers_times_out_and_the_request_goes_on(tiny_llama_dir, reference, side, step):
+@pytest.mark.parametrize("kind,side,step", [("copy", "A", "precopy"), ("copy", "B", "receive_stage"),
+                                            ("copy", "A", "export"), ("recompute", "A", "detach"),
+                                            ("redispatch", "A", "withdraw")])
+def test_a_call_that_never_answers_times_out_and_the_request_goes_on(tiny_llama_dir, reference, kind, side, step):
     async def scenario(w: World):
-        await w.decode_tokens(12)
         w.instances[side].faults[step] = "hang"
-        migration = await w.migrate()
+        migration, _ = await _start_move(w, kind)
         await w.finish(migration)
         with pytest.raises(MigrationError, match="did not answer"):
             migration.result()
     world = World(tiny_llama_dir, timeout_s=0.5)
+    _run(scenario, world)
+    _moved_or_stayed(world, reference, moved=False)
+
+
+# -- moves without a KV copy: a running request recomputed there, a waiting one re-dispatched -----
+
+LEAVE = {"copy": "precopy", "recompute": "detach", "redispatch": "withdraw"}  # the source's first step
+
+
+async def _start_move(w: World, kind: str, hold: tuple[str, str] | None = None):
+    """Start moving the request A -> B by ``kind`` (running for a copy or a recompute, still
+    queued for a re-dispatch), holding the call ``hold`` = (side, method) until the returned
+    event is set."""
+    if kind != "redispatch":
+        await w.decode_tokens(12)
+    else:
+        w.paused.add("A")  # the request stays queued there until it is asked to leave
+    gate = asyncio.Event()
+    if hold is not None:
+        w.instances[hold[0]].faults[hold[1]] = ("hold", gate)
+    migration = asyncio.ensure_future(w.desk.start(w.rec, "B", kind))
+    side, method = hold or ("A", LEAVE[kind])
+    await w.run_until(lambda: method in w.instances[side].entered)
+    w.paused.clear()
+    return migration, gate
+
+
+
+
+@pytest.mark.parametrize("kind", ["recompute", "redispatch"])
+def test_a_move_without_kv_gives_transformers_tokens_and_frees_the_source(tiny_llama_dir, reference, kind):
+    async def scenario(w: World):
+        migration, _ = await _start_move(w, kind)
+        await w.finish(migration)
+        assert migration.result() == "B"
+        (record,) = w.rec.migrations
+        assert record["kind"] == kind and record["stages"] == 0
+    world = World(tiny_llama_dir)
+    _run(scenario, world)
+    _moved_or_stayed(world, reference, moved=True)
+
+
+@pytest.mark.parametrize("kind,side,step", HOLD_POINTS[4:])
+def test_a_lost_reply_mid_move_without_kv_runs_the_request_once(tiny_llama_dir, reference, kind, side, step):
+    """The source let the request go, or the destination queued it, and the router never heard:
+    the source takes it back (a withdrawn one into its queue), or the destination is told to drop it."""
+    async def scenario(w: World):
+        w.instances[side].faults[step] = "lose_reply"
+        migration, _ = await _start_move(w, kind)
+        await w.finish(migration)
+    world = World(tiny_llama_dir)
+    _run(scenario, world)
+    _moved_or_stayed(world, reference, moved=None if side == "B" else False)
+
+
+@pytest.mark.parametrize("kind", ["recompute", "redispatch"])
+def test_a_destination_that_can_never_hold_the_request_refuses_it(tiny_llama_dir, reference, kind):
+    async def scenario(w: World):
+        migration, _ = await _start_move(w, kind)
+        await w.finish(migration)
+        assert migration.result() == "A" and w.desk.totals["resumed"] == 1
+    world = World(tiny_llama_dir, b_blocks=3)  # 12 tokens of KV: not the prompt and its output
+    _run(scenario, world)
+    _moved_or_stayed(world, reference, moved=False)
+
+
+def test_a_request_that_started_before_the_router_heard_is_not_redispatched(tiny_llama_dir, reference):
+    async def scenario(w: World):
+        report = w.instances["A"].inst.step()  # prefilled; its first token not reported yet
+        with pytest.raises(MigrationError, match="not waiting here"):
+            await w.desk.start(w.rec, "B")
+        w.on_report("A", report)
+        await w.finish(asyncio.ensure_future(asyncio.sleep(0)))
+    world = World(tiny_llama_dir)
     _run(scenario, world)
     _moved_or_stayed(world, reference, moved=False)

@@ -78,3 +78,75 @@ def test_queued_demand_counts_against_a_destination():
     a = InstanceLoad("a", 2, 0, _running("a", [4, 4]))  # freeness 1
     b = InstanceLoad("b", 50, 48, _running("b", [4]))  # 50 free but 48 promised: freeness 2
     assert plan_moves([a, b], ON, Budget(10_000)) == []
+
+
+def test_growth_counts_against_freeness_and_keeps_a_move_from_overfilling_its_destination():
+    """Blocks held now say nothing of what a request will grow into: with a horizon, a request
+    that still has many tokens to produce weighs its growth, and no move goes where that growth
+    would not fit (it would only be preempted there, or preempt others)."""
+    a = InstanceLoad("a", 0, 0, (Running("a0", 4, 10, growth_blocks=12), Running("a1", 4, 50, growth_blocks=1)))
+    assert a.freeness == (0 - 13) / 2  # free after demand and growth, per request
+    b = InstanceLoad("b", 15, 0, (Running("b0", 2, 5),))
+    # a0, the shortest-running, would need 4 + 12 blocks at b, which has 15: not made; a1 fits
+    (move,) = plan_moves([a, b], ON, Budget(10_000))
+    assert move.request_id == "a1" and move.dest == "b"
+    blind = [InstanceLoad("a", 0, 0, (Running("a0", 4, 10), Running("a1", 4, 50))), b]
+    assert [m.request_id for m in plan_moves(blind, ON, Budget(10_000))] == ["a0"]  # the shortest
+
+
+def test_waiting_requests_are_redispatched_first_and_take_no_copy_budget():
+    """A queued request holds no KV (its prompt's blocks are demand): it moves by re-dispatch,
+    which copies nothing, so the block budget does not bound it."""
+    a = InstanceLoad("a", 10, 12, (Running("w0", 6, 0, waiting=True), Running("w1", 6, 0, waiting=True),
+                                   Running("r0", 3, 5)), num_running=3)  # freeness (10-12)/3
+    b = InstanceLoad("b", 40, 0, ())
+    moves = plan_moves([a, b], ON, Budget(0))  # nothing may be copied
+    assert [(m.request_id, m.kind) for m in moves] == [("w0", "redispatch"), ("w1", "redispatch")]
+    assert all(m.dest == "b" for m in moves)
+
+
+def test_short_running_requests_move_by_recompute_below_the_knob():
+    a = InstanceLoad("a", 0, 0, (Running("short", 2, 3, num_tokens=8), Running("long", 9, 4, num_tokens=34)))
+    b = InstanceLoad("b", 100, 0, ())
+    policy = MigrationSpec(enabled=True, recompute_max_tokens=16, max_moves_per_pass=8)
+    kinds = {m.request_id: m.kind for m in plan_moves([a, b], policy, Budget(10_000))}
+    assert kinds == {"short": "recompute", "long": "copy"}
+    moves = plan_moves([a, b], policy, Budget(5))  # a recompute copies nothing: only a copy counts
+    assert [(m.request_id, m.kind) for m in moves] == [("short", "recompute")]
+
+
+def test_a_drain_redispatches_waiting_requests_too():
+    a = InstanceLoad("a", 0, 4, (Running("w", 4, 0, waiting=True), Running("r", 2, 3)), draining=True)
+    b = InstanceLoad("b", 20, 0, ())
+    moves = plan_moves([a, b], MigrationSpec(), Budget(10_000))
+    assert {(m.request_id, m.kind) for m in moves} == {("w", "redispatch"), ("r", "copy")}
+
+
+def test_the_routers_view_weighs_queued_requests_as_demand_and_running_ones_with_their_growth():
+    """``Rebalancer.loads`` from the router's records: a request with no token yet (colocated,
+    queued) is a waiting one whose prompt blocks are demand; a running one holds its context's
+    blocks and grows by at most the horizon, fewer if its ``max_tokens`` ends it first."""
+    from tandem.cluster.dispatch import Dispatcher
+    from tandem.cluster.migration import MigrationDesk
+    from tandem.cluster.rebalancer import Rebalancer
+    from tandem.cluster.requests import RequestRecord
+    from tandem.engine.params import SamplingParams
+
+    dispatch = Dispatcher(decode_policy="freeness")
+    dispatch.set_free_blocks("a", 50, block_size=4)
+    dispatch.set_free_blocks("b", 80)
+    queued = RequestRecord("q", [1] * 10, SamplingParams(max_tokens=100))
+    near_end = RequestRecord("n", [1] * 10, SamplingParams(max_tokens=8), token_ids=[2] * 6)
+    long_ = RequestRecord("l", [1] * 10, SamplingParams(max_tokens=100), token_ids=[2] * 6)
+    for rec in (queued, near_end, long_):
+        rec.stage, rec.decode_instance = "decode", "a"
+    dispatch.reserve_decode("a", "q", 11)  # what dispatch counted when it sent q to a
+    desk = MigrationDesk({"a": None, "b": None}, dispatch, lambda rec: None, 1.0,
+                         MigrationSpec(enabled=True, growth_horizon_tokens=20))
+    a, b = Rebalancer(desk, lambda: [queued, near_end, long_]).loads()
+    by_id = {r.request_id: r for r in a.running}
+    assert by_id["q"] == Running("q", 3, 0, 10, waiting=True)  # 11 tokens: 3 blocks of 4, demand
+    assert by_id["n"] == Running("n", 4, 6, 16, growth_blocks=1)  # 16 -> 18 tokens: one more block
+    assert by_id["l"] == Running("l", 4, 6, 16, growth_blocks=5)  # 16 -> 36 tokens: five more
+    assert (a.free_blocks, a.demand_blocks, a.growth_blocks, a.num_running) == (50, 3, 6, 3)
+    assert b.running == () and b.room == 80

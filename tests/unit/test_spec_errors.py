@@ -111,6 +111,8 @@ OUT_OF_RANGE = [
     ("migration.max_bytes_in_flight", 0, "must be >= 1"),
     ("migration.min_stage_blocks", 0, "must be >= 1"),
     ("migration.max_stages", -1, "must be >= 0"),
+    ("migration.recompute_max_tokens", -1, "must be >= 0"),
+    ("migration.growth_horizon_tokens", -5, "must be >= 0"),
     ("slo.ttft_ms", 0, "must be > 0"),
     ("slo.tpot_ms", -5, "must be > 0"),
     ("slo.attainment", 0, "must be in (0, 1]"),
