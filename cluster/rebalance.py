@@ -7,10 +7,12 @@ must preempt. A pass pairs the least free instance with the freest and moves the
 requests that wait for their prefill (re-dispatched: nothing to copy), then its shortest-running
 ones (the fewest tokens to copy, the most tokens still to come) until the pair is balanced; a
 running request moves by KV copy, or by recompute when its context is at most
-``recompute_max_tokens``. A move goes only where the request and its growth fit. Triggers: a gap in freeness over ``imbalance_threshold``, any
-preemption on the source since the last pass, and a drain (every request leaves). A move that
-would leave the destination less free than the source is never made: it would only swap the
-imbalance and be moved back next pass.
+``recompute_max_tokens``. A move goes only where the request and its growth fit. Triggers: a
+gap in freeness over ``imbalance_threshold``, any preemption on the source since the last pass, a
+drain (every request leaves), and a request queued longer than a pass interval while another
+instance has nothing queued (a stalled or swamped instance's queue goes where it starts now). A
+move that would leave the destination less free than the source is never made: it would only swap
+the imbalance and be moved back next pass.
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ class Running:
     num_tokens: int = 0  # its context, prompt and output (what a recompute prefills)
     growth_blocks: int = 0  # blocks it will grow by within the growth horizon
     waiting: bool = False  # waits for its prefill: holds no KV, counted in the demand
+    waited_s: float = 0.0  # waiting: how long since it was sent to this instance
 
 
 @dataclass(frozen=True)
@@ -41,10 +44,13 @@ class InstanceLoad:
     preempted: int = 0  # preemptions since the last pass
     draining: bool = False
     growth_blocks: int = -1  # blocks all its requests will grow by (-1: those of ``running``)
+    num_queued: int = -1  # requests waiting for their prefill (-1: those of ``running``)
 
     def __post_init__(self) -> None:
         if self.growth_blocks < 0:
             object.__setattr__(self, "growth_blocks", sum(r.growth_blocks for r in self.running))
+        if self.num_queued < 0:
+            object.__setattr__(self, "num_queued", sum(r.waiting for r in self.running))
 
     @property
     def room(self) -> int:
@@ -60,6 +66,7 @@ class InstanceLoad:
         held, demand = (0, req.num_blocks) if req.waiting else (req.num_blocks, 0)
         return replace(self, free_blocks=self.free_blocks + held, demand_blocks=self.demand_blocks - demand,
                        growth_blocks=self.growth_blocks - req.growth_blocks,
+                       num_queued=self.num_queued - req.waiting,
                        running=tuple(r for r in self.running if r is not req),
                        num_running=max(0, max(self.num_running, len(self.running)) - 1))
 
@@ -67,6 +74,7 @@ class InstanceLoad:
         held, demand = (0, req.num_blocks) if req.waiting else (req.num_blocks, 0)
         return replace(self, free_blocks=self.free_blocks - held, demand_blocks=self.demand_blocks + demand,
                        growth_blocks=self.growth_blocks + req.growth_blocks,
+                       num_queued=self.num_queued + req.waiting,
                        num_running=max(self.num_running, len(self.running)) + 1)
 
     def fits(self, req: Running) -> bool:
@@ -83,7 +91,7 @@ class Move:
     source: str
     dest: str
     num_blocks: int
-    why: str  # "drain", "imbalance" or "preemption"
+    why: str  # "drain", "queue", "imbalance" or "preemption"
     kind: str = "copy"
 
     @property
@@ -122,6 +130,7 @@ def plan_moves(loads: list[InstanceLoad], policy: MigrationSpec, budget: Budget)
         if load.draining:
             _drain(load.instance_id, by_id, policy, budget, moves)
     if policy.enabled:
+        _unqueue(by_id, policy, budget, moves)
         _relieve(by_id, policy, budget, moves)
     return moves[:policy.max_moves_per_pass] if policy.enabled else moves
 
@@ -143,6 +152,22 @@ def _drain(source: str, by_id: dict[str, InstanceLoad], policy: MigrationSpec, b
             continue  # does not fit anywhere now: a later pass tries again
         _take(Move(req.request_id, source, dest.instance_id, req.num_blocks, "drain", move_kind(req, policy)),
               req, by_id, budget, moves)
+
+
+def _unqueue(by_id: dict[str, InstanceLoad], policy: MigrationSpec, budget: Budget,
+             moves: list[Move]) -> None:
+    """Requests queued on an instance for longer than a pass interval (stalled, or swamped) go to
+    the freest instance that had nothing queued and has room for them, oldest first."""
+    unqueued = {i for i, load in by_id.items() if not load.num_queued}
+    for source_id in sorted(by_id):
+        stale = [r for r in by_id[source_id].running if r.waiting and r.waited_s > policy.interval_s]
+        for req in sorted(stale, key=lambda r: (-r.waited_s, r.request_id)):
+            dests = [d for d in _destinations(by_id, source_id) if d.instance_id in unqueued and d.fits(req)]
+            if len(moves) >= policy.max_moves_per_pass or not dests:
+                return
+            dest = max(dests, key=lambda d: (d.freeness, d.instance_id))
+            _take(Move(req.request_id, source_id, dest.instance_id, req.num_blocks, "queue", "redispatch"),
+                  req, by_id, budget, moves)
 
 
 def _relieve(by_id: dict[str, InstanceLoad], policy: MigrationSpec, budget: Budget,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Callable, Iterable
 
 from tandem.cluster.migration import MigrationDesk, MigrationError
@@ -52,8 +53,9 @@ class Rebalancer:
         mode: it may have started meanwhile, and then it refuses to leave)."""
         context = len(rec.prompt_ids) + len(rec.token_ids)
         if not rec.token_ids:
+            since = rec.migrations[-1]["joined"] if rec.migrations else rec.arrival  # sent here
             return Running(rec.request_id, blocks_needed(context + 1, self.dispatch.block_size), 0,
-                           context, waiting=True)
+                           context, waiting=True, waited_s=max(0.0, time.time() - since))
         return Running(rec.request_id, blocks_needed(context, self.dispatch.block_size), len(rec.token_ids),
                        context, self._growth(rec))
 

@@ -19,7 +19,7 @@ def _engine(num_blocks: int, **scheduler) -> EngineConfig:
 
 
 def _launch(name, model_dir, *, mode="disaggregated", prefill=2, decode=2, prefill_blocks=64,
-            decode_blocks=64, transfer_backend="ray", recompute_lost=False, **scheduler):
+            decode_blocks=64, transfer_backend="ray", recompute_lost=False, migration=None, **scheduler):
     from tandem.cluster.launcher import Cluster
     from tandem.cluster.launcher_config import InstanceGroup, LaunchConfig
 
@@ -28,7 +28,8 @@ def _launch(name, model_dir, *, mode="disaggregated", prefill=2, decode=2, prefi
     config = LaunchConfig(
         name=name, model_dir=str(model_dir), mode=mode,
         prefill=group(prefill, prefill_blocks) if mode == "disaggregated" else None,
-        decode=group(decode, decode_blocks), transfer_backend=transfer_backend, recompute_lost=recompute_lost)
+        decode=group(decode, decode_blocks), transfer_backend=transfer_backend, recompute_lost=recompute_lost,
+        **({"migration": migration} if migration else {}))
     return Cluster.launch(config, timeout_s=120)
 
 
@@ -142,6 +143,31 @@ def test_colocated_requests_move_queued_by_redispatch_and_running_by_recompute(c
     assert client.result(running).token_ids == expected
     assert_all_blocks_free(colocated)
     wait_until(lambda: colocated.stats()["router"]["dispatch_estimates"] == 0)
+
+
+def test_the_rebalancer_redispatches_the_queue_of_a_stalled_colocated_instance(ray_cluster, tiny_llama_dir,
+                                                                              workload, reference):
+    """With rebalancing on, requests queued on an instance that stopped stepping move by
+    themselves to the one that is free, and all finish while the first is still stalled."""
+    import ray
+
+    from tandem.cluster.spec_types import MigrationSpec
+
+    cluster = _launch("rebal-coloc", tiny_llama_dir, mode="colocated", decode=2,
+                      migration=MigrationSpec(enabled=True, interval_s=0.1))
+    stalled = "rebal-coloc-decode-0"
+    try:
+        ray.get(cluster.actors[stalled].pause.remote(True), timeout=30)
+        client = cluster.client(timeout_s=120)
+        prompts, params = workload
+        rids = [client.submit(p, sp) for p, sp in zip(prompts[:8], params[:8])]
+        outs = [client.result(rid) for rid in rids]  # none can finish on the stalled instance
+        assert [o.token_ids for o in outs] == [r.token_ids for r in reference[:8]]
+        assert sum(o.metrics["num_migrations"] for o in outs) >= 1  # dispatch sent some there first
+        ray.get(cluster.actors[stalled].pause.remote(False), timeout=30)
+        assert_all_blocks_free(cluster)
+    finally:
+        cluster.shutdown()
 
 
 def test_generate_batch_and_metrics(disagg, workload, reference):

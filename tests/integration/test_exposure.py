@@ -14,7 +14,8 @@ STARTER = textwrap.dedent("""
     ray = connect_ray(num_cpus=1)
     print("token mode", oct(stat.S_IMODE(token_file().stat().st_mode)), flush=True)
     joiner = "import ray, sys; ray.init(address=sys.argv[1], log_to_driver=False); print('joined')"
-    env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN="0" * 64)
+    # Two connection attempts, not Ray's twenty (a second each): a refusal is final anyway.
+    env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN="0" * 64, RAY_gcs_server_port_wait_time_s="2")
     out = subprocess.run([sys.executable, "-c", joiner, ray.get_runtime_context().gcs_address],
                          env=env, capture_output=True, text=True, timeout=120)
     print("wrong token", out.returncode, "joined" in out.stdout, "ConnectionError" in out.stderr, flush=True)

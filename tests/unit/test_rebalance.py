@@ -3,6 +3,8 @@ freest, shortest-running requests first, no move that would swap the imbalance, 
 and the in-flight budget."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 from tandem.cluster.rebalance import Budget, InstanceLoad, Running, plan_moves
 from tandem.cluster.spec_types import MigrationSpec
 
@@ -145,8 +147,25 @@ def test_the_routers_view_weighs_queued_requests_as_demand_and_running_ones_with
                          MigrationSpec(enabled=True, growth_horizon_tokens=20))
     a, b = Rebalancer(desk, lambda: [queued, near_end, long_]).loads()
     by_id = {r.request_id: r for r in a.running}
-    assert by_id["q"] == Running("q", 3, 0, 10, waiting=True)  # 11 tokens: 3 blocks of 4, demand
+    assert 0 <= by_id["q"].waited_s < 60  # since it was sent to a
+    assert replace(by_id["q"], waited_s=0.0) == Running("q", 3, 0, 10, waiting=True)  # 11 tokens: 3 blocks
     assert by_id["n"] == Running("n", 4, 6, 16, growth_blocks=1)  # 16 -> 18 tokens: one more block
     assert by_id["l"] == Running("l", 4, 6, 16, growth_blocks=5)  # 16 -> 36 tokens: five more
     assert (a.free_blocks, a.demand_blocks, a.growth_blocks, a.num_running) == (50, 3, 6, 3)
     assert b.running == () and b.room == 80
+
+
+def test_a_queue_older_than_a_pass_goes_where_nothing_is_queued():
+    """A stalled or swamped instance's queue: requests that waited longer than a pass interval
+    move, oldest first, to the freest instance with nothing queued and room for them; fresh ones
+    and instances that have a queue of their own are left alone."""
+    stuck = InstanceLoad("a", 60, 4, (Running("old", 2, 0, waiting=True, waited_s=3.0),
+                                      Running("older", 2, 0, waiting=True, waited_s=5.0),
+                                      Running("new", 2, 0, waiting=True, waited_s=0.01)))
+    busy = InstanceLoad("b", 64, 2, (Running("b0", 2, 0, waiting=True, waited_s=0.01),))
+    idle = InstanceLoad("c", 62, 0, ())
+    policy = MigrationSpec(enabled=True, interval_s=0.5, imbalance_threshold=100.0)
+    moves = plan_moves([stuck, busy, idle], policy, Budget(0))
+    assert [(m.request_id, m.dest, m.why, m.kind) for m in moves] == [
+        ("older", "c", "queue", "redispatch"), ("old", "c", "queue", "redispatch")]
+    assert plan_moves([stuck, busy], policy, Budget(0)) == []  # nowhere without a queue
