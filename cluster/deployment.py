@@ -18,18 +18,20 @@ def _group(section: str, inst: InstanceSpec, dtype: str) -> InstanceGroup:
     """An instance pool; with tp or pp above 1 each instance is tp x pp workers, each with the
     section's num_cpus/num_gpus (and its KV budget)."""
     kv_bytes = EngineConfig().kv_cache_bytes
-    if inst.memory_fraction is not None:
+    num_gpus = inst.num_gpus if inst.num_gpus is not None else float(inst.device != "cpu")
+    on_gpu = inst.device != "cpu"  # there the engine measures what its share of the GPU leaves
+    if inst.memory_fraction is not None and not on_gpu:
         kv_bytes = int(inst.memory_fraction * host_memory_bytes())
     engine = EngineConfig(
         dtype=dtype, device=inst.device, block_size=inst.block_size, num_blocks=inst.num_blocks,
-        kv_cache_bytes=kv_bytes,
+        kv_cache_bytes=kv_bytes, memory_fraction=inst.memory_fraction if on_gpu else None,
+        device_share=num_gpus if on_gpu else 1.0,
         scheduler=SchedulerConfig(max_num_seqs=inst.max_num_seqs,
                                   max_num_batched_tokens=inst.max_batch_tokens,
                                   chunked_prefill=inst.chunked_prefill,
                                   long_prefill_tokens=inst.long_prefill_tokens),
         parallelism=Parallelism(inst.tp or 1, inst.pp or 1),
     )
-    num_gpus = inst.num_gpus if inst.num_gpus is not None else float(inst.device != "cpu")
     return InstanceGroup(replicas=inst.replicas or 1, engine=engine, num_cpus=inst.num_cpus,
                          num_gpus=num_gpus, num_threads=max(1, int(inst.num_cpus)),
                          max_restarts=inst.max_restarts)

@@ -59,6 +59,9 @@ def check_instance(section: InstanceSpec, where: str) -> None:
         _at_least(section.num_blocks, 1, f"{where}.num_blocks")
     if section.memory_fraction is not None:
         _fraction(section.memory_fraction, f"{where}.memory_fraction")
+        if section.device != "cpu" and (section.tp or 1) * (section.pp or 1) > 1:
+            raise SpecError(f"{where}.memory_fraction", "on cuda it sizes one worker's cache from its "
+                            "own GPU memory; a tensor/pipeline-parallel pool needs num_blocks")
     _at_least(section.max_batch_tokens, 1, f"{where}.max_batch_tokens")
     _at_least(section.max_num_seqs, 1, f"{where}.max_num_seqs")
     if section.long_prefill_tokens is not None:

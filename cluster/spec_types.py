@@ -59,8 +59,10 @@ class InstanceSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     instance above 1). ``chunked_prefill``: every step mixes the running decodes with prompt
     chunks, ``max_batch_tokens`` tokens in all, one prompt's chunk at most ``long_prefill_tokens``
     (engine/scheduler.py). KV
-    capacity per instance: ``num_blocks`` blocks, or ``memory_fraction`` of the host's RAM (also
-    for cuda pools), at most one of the two; neither gives the engine's default, 1 GiB of KV.
+    capacity per instance: ``num_blocks`` blocks, or ``memory_fraction`` (cpu: of the host's RAM, for
+    KV; cuda: of the instance's GPU share, for weights, activations and KV, the KV getting what the
+    loaded weights and a profiled largest step leave), at most one of the two; neither gives the
+    engine's default, 1 GiB of KV.
     A ``device: cuda`` instance reserves ``num_gpus`` of a GPU from Ray (default 1; a fraction lets
     small instances share one) and sees only the GPU Ray assigns it."""
 

@@ -22,6 +22,7 @@ from tandem.engine import heap, hugepages
 from tandem.engine.block_manager import BlockManager
 from tandem.engine.config import ModelConfig, load_config
 from tandem.engine.handover import Export, RequestState, Snapshot
+from tandem.engine.memory import CudaProbe, MemoryProbe, kv_budget_bytes, profile_memory
 from tandem.engine.outputs import TokenDelta, TopLogprob
 from tandem.engine.pacing import PacedRunner, StepPace
 from tandem.engine.params import SamplingParams
@@ -49,6 +50,11 @@ class EngineConfig(msgspec.Struct, frozen=True, kw_only=True):
     step_pace: StepPace | None = None  # steps last at least this latency model's time (engine/pacing.py)
     parallelism: Parallelism = Parallelism()  # tp x pp worker processes (engine/worker.py) when > 1
     worker_timeout_s: float = 60.0  # a parallel instance's bound on each collective and step
+    # On a GPU, without num_blocks: the share of this engine's ``device_share`` of the device that
+    # weights, activations and KV may fill together; the KV gets what the loaded weights and a
+    # profiled largest step leave (engine/memory.py). None: ``kv_cache_bytes``.
+    memory_fraction: float | None = None
+    device_share: float = 1.0  # the fraction of a GPU Ray gave this engine
 
 
 def context_limit(model: ModelConfig, requested: int | None) -> int:
@@ -62,12 +68,14 @@ class Engine:
 
     def __init__(self, model_dir: Path, config: EngineConfig = EngineConfig(),
                  kv_allocator: Callable[[tuple[int, ...], torch.dtype], torch.Tensor] | None = None,
-                 workers: WorkerGroupFactory | None = None) -> None:
+                 workers: WorkerGroupFactory | None = None, memory_probe: MemoryProbe | None = None) -> None:
         """``kv_allocator(shape, dtype)`` returns the zero-filled KV cache, e.g. in shared memory
         a same-node transport maps from other processes; default: zeros on the device (on CPU,
         on huge pages: ``engine.hugepages``). With ``config.parallelism`` above (1, 1) the engine
         is the controller of tp x pp workers that ``workers`` starts (default: local processes,
-        ``engine/process_group.py``); it keeps the scheduler and blocks, they the model and KV."""
+        ``engine/process_group.py``); it keeps the scheduler and blocks, they the model and KV.
+        ``memory_probe`` reads the device for ``config.memory_fraction`` (default: CUDA's own
+        accounting; a GPU engine sized so measures its memory once the model is loaded)."""
         model_dir = Path(model_dir)
         if not model_dir.is_dir():
             raise FileNotFoundError(f"model directory {model_dir} does not exist")
@@ -78,9 +86,12 @@ class Engine:
         self.tokenizer = Tokenizer.from_model_dir(model_dir)
         self.dtype = resolve_dtype(config.dtype, self.model_config, config.device)
         check_parallelism(self.model_config, config.parallelism)
-        num_blocks = config.num_blocks or self._blocks_for_budget()
-        self.blocks = BlockManager(num_blocks, config.block_size)
         self.max_model_len = context_limit(self.model_config, config.max_model_len)
+        self._probe = memory_probe
+        if self._measures_memory() and config.parallelism.world_size > 1:
+            raise ValueError("memory_fraction on a GPU sizes one worker's cache from its own memory; "
+                             "a tensor/pipeline-parallel instance needs num_blocks")
+        self.blocks = BlockManager(config.num_blocks or self._blocks_for_budget(), config.block_size)
         if config.parallelism.world_size > 1:
             self.runner = self._start_workers(model_dir, workers)
         else:
@@ -94,9 +105,17 @@ class Engine:
         self._ids = itertools.count()
         self._seeds = random.Random()
 
+    def _measures_memory(self) -> bool:
+        """Whether the KV capacity comes from the device's memory, measured after loading."""
+        config = self.config
+        return (config.memory_fraction is not None and config.num_blocks is None
+                and (config.device != "cpu" or self._probe is not None))
+
     def _load_model(self, model_dir: Path, kv_allocator) -> ModelRunner:
         config = self.config
         model = build_model(self.model_config, model_dir, self.dtype, config.device, self.max_model_len)
+        if self._measures_memory():
+            self.blocks = BlockManager(self._blocks_for_budget(self._measured_kv_bytes(model)), config.block_size)
         shape = kv_cache_shape(self.model_config, self.blocks.num_blocks, config.block_size)
         if kv_allocator is None:
             kv_allocator = hugepages.zeros if config.device == "cpu" else (
@@ -116,12 +135,22 @@ class Engine:
             workers = ProcessWorkerGroup
         return GroupRunner(workers(worker_config), self.blocks.tables)
 
-    def _blocks_for_budget(self) -> int:
-        """Blocks whose KV fits ``kv_cache_bytes`` on every worker (the largest shard decides)."""
+    def _blocks_for_budget(self, kv_bytes: int | None = None) -> int:
+        """Blocks whose KV fits ``kv_bytes`` (default ``kv_cache_bytes``) on every worker (the
+        largest shard decides)."""
         c, par = self.model_config, self.config.parallelism
         per_block = self._kv_block_bytes(len(layer_range(c.num_layers, par.pp, 0)),
                                          len(kv_head_range(c.num_kv_heads, par.tp, 0)))
-        return max(1, self.config.kv_cache_bytes // per_block)
+        return max(1, (kv_bytes or self.config.kv_cache_bytes) // per_block)
+
+    def _measured_kv_bytes(self, model) -> int:
+        """What ``memory_fraction`` of the device leaves for KV once ``model`` is loaded."""
+        config = self.config
+        profile = profile_memory(
+            model, lambda n: kv_cache_shape(self.model_config, n, config.block_size), self.dtype,
+            config.device, config.block_size, config.scheduler.max_num_batched_tokens,
+            self._probe or CudaProbe(config.device))
+        return kv_budget_bytes(config.memory_fraction, config.device_share, profile)
 
     def _kv_block_bytes(self, layers: int, kv_heads: int) -> int:
         return 2 * layers * self.config.block_size * kv_heads * self.model_config.head_dim * self.dtype.itemsize

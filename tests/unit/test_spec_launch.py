@@ -76,3 +76,24 @@ def test_chunked_prefill_reaches_the_colocated_engines() -> None:
     scheduler = launch_config(parse_spec(data), "/m").decode.engine.scheduler
     assert scheduler.chunked_prefill and scheduler.max_num_batched_tokens == 256
     assert launch_config(parse_spec(base()), "/m").decode.engine.scheduler.chunked_prefill is False
+
+
+@pytest.mark.parametrize("device, num_gpus", [("cuda", None), ("cuda", 0.5), ("cpu", None)])
+def test_memory_fraction_is_of_the_gpu_share_on_cuda_and_of_host_ram_on_cpu(device: str, num_gpus) -> None:
+    from tandem.cluster.deployment import host_memory_bytes, launch_config
+    from tandem.engine.engine import EngineConfig
+
+    data = with_value(with_value(base(), "decode.device", device), "decode.memory_fraction", 0.25)
+    if num_gpus is not None:
+        data = with_value(data, "decode.num_gpus", num_gpus)
+    engine = launch_config(parse_spec(data), "/m").decode.engine
+    if device == "cuda":  # the engine measures its GPU once the model is loaded
+        assert (engine.memory_fraction, engine.device_share) == (0.25, num_gpus or 1.0)
+        assert engine.kv_cache_bytes == EngineConfig().kv_cache_bytes  # not read
+    else:
+        assert engine.memory_fraction is None and engine.kv_cache_bytes == int(0.25 * host_memory_bytes())
+
+
+def test_memory_fraction_on_a_parallel_cuda_pool_is_refused() -> None:
+    data = with_value(with_value(base(), "decode.device", "cuda"), "decode.memory_fraction", 0.5)
+    expect_error(with_value(data, "decode.tp", 2), "decode.memory_fraction", "needs num_blocks")
