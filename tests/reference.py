@@ -75,7 +75,7 @@ def hf_greedy(model: Any, prompts_token_ids: list[list[int]], max_new_tokens: in
         model = hf_load(model)
     outputs: list[list[int]] = []
     for prompt in prompts_token_ids:
-        input_ids = torch.tensor([prompt], dtype=torch.long)
+        input_ids = torch.tensor([prompt], dtype=torch.long, device=model.device)
         out = model.generate(
             input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
             max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=None,

@@ -94,6 +94,19 @@ def test_tiny_greedy_batch_matches_transformers(tiny_models: dict[str, Path], na
     assert llm.engine.blocks.num_free == llm.engine.blocks.num_blocks
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["llama-gqa", "qwen2-bias", "tied"])
+def test_cuda_greedy_batch_matches_transformers_on_cuda(tiny_models: dict[str, Path], name: str) -> None:
+    """The engine's torch path on a GPU, fp32, against transformers on the same GPU."""
+    from tests.reference import hf_load
+
+    llm = LLM(tiny_models[name], dtype="float32", device="cuda", block_size=BLOCK_SIZE, num_blocks=NUM_BLOCKS)
+    outs = llm.generate(PROMPTS, GREEDY)
+    want = hf_greedy(hf_load(tiny_models[name]).to("cuda"), PROMPTS, NEW_TOKENS)
+    assert_same_tokens([o.token_ids for o in outs], want, PROMPTS)
+    assert llm.engine.blocks.num_free == llm.engine.blocks.num_blocks
+
+
 def test_llama3_scaling_changes_the_reference(tiny_models: dict[str, Path]) -> None:
     """Same weights without the rope scaling decode differently on long prompts, so the parity test
     above would catch an engine that ignored the scaling."""
