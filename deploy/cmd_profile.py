@@ -1,5 +1,6 @@
 """`tandem profile SPEC`: time the real engine over a grid of batch shapes, fit the planner's latency
-forms (placement/calibrate.py) and write the calibration file `tandem plan` reads. ``--shapes``
+forms (placement/calibrate.py) and write the calibration file `tandem plan` reads. The engine runs
+on the spec's decode (or colocated) pool's device, so a cuda spec calibrates on its GPU. ``--shapes``
 times tensor/pipeline-parallel instances too (local worker processes), one calibration entry per
 (tp, pp), which the planner uses for those shapes in place of its analytic model.
 
@@ -45,9 +46,11 @@ def _profile(args: argparse.Namespace) -> int:
         return _profile_served(spec, args)
     shapes = [_shape(text) for text in args.shapes]
     torch.set_num_threads(args.threads)
+    device = (spec.decode or spec.instances).device
     samples, dtype = [], None
     for tp, pp in shapes:
-        config = EngineConfig(dtype=spec.model.dtype, num_blocks=8192, parallelism=Parallelism(tp, pp))
+        config = EngineConfig(dtype=spec.model.dtype, device=device, num_blocks=8192,
+                              parallelism=Parallelism(tp, pp))
         engine = Engine(model_directory(spec), config, workers=_local_workers(args.threads))
         try:
             samples += [*prefill_samples(engine, args.repeats, tp, pp), *decode_samples(engine, args.repeats, tp, pp)]
@@ -55,12 +58,21 @@ def _profile(args: argparse.Namespace) -> int:
             engine.close()
         dtype = str(engine.dtype)
     profile = fit_profile(samples, model=spec.model.name or spec.model.path or "",
-                          hardware=f"cpu x{args.threads} threads", dtype=dtype)
+                          hardware=_hardware(device, args.threads), dtype=dtype)
     save_profile(profile, Path(args.out))
     fits = "; ".join(f"tp={e.tp} pp={e.pp}: prefill rms {1000 * e.prefill.rms:.1f} ms, decode rms "
                      f"{1000 * e.decode.rms:.1f} ms" for e in profile.entries)
     print(f"wrote {args.out}: {len(samples)} samples; {fits}")
     return 0
+
+
+def _hardware(device: str, threads: int) -> str:
+    """What the calibration was measured on, as its file records it."""
+    if device == "cpu":
+        return f"cpu x{threads} threads"
+    import torch
+
+    return f"{device} {torch.cuda.get_device_name(torch.device(device))}"
 
 
 def _shape(text: str) -> tuple[int, int]:

@@ -3,18 +3,20 @@ from __future__ import annotations
 
 import textwrap
 
+import pytest
+
 from tandem.deploy.cli import main
 from tandem.placement.calibrate import load_profile
 from tandem.deploy.cmd_profile import DECODE_GRID, PREFILL_GRID
 
 
-def _spec(tmp_path, model_dir):
+def _spec(tmp_path, model_dir, device: str = "cpu"):
     spec = tmp_path / "s.yaml"
     spec.write_text(textwrap.dedent(f"""\
         name: prof
         model: {{path: {model_dir}, dtype: float32}}
-        prefill: {{replicas: 1}}
-        decode: {{replicas: 1}}
+        prefill: {{replicas: 1, device: {device}}}
+        decode: {{replicas: 1, device: {device}}}
         """))
     return spec
 
@@ -43,3 +45,11 @@ def test_profile_times_each_parallel_shape_asked_for(tiny_llama_dir, tmp_path, c
     assert 0 < entry.decode.at(1, 64)
     assert main(["profile", str(spec), "--out", str(out), "--shapes", "2by1"]) != 0
     assert "--shapes: '2by1' is not TPxPP" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+def test_profile_of_a_cuda_spec_times_the_engine_on_its_gpu(tiny_llama_dir, tmp_path, capsys):
+    out = tmp_path / "cal.json"
+    assert main(["profile", str(_spec(tmp_path, tiny_llama_dir, "cuda")), "--out", str(out), "--repeats", "1"]) == 0
+    profile = load_profile(out)
+    assert profile.hardware.startswith("cuda ") and 0 < profile.entry(1, 1).decode.at(1, 64)
