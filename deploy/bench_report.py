@@ -75,6 +75,31 @@ def table(rows: list[RateRow], slo: Slo) -> str:
     return "\n".join(lines)
 
 
+def attainment_plot(measured: dict[str, list[tuple[float, float]]], simulated: dict[str, list[tuple[float, float]]],
+                    target: float, path: Path) -> Path:
+    """SLO attainment against rate: measured curves solid, simulated ones dashed, on one axes
+    (``tandem bench`` draws what it measured, ``tandem simulate --plot`` its prediction beside a
+    bench's results)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for style, curves in (("-", measured), ("--", simulated)):
+        for label, points in curves.items():
+            ax.plot([r for r, _ in points], [100 * a for _, a in points], linestyle=style, marker="o",
+                    label=label if style == "-" else f"{label} (simulated)")
+    ax.axhline(100 * target, color="grey", linestyle=":", label=f"target {target:.0%}")
+    ax.set(xlabel="rate (requests/s)", ylabel="requests meeting both SLOs (%)", ylim=(0, 105),
+           title="SLO attainment against rate")
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def write_plots(runs: dict[float, list[Timing]], rows: list[RateRow], slo: Slo, out: Path) -> list[Path]:
     """attainment.png, latency_cdf.png and timeline.png under ``out``; their paths."""
     import matplotlib
@@ -84,16 +109,7 @@ def write_plots(runs: dict[float, list[Timing]], rows: list[RateRow], slo: Slo, 
 
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / "attainment.png", out / "latency_cdf.png", out / "timeline.png"]
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot([r.rate for r in rows], [100 * r.attainment for r in rows], marker="o", label="measured")
-    ax.axhline(100 * slo.attainment, color="grey", linestyle="--", label=f"target {slo.attainment:.0%}")
-    ax.set(xlabel="rate (requests/s)", ylabel="requests meeting both SLOs (%)", ylim=(0, 105),
-           title="SLO attainment against rate")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(paths[0], dpi=100)
-    plt.close(fig)
+    attainment_plot({"measured": [(r.rate, r.attainment) for r in rows]}, {}, slo.attainment, paths[0])
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     for rate, timings in runs.items():

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Callable
 
 import msgspec
 import yaml
@@ -38,9 +39,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                       help="write the planned cluster spec (explicit placement) for `tandem serve`")
     plan.set_defaults(func=cmd_plan)
 
-    sim = subparsers.add_parser("simulate", help="simulate a deployment at one arrival rate")
+    sim = subparsers.add_parser("simulate", help="simulate a deployment at one or more arrival rates")
     sim.add_argument("spec", help="placement spec, or cluster spec with placement: auto (YAML)")
-    sim.add_argument("--rate", type=float, required=True, help="arrival rate, requests/s")
+    rate = sim.add_mutually_exclusive_group(required=True)
+    rate.add_argument("--rate", type=float, help="arrival rate, requests/s")
+    rate.add_argument("--rates", type=float, nargs="+", help="several arrival rates, requests/s")
+    sim.add_argument("--plot", metavar="DIR", type=Path,
+                     help="write DIR/simulated_attainment.png: attainment against rate")
+    sim.add_argument("--measured", metavar="RESULTS", type=Path,
+                     help="with --plot: a `tandem bench` results.json, drawn on the same axes")
     sim.add_argument("--prefill", metavar="TP:PP:N", help="N prefill instances of (tp, pp)")
     sim.add_argument("--decode", metavar="TP:PP:N", help="N decode instances of (tp, pp)")
     sim.add_argument("--colocated", metavar="TP:PP:N", help="N colocated instances instead")
@@ -202,7 +209,9 @@ def _describe(dep: Deployment) -> str:
             f"{len(dep.decode_at)} decode x (tp={dep.decode.tp}, pp={dep.decode.pp}) on {dep.devices} devices")
 
 
-def _runs(problem: Problem, args: argparse.Namespace) -> list[tuple[str, SimResult]]:
+def _runs(problem: Problem, args: argparse.Namespace) -> list[tuple[str, Callable[[float], SimResult]]]:
+    """The deployments to simulate (given, or the searched plan and its colocated baseline),
+    each with its simulation at a rate."""
     ev = Evaluator(problem)
     if args.colocated:
         if args.prefill or args.decode:
@@ -213,31 +222,54 @@ def _runs(problem: Problem, args: argparse.Namespace) -> list[tuple[str, SimResu
             raise CommandError(f"--colocated: {n * shape.devices} devices exceed the cluster's "
                                f"{problem.cluster.devices}")
         label = f"colocated: {n} x (tp={shape.tp}, pp={shape.pp})"
-        return [(label, ev.simulate_colocated(shape, n, args.rate))]
+        return [(label, lambda rate: ev.simulate_colocated(shape, n, rate))]
     if args.prefill or args.decode:
         dep = _manual(problem, args)
-        return [(f"disaggregated: {_describe(dep)}", ev.simulate(dep, args.rate))]
+        return [(f"disaggregated: {_describe(dep)}", lambda rate: ev.simulate(dep, rate))]
     result = _search(problem)
-    dep = _from_plan(result.plan)
-    runs = [(f"planned ({dep.algorithm}): {_describe(dep)}", ev.simulate(dep, args.rate))]
+    planned = _from_plan(result.plan)
+    runs = [(f"planned ({planned.algorithm}): {_describe(planned)}", lambda rate: ev.simulate(planned, rate))]
     if result.baseline is not None:
         b = result.baseline
         runs.append((f"colocated baseline: {b.replicas} x (tp={b.tp}, pp={b.pp})",
-                     ev.simulate_colocated(Shape(b.tp, b.pp), b.replicas, args.rate)))
+                     lambda rate: ev.simulate_colocated(Shape(b.tp, b.pp), b.replicas, rate)))
     return runs
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    if not args.rate > 0:
-        raise CommandError("--rate: must be > 0")
+    rates = args.rates or [args.rate]
+    flag = "--rates" if args.rates else "--rate"
+    if not all(r > 0 for r in rates):
+        raise CommandError(f"{flag}: must be > 0")
+    if args.measured and not args.plot:
+        raise CommandError("--measured: needs --plot")
+    measured = _measured(args.measured) if args.measured else {}
     problem = _load(args.spec)
     try:
-        runs = _runs(problem, args)
+        runs = [(rate, label, simulate(rate)) for label, simulate in _runs(problem, args) for rate in rates]
     except SimulationError as exc:
         raise CommandError(str(exc)) from None
     if args.json:
-        payload = [{"deployment": label, "result": result} for label, result in runs]
+        payload = [{"deployment": label, "result": result} for _, label, result in runs]
         sys.stdout.buffer.write(msgspec.json.encode(payload) + b"\n")
     else:
-        print("\n".join(_summary(label, result) for label, result in runs))
+        print("\n".join(_summary(label, result) for _, label, result in runs))
+    if args.plot:
+        from tandem.deploy.bench_report import attainment_plot
+
+        curves: dict[str, list[tuple[float, float]]] = {}
+        for rate, label, result in runs:
+            curves.setdefault(label, []).append((rate, result.attainment))
+        args.plot.mkdir(parents=True, exist_ok=True)
+        path = attainment_plot(measured, curves, problem.slo.attainment, args.plot / "simulated_attainment.png")
+        print(f"wrote {path}")
     return 0
+
+
+def _measured(path: Path) -> dict[str, list[tuple[float, float]]]:
+    """A `tandem bench` results.json's attainment per rate, as a curve named after its folder."""
+    try:
+        rows = msgspec.json.decode(path.read_bytes())["rows"]
+        return {f"measured ({path.parent.name or path.name})": [(r["rate"], r["attainment"]) for r in rows]}
+    except (OSError, msgspec.DecodeError, KeyError, TypeError) as exc:
+        raise CommandError(f"--measured: {path} is not a `tandem bench` results.json ({exc})") from None

@@ -88,3 +88,28 @@ def test_user_errors_exit_2_with_one_line(tmp_path: Path, capsys: pytest.Capture
 def test_missing_spec_file(capsys: pytest.CaptureFixture) -> None:
     assert main(["plan", "/nonexistent/spec.yaml"]) == 2
     assert "No such file" in capsys.readouterr().err
+
+
+def test_simulate_plots_its_prediction_beside_a_bench_run(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """`tandem simulate --rates ... --plot DIR --measured results.json`: one simulated curve per
+    deployment and the bench's measured one, on the axes `tandem bench` draws."""
+    from matplotlib.image import imread
+
+    bench = tmp_path / "bench-run"
+    bench.mkdir()
+    (bench / "results.json").write_text(json.dumps({"rows": [{"rate": 2.0, "attainment": 1.0},
+                                                             {"rate": 8.0, "attainment": 0.4}]}))
+    spec, out = _write(tmp_path), tmp_path / "plots"
+    argv = ["simulate", spec, "--rates", "2", "8", "--prefill", "1:1:1", "--decode", "1:1:1",
+            "--plot", str(out), "--measured", str(bench / "results.json"), "--json"]
+    assert main(argv) == 0
+    runs = json.loads(capsys.readouterr().out.splitlines()[0])
+    assert [r["result"]["rate"] for r in runs] == [2.0, 8.0]
+    assert runs[0]["result"]["attainment"] >= runs[1]["result"]["attainment"]  # more load, no better
+    image = imread(out / "simulated_attainment.png")
+    assert image.shape[0] >= 300 and image.shape[1] >= 500 and image.std() > 0.01  # drawn, not blank
+    (bench / "bad.json").write_text("{}")
+    assert main(["simulate", spec, "--rates", "2", "--plot", str(out), "--measured", str(bench / "bad.json")]) == 2
+    assert "--measured: " in capsys.readouterr().err
+    assert main(["simulate", spec, "--rates", "2", "--measured", str(bench / "results.json")]) == 2
+    assert "--measured: needs --plot" in capsys.readouterr().err
