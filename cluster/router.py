@@ -25,7 +25,7 @@ from tandem.cluster.launcher_config import NAMESPACE, LaunchConfig, instance_nam
 from tandem.cluster.mailbox import Mailboxes
 from tandem.cluster.migration import MigrationDesk
 from tandem.cluster.rebalancer import Rebalancer
-from tandem.cluster.recovery import Unrecoverable, lost_state
+from tandem.cluster.recovery import LostRequests
 from tandem.cluster.requests import RequestBook, RequestRecord
 from tandem.cluster.roster import CALL_TIMEOUT_S, Roster
 from tandem.engine.config import load_config
@@ -62,6 +62,8 @@ class Router:
         self.migrations = MigrationDesk(self.decode, self.dispatch, self._free_everywhere, CALL_TIMEOUT_S,
                                         config.migration)
         self.rebalancer = Rebalancer(self.migrations, lambda: self.book.live.values())
+        self.lost = LostRequests(self.dispatch, self.prefill, self.decode, self.tokenizer, self._dispatch_new,
+                                 self._free_everywhere, CALL_TIMEOUT_S)
         self._rebalancing: asyncio.Future | None = None
         self.capacity_tokens = 0
         self.book = RequestBook(config.result_ttl_s)
@@ -132,49 +134,11 @@ class Router:
             if on_it and not rec.done and (role == "decode" or rec.stage == "prefill"):
                 if role == "decode" and self.migrations.resume(rec, reason):
                     continue  # it was migrating to the lost instance: it goes on at its source
-                why = self._go_on_elsewhere(rec, iid, reason) if self.config.recompute_lost else ""
+                why = self.lost.go_on_elsewhere(rec, iid, reason) if self.config.recompute_lost else ""
                 if why is None:
                     continue
                 rec.finish("error", f"{reason}; {why}" if why else reason)
                 self._free_everywhere(rec)
-
-    def _go_on_elsewhere(self, rec: RequestRecord, lost: str, reason: str) -> str | None:
-        """Send a request a lost instance held elsewhere (None), or say why it cannot go on.
-        One with no token yet is dispatched anew; one with output is rebuilt from the router's
-        record and recomputed on another decode instance."""
-        self.dispatch.forget(rec)
-        if not rec.token_ids:
-            rec.prefill_instance = rec.decode_instance = None
-            rec.stage, rec.owners = "prefill", []  # whichever instance takes it owns it
-            rec.recoveries += 1
-            asyncio.ensure_future(self._redispatch_lost(rec, reason))
-            return None
-        try:
-            state = lost_state(rec, self.tokenizer)
-            target = self.dispatch.pick_decode(rec.request_id, len(state.token_ids) + 1)
-        except (Unrecoverable, RuntimeError) as exc:
-            return str(exc)
-        rec.recoveries += 1
-        if rec.stage == "transfer" and rec.prefill_instance in self.prefill:
-            self.prefill[rec.prefill_instance].ack.remote([rec.request_id])  # its KV is not needed now
-        rec.owners = (rec.owners or [(lost, 0)]) + [(target, len(rec.token_ids))]
-        rec.decode_instance, rec.stage = target, "decode"
-        asyncio.ensure_future(self._recompute_lost(rec, target, state, reason))
-        return None
-
-    async def _redispatch_lost(self, rec: RequestRecord, reason: str) -> None:
-        try:
-            await self._dispatch_new(rec)
-        except Exception as exc:
-            rec.finish("error", f"{reason}; sending it elsewhere failed: {remote_cause(exc)}")
-            self._free_everywhere(rec)
-
-    async def _recompute_lost(self, rec: RequestRecord, target: str, state, reason: str) -> None:
-        try:
-            await asyncio.wait_for(self.decode[target].recompute.remote(state), CALL_TIMEOUT_S)
-        except Exception as exc:
-            rec.finish("error", f"{reason}; recomputing it on {target} failed: {remote_cause(exc)}")
-            self._free_everywhere(rec)
 
     # -- client side ----------------------------------------------------------------------------
 
