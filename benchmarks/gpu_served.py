@@ -1,13 +1,13 @@
 """A served 1 prefill + 1 decode cluster on one GPU, each instance holding half of it, against the
 in-process engine on the same GPU: outputs must be identical, and every KV block free afterwards.
 
-    python -m benchmarks.gpu_served --device cuda --out $OUT/served.json   # the GPU check's stage
+    python -m benchmarks.gpu_served --device cuda --transfer cuda_ipc --out $OUT/served.json
     python -m benchmarks.gpu_served --device cpu                           # the same path on CPU
 
 A random-weight Llama with SmolLM2's shapes (4 layers, so it loads in seconds), fp32, greedy, 16
-prompts of 32..160 tokens, 48 tokens out, KV moved through the ``ray`` transport (host memory and
-the object store: the same-GPU ``cuda_ipc`` transport does not exist yet). Reports whether the
-outputs matched, the client-side TTFT/TPOT medians, and the instances' free blocks.
+prompts of 32..160 tokens, 48 tokens out, KV moved through ``--transfer`` (``ray``: host memory
+and the object store; ``cuda_ipc``: GPU to GPU). Reports whether the outputs matched, the
+client-side TTFT/TPOT medians, and the instances' free blocks.
 """
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ def build_model(workdir: Path) -> Path:
     return path
 
 
-def launch(model_dir: Path, device: str):
+def launch(model_dir: Path, device: str, transfer: str):
     from tandem.cluster.launcher import Cluster
     from tandem.cluster.launcher_config import InstanceGroup, LaunchConfig
     from tandem.engine.engine import EngineConfig
@@ -45,11 +45,11 @@ def launch(model_dir: Path, device: str):
     share = 0.5 if device != "cpu" else 0.0
     group = InstanceGroup(1, engine, num_cpus=1, num_gpus=share)
     config = LaunchConfig(name="gpu-served", model_dir=str(model_dir), prefill=group, decode=group,
-                          transfer_backend="ray")
+                          transfer_backend=transfer)
     return Cluster.launch(config, timeout_s=300)
 
 
-def run(model_dir: Path, device: str) -> dict:
+def run(model_dir: Path, device: str, transfer: str) -> dict:
     import ray
 
     from tandem.engine import LLM, SamplingParams
@@ -60,7 +60,7 @@ def run(model_dir: Path, device: str) -> dict:
     expected = [o.token_ids for o in LLM(model_dir, dtype="float32", device=device, num_blocks=512)
                 .generate(prompts, params)]
     ray.init(address="local", num_cpus=4, include_dashboard=False, namespace="tandem", log_to_driver=False)
-    cluster = launch(model_dir, device)
+    cluster = launch(model_dir, device, transfer)
     try:
         client = cluster.client(timeout_s=300)
         start = time.perf_counter()
@@ -70,7 +70,7 @@ def run(model_dir: Path, device: str) -> dict:
     finally:
         cluster.shutdown()
         ray.shutdown()
-    return {"device": device, "identical": [o.token_ids for o in outs] == expected,
+    return {"device": device, "transfer": transfer, "identical": [o.token_ids for o in outs] == expected,
             "mismatched": sum(o.token_ids != e for o, e in zip(outs, expected)),
             "errors": [o.error for o in outs if o.error][:3],
             "ttft_p50_ms": round(1000 * statistics.median(o.metrics["ttft"] for o in outs), 1),
@@ -93,10 +93,11 @@ def wait_all_free(cluster, timeout_s: float) -> bool:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda")
+    ap.add_argument("--transfer", default="ray", help="the KV transport: ray, auto, cuda_ipc (GPU), shm (CPU)")
     ap.add_argument("--out", help="also write the result (JSON) here")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        result = run(build_model(Path(tmp)), args.device)
+        result = run(build_model(Path(tmp)), args.device, args.transfer)
     print(json.dumps(result))
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1))

@@ -168,8 +168,8 @@ def _check_block_sizes(spec: ClusterSpec) -> None:
 
 
 def _check_backend(spec: ClusterSpec) -> None:
-    # nccl moves device memory, shm maps host memory: each needs its device on both sides.
-    needs = {"nccl": "cuda", "shm": "cpu"}.get(spec.transfer.backend)
+    # nccl and cuda_ipc move device memory, shm maps host memory: each needs its device on both sides.
+    needs = {"nccl": "cuda", "cuda_ipc": "cuda", "shm": "cpu"}.get(spec.transfer.backend)
     if needs is None:
         return
     for where, section in spec.sections.items():

@@ -13,7 +13,7 @@ Mode = Literal["disaggregated", "colocated"]
 Placement = Literal["explicit", "auto"]
 Dtype = Literal["auto", "float32", "bfloat16"]
 Device = Literal["cpu", "cuda"]
-Backend = Literal["auto", "shm", "ray", "nccl"]
+Backend = Literal["auto", "shm", "ray", "nccl", "cuda_ipc"]
 PrefillPolicy = Literal["least_tokens", "round_robin"]
 DecodePolicy = Literal["most_free_blocks", "freeness", "round_robin"]
 
@@ -89,8 +89,9 @@ class InstanceSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 class TransferSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """How KV caches move from prefill to decode instances (colocated instances move none).
-    ``auto``: shared memory between CPU instances on one node, the Ray object store across nodes
-    and for GPU caches. ``nccl`` (GPU to GPU) needs the two instances on different GPUs."""
+    ``auto``: shared memory between CPU instances on one node, CUDA IPC between GPU instances on
+    one node, the Ray object store across nodes. ``cuda_ipc``: GPU caches on one node.
+    ``nccl`` (GPU to GPU) needs the two instances on different GPUs."""
 
     backend: Backend = "auto"
     timeout_s: float = 30.0

@@ -24,7 +24,7 @@ from tandem.engine.config import load_config
 from tandem.engine.step_inputs import StepInputs
 from tandem.engine.worker import WorkerConfig, WorkerFailed, pack_result, unpack_result
 from tandem.transfer.base import TransferError
-from tandem.transfer.hosting import close_transports, openmp_options, serving_method
+from tandem.transfer.hosting import cache_allocator, close_transports, openmp_options, serving_method
 from tandem.transfer.protocol import KVHandle, KVLayout, remote_cause
 from tandem.transfer.registry import make_transport
 from tandem.transfer.sharded import fetch_shard, sharded_handle, source_of
@@ -62,8 +62,7 @@ class ShardWorkerActor:
         backend = "nccl" if config.device.startswith("cuda") else "gloo"
         self.comm = DistributedCollective(WorkerShard(config.parallelism, rank), init_method,
                                           config.timeout_s, backend)
-        allocators = [t.allocate for t in self.transports.values() if hasattr(t, "allocate")]
-        allocator = allocators[0] if allocators and config.device == "cpu" else None
+        allocator = cache_allocator(list(self.transports.values()), config.device)
         self.worker = ShardWorker(config, rank, self.comm, allocator)
 
     def run(self, inputs: StepInputs) -> tuple | None:

@@ -1,14 +1,16 @@
-"""``auto`` transport: shared memory between instances on one node, the Ray object store across nodes.
+"""``auto`` transport: between instances on one node, shared memory (CPU caches) or CUDA IPC (GPU
+caches); the Ray object store across nodes.
 
-The source exports through shm (bookkeeping only, no copy) and records its Ray node and its own
-actor handle in the handle. A destination on the same node fetches through shm: one copy. A
-destination on another node cannot map the pool, so it asks the source actor for an object-store
-export of that request (``kv_source("auto", "export", request_id)``, served by ``serve_export``)
-and fetches that. The object-store export is made lazily, only when asked, so same-node transfers
-never pay its two copies; it lives exactly as long as the shm export (``release`` drops both).
+The source exports through its same-node transport (``shm`` or ``cuda_ipc``, whichever allocated
+its cache: bookkeeping only, no copy) and records its Ray node and its own actor handle in the
+handle. A destination on the same node with a cache on the same kind of device fetches through
+that transport: one copy. Any other destination asks the source actor for an object-store export
+of that request (``kv_source("auto", "export", request_id)``, served by ``serve_export``) and
+fetches that. The object-store export is made lazily, only when asked, so same-node transfers
+never pay its two copies; it lives exactly as long as the same-node export (``release`` drops both).
 
-A source whose cache is not in shared memory (a CUDA cache, or an engine built without the
-allocator) exports through the object store right away; any destination can fetch that.
+A source whose cache neither allocated (an engine built without the allocator) exports through
+the object store right away; any destination can fetch that.
 """
 from __future__ import annotations
 
@@ -21,15 +23,17 @@ import ray
 import torch
 
 from tandem.transfer.base import TransferError
+from tandem.transfer.cuda_ipc import CudaIpcTransport
 from tandem.transfer.protocol import KVHandle, remote_cause
 from tandem.transfer.ray_transport import RayObjectTransport
 from tandem.transfer.shm import ShmTransport
 
 
 class AutoRef(msgspec.Struct, frozen=True):
-    """Payload of an auto handle: exactly one of ``shm`` (lazy ray fallback) or ``ray`` is set."""
+    """Payload of an auto handle: exactly one of ``local`` (a same-node shm or cuda_ipc handle,
+    with a lazy ray fallback) or ``ray`` is set."""
 
-    shm: KVHandle | None = None
+    local: KVHandle | None = None
     ray: KVHandle | None = None
     source: Any = None  # the source's actor handle, asked for an object-store export across nodes
 
@@ -40,10 +44,11 @@ class AutoTransport:
     name = "auto"
 
     def __init__(self, node_id: str, source_actor: Any = None, shm: ShmTransport | None = None,
-                 ray_transport: RayObjectTransport | None = None) -> None:
+                 ray_transport: RayObjectTransport | None = None, gpu: CudaIpcTransport | None = None) -> None:
         self.node_id = node_id
         self.source_actor = source_actor
         self.shm = shm if shm is not None else ShmTransport(node_id)
+        self.gpu = gpu if gpu is not None else CudaIpcTransport(node_id)  # used once it allocates
         self.ray = ray_transport if ray_transport is not None else RayObjectTransport()
         # export/release run on the step thread, serve_export on the actor's: one lock for both.
         self._lock = threading.Lock()
@@ -51,18 +56,27 @@ class AutoTransport:
         self._remote: dict[str, KVHandle] = {}  # object-store exports made for other nodes
         self.remote_exports = 0  # how many cross-node fallbacks this source served
 
+    def allocator_for(self, device: str):
+        """The instance's cache: in shared memory for a CPU engine, on the GPU for a CUDA one."""
+        return self.shm.allocator_for(device) or self.gpu.allocator_for(device)
+
     def allocate(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """A CPU cache in shared memory (what ``allocator_for("cpu")`` gives)."""
         return self.shm.allocate(shape, dtype)
+
+    def _local(self, name: str):
+        return self.shm if name == self.shm.name else self.gpu
 
     # -- source side ---------------------------------------------------------------------------
 
     def export(self, kv_cache: torch.Tensor, request_id: str, block_ids: list[int],
                num_tokens: int) -> KVHandle:
         with self._lock:
-            if self.shm.owns(kv_cache):
-                inner = self.shm.export(kv_cache, request_id, block_ids, num_tokens)
+            local = next((t for t in (self.shm, self.gpu) if t.owns(kv_cache)), None)
+            if local is not None:
+                inner = local.export(kv_cache, request_id, block_ids, num_tokens)
                 self._held[request_id] = (kv_cache, list(block_ids), num_tokens)
-                ref = AutoRef(shm=inner, source=self.source_actor)
+                ref = AutoRef(local=inner, source=self.source_actor)
             else:
                 inner = self.ray.export(kv_cache, request_id, block_ids, num_tokens)
                 ref = AutoRef(ray=inner)
@@ -85,9 +99,9 @@ class AutoTransport:
     def release(self, handle: KVHandle) -> None:
         ref: AutoRef = handle.payload
         with self._lock:
-            if ref.shm is not None:
+            if ref.local is not None:
                 self._held.pop(handle.request_id, None)
-                self.shm.release(ref.shm)
+                self._local(ref.local.transport).release(ref.local)
                 remote = self._remote.pop(handle.request_id, None)
                 if remote is not None:
                     self.ray.release(remote)
@@ -97,18 +111,19 @@ class AutoTransport:
     # -- destination side ----------------------------------------------------------------------
 
     def never_waits(self, handle: KVHandle) -> bool:
-        """Whether fetching ``handle`` only copies from shared memory on this node (into a CPU
-        cache of this transport's): no wait on the source."""
+        """Whether fetching ``handle`` only copies between caches this process maps (from a
+        same-node source into a cache of this transport's): no wait on the source."""
         ref: AutoRef = handle.payload
-        return ref.shm is not None and handle.node_id == self.node_id and self.shm.pool is not None
+        return (ref.local is not None and handle.node_id == self.node_id
+                and self._local(ref.local.transport).cache_allocated)
 
     def fetch(self, handle: KVHandle, kv_cache: torch.Tensor, block_ids: list[int],
               timeout_s: float) -> None:
         ref: AutoRef = handle.payload
         if ref.ray is not None:
             self.ray.fetch(ref.ray, kv_cache, block_ids, timeout_s)
-        elif handle.node_id == self.node_id and kv_cache.device.type == "cpu":
-            self.shm.fetch(ref.shm, kv_cache, block_ids, timeout_s)
+        elif handle.node_id == self.node_id and _same_kind(ref.local, kv_cache):
+            self._local(ref.local.transport).fetch(ref.local, kv_cache, block_ids, timeout_s)
         else:
             start = time.monotonic()
             remote = self._ask_source(handle, timeout_s)
@@ -134,3 +149,10 @@ class AutoTransport:
 
     def close(self) -> None:
         self.shm.close()
+        self.gpu.close()
+
+
+def _same_kind(local: KVHandle, kv_cache: torch.Tensor) -> bool:
+    """Whether a same-node handle's KV can be copied straight into ``kv_cache``: shared memory
+    into a CPU cache, CUDA IPC into a GPU one."""
+    return (local.transport == "cuda_ipc") == (kv_cache.device.type == "cuda")

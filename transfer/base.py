@@ -1,4 +1,4 @@
-"""The transport interface every KV backend implements (ray, shm, nccl, local).
+"""The transport interface every KV backend implements (ray, shm, cuda_ipc, auto, nccl, local).
 
 Protocol, source side: ``export`` the request's blocks into a ``KVHandle`` while the source keeps
 the blocks; ``release`` the handle once the destination acked (or gave up).
@@ -7,9 +7,10 @@ Destination side: ``fetch`` copies the handle's blocks into blocks it reserved, 
 the destination to free its reservation. Every wait inside ``fetch`` is bounded by ``timeout_s``.
 
 Optional parts, found with ``getattr`` by the instance actors: ``never_waits(handle)`` (True: its
-fetch only copies memory this process maps, so it may run on a step thread: shm, local, auto on
-one node); ``allocate(shape, dtype)`` makes
-the instance's KV cache (shm, auto: in shared memory); ``serve_<op>(*args)`` runs on the source
+fetch only copies memory this process maps, so it may run on a step thread: shm, cuda_ipc,
+local, auto on one node); ``allocator_for(device)`` gives what makes a ``device`` engine's KV cache
+(shm, auto: in shared memory for a CPU engine; cuda_ipc, auto: on the GPU, shared through CUDA
+IPC), or None; ``serve_<op>(*args)`` runs on the source
 when a destination asks through the actor's ``kv_source(name, op, *args)`` (auto: an object-store
 export for another node; nccl: connect, send); ``close()`` releases what outlives the process
 (shared-memory files, NCCL communicators) when the instance shuts down.

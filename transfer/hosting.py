@@ -47,18 +47,26 @@ def warn_if_niced() -> None:
 def build_engine(model_dir: str, config: EngineConfig, num_threads: int,
                  transports: Sequence[Transport] = ()) -> Engine:
     """The instance's engine, its KV cache allocated by the first transport that allocates caches
-    (shared memory for shm/auto) when the cache lives on the CPU."""
+    on its device (shared memory for shm/auto, the GPU for cuda_ipc)."""
     import torch
 
     torch.set_num_threads(max(1, num_threads))
     warn_if_niced()
-    allocators = [t.allocate for t in transports if hasattr(t, "allocate")]
-    allocator = allocators[0] if allocators and config.device == "cpu" else None
     try:
-        return Engine(Path(model_dir), config, kv_allocator=allocator)
+        return Engine(Path(model_dir), config, kv_allocator=cache_allocator(transports, config.device))
     except BaseException:
         close_transports(transports)  # e.g. unlink a shared-memory pool nobody will use
         raise
+
+
+def cache_allocator(transports: Sequence[Transport], device: str):
+    """The allocator of the first transport that makes caches for a ``device`` engine (shm, auto:
+    host shared memory for a CPU one; cuda_ipc, auto: the GPU), or None (the engine allocates)."""
+    for transport in transports:
+        allocator = getattr(transport, "allocator_for", lambda _: None)(device)
+        if allocator is not None:
+            return allocator
+    return None
 
 
 async def serve_transfer(transports: dict[str, Transport], name: str, op: str, args: tuple) -> Any:

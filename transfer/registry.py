@@ -9,7 +9,7 @@ from typing import Any
 
 from tandem.transfer.base import Transport
 
-BACKENDS = ("auto", "shm", "ray", "local", "nccl")
+BACKENDS = ("auto", "shm", "ray", "local", "nccl", "cuda_ipc")
 
 
 def _ray_identity() -> tuple[str, Any]:
@@ -40,6 +40,10 @@ def make_transport(name: str) -> Transport:
         from tandem.transfer.local import LocalTransport
 
         return LocalTransport()
+    if name == "cuda_ipc":
+        from tandem.transfer.cuda_ipc import CudaIpcTransport
+
+        return CudaIpcTransport(node_id=_ray_identity()[0])
     if name == "nccl":
         from tandem.transfer.nccl import NcclTransport
 

@@ -28,19 +28,16 @@ next model step provide them. Slots are aligned int64s: single-copy atomic on x8
 """
 from __future__ import annotations
 
-import itertools
-import time
 from pathlib import Path
 
 import msgspec
 import torch
 
-from tandem.transfer.base import TransferError, layout_of
+from tandem.transfer.base import TransferError
 from tandem.transfer.blockcopy import CacheView, copy_blocks
+from tandem.transfer.export_slots import ExportSlots, PeerPools, check_fetch
 from tandem.transfer.protocol import KVHandle
-from tandem.transfer.shm_pool import SHM_DIR, PeerPool, SharedPool, pool_tag
-
-PRUNE_EVERY_S = 10.0  # how often a destination looks for source pools that vanished
+from tandem.transfer.shm_pool import SHM_DIR, SharedPool, pool_tag
 
 
 class ShmRef(msgspec.Struct, frozen=True):
@@ -67,14 +64,19 @@ class ShmTransport:
         self.node_id = node_id  # "" (unknown) skips the same-node check
         self.directory = Path(directory)
         self.pool: SharedPool | None = None
-        self._exports: dict[str, tuple[int, int]] = {}  # request id -> (slot, epoch)
-        self._free_slots: list[int] = []
-        self._epochs = itertools.count(1)
-        self._peers: dict[str, PeerPool] = {}  # source pools mapped so far, by name
-        self._next_prune = 0.0
+        self._exports: ExportSlots | None = None
+        self._peers = PeerPools(self.directory)  # source pools mapped so far
         self._dest_view = CacheView()
 
     # -- source side ---------------------------------------------------------------------------
+
+    def allocator_for(self, device: str):
+        """``allocate`` for a CPU engine's cache; None for a GPU one (shared memory is host memory)."""
+        return self.allocate if device == "cpu" else None
+
+    @property
+    def cache_allocated(self) -> bool:
+        return self.pool is not None
 
     def allocate(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         """The instance's zero-filled KV cache, in shared memory (the engine's kv_allocator)."""
@@ -83,7 +85,7 @@ class ShmTransport:
         # Every live export holds at least one block; twice that leaves room for shared blocks.
         num_slots = 2 * shape[2] + 16
         self.pool = SharedPool(tuple(shape), dtype, num_slots, pool_tag(self.node_id), self.directory)
-        self._free_slots = list(range(num_slots - 1, -1, -1))
+        self._exports = ExportSlots(self.pool.slots)
         return self.pool.tensor
 
     def owns(self, kv_cache: torch.Tensor) -> bool:
@@ -96,26 +98,13 @@ class ShmTransport:
         if not self.owns(kv_cache):
             raise TransferError(f"request {request_id}: the shm transport exports only the cache it "
                                 "allocated (build the engine with kv_allocator=transport.allocate)")
-        if request_id in self._exports:
-            raise TransferError(f"request {request_id} is already exported")
-        if not self._free_slots:
-            raise TransferError(f"request {request_id}: all {self.pool.slots.size} export slots "
-                                "are in use (exports are not being released)")
-        slot, epoch = self._free_slots.pop(), next(self._epochs)
-        self.pool.slots[slot] = epoch
-        self._exports[request_id] = (slot, epoch)
-        ref = ShmRef(self.pool.name, kv_cache.shape[2], slot, epoch, list(block_ids))
-        return KVHandle(self.name, request_id, num_tokens, len(block_ids), layout_of(kv_cache),
-                        payload=ref, node_id=self.node_id)
+        return self._exports.handle(
+            self.name, self.node_id, kv_cache, request_id, block_ids, num_tokens,
+            lambda slot, epoch: ShmRef(self.pool.name, kv_cache.shape[2], slot, epoch, list(block_ids)))
 
     def release(self, handle: KVHandle) -> None:
-        entry = self._exports.get(handle.request_id)
-        if entry is None or entry[1] != handle.payload.epoch:
-            return  # already released (idempotent), or a stale handle of an earlier export
-        del self._exports[handle.request_id]
-        slot, _ = entry
-        self.pool.slots[slot] = 0  # from here on fetches fail: the caller may free the blocks
-        self._free_slots.append(slot)
+        if self._exports is not None:
+            self._exports.release(handle.request_id, handle.payload.epoch)
 
     # -- destination side ----------------------------------------------------------------------
 
@@ -125,17 +114,10 @@ class ShmTransport:
         timeout: it takes as long as the copy."""
         layout, dest = self._dest_view(kv_cache)  # cached: setup costs as much as a small copy
         rid, ref = handle.request_id, handle.payload
-        if handle.layout != layout:
-            raise TransferError(f"request {rid}: KV layout {handle.layout} != destination {layout}")
-        if self.node_id and handle.node_id and handle.node_id != self.node_id:
-            raise TransferError(f"request {rid}: KV is in shared memory on node {handle.node_id}, "
-                                f"this instance is on node {self.node_id} (use backend auto or ray)")
-        if len(block_ids) != len(ref.block_ids):
-            raise TransferError(f"request {rid}: {len(ref.block_ids)} blocks exported, "
-                                f"{len(block_ids)} reserved")
-        peer = self._peer(ref.pool, rid)
+        check_fetch(handle, layout, self.node_id, block_ids, "in shared memory", "auto or ray")
+        peer = self._peers.get(ref.pool, rid)
         if not peer.is_live(ref.slot, ref.epoch):
-            raise self._not_live(peer, rid)
+            raise self._peers.not_live(peer, rid)
         try:
             source = peer.blocks((*kv_cache.shape[:2], ref.pool_blocks, *kv_cache.shape[3:]),
                                  kv_cache.dtype)
@@ -146,36 +128,6 @@ class ShmTransport:
             raise TransferError(f"request {rid}: KV was released during the fetch (the source may "
                                 "have reused its blocks); the copy is discarded")
 
-    def _not_live(self, peer: PeerPool, rid: str) -> TransferError:
-        if not peer.exists():  # the source shut down (closing releases every export)
-            self._peers.pop(peer.name, None)  # our mapping alone would keep its memory
-            return TransferError(f"request {rid}: source KV pool {peer.name} is gone (its "
-                                 "instance shut down)")
-        return TransferError(f"request {rid}: KV was released before the fetch")
-
-    def _peer(self, name: str, rid: str) -> PeerPool:
-        # A pool whose owner was killed (no close) stays mapped until a check notices its file is
-        # gone; checking costs a syscall, so only now and then, not on every fetch.
-        if time.monotonic() >= self._next_prune:
-            self._drop_gone_peers()
-        peer = self._peers.get(name)
-        if peer is None:
-            self._drop_gone_peers()
-            try:
-                peer = PeerPool(name, self.directory)
-            except FileNotFoundError as exc:
-                raise TransferError(f"request {rid}: source KV pool {name} is gone (its instance "
-                                    "shut down)") from exc
-            except (OSError, ValueError) as exc:
-                raise TransferError(f"request {rid}: cannot map source KV pool {name}: {exc}") from exc
-            self._peers[name] = peer
-        return peer
-
-    def _drop_gone_peers(self) -> None:
-        for name in [n for n, p in self._peers.items() if not p.exists()]:
-            del self._peers[name]
-        self._next_prune = time.monotonic() + PRUNE_EVERY_S
-
     # -- lifetime ------------------------------------------------------------------------------
 
     def close(self) -> None:
@@ -183,7 +135,6 @@ class ShmTransport:
         stays usable). A peer still holding a mapping then fails its fetches instead of copying
         blocks the dying instance no longer guards."""
         if self.pool is not None:
-            self.pool.slots[:] = 0
             self._exports.clear()
             self.pool.unlink()
         self._peers.clear()

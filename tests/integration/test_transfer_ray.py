@@ -122,7 +122,7 @@ def test_round_trip_between_actors_is_byte_exact(ray_cluster, make_pair, backend
     others = [b for b in range(DST_BLOCKS) if b not in DST_IDS]
     assert not any(ray.get(dest.blocks.remote(others)))  # nothing else was written
     if backend == "auto":  # same node: shared memory, no object-store export
-        assert handle.payload.shm is not None and handle.payload.ray is None
+        assert handle.payload.local is not None and handle.payload.ray is None
         assert ray.get(source.info.remote())["remote_exports"] == 0
     ray.get(source.release.remote(handle))
     if backend != "ray":  # shm checks the export is live; the object store cannot know

@@ -179,10 +179,11 @@ def test_block_sizes_must_match_for_now() -> None:
     ("cuda", "cpu", "decode.device is cpu"),
     ("cpu", "cuda", "prefill.device is cpu"),
 ])
-def test_nccl_needs_cuda(prefill: str, decode: str, culprit: str) -> None:
+@pytest.mark.parametrize("backend", ["nccl", "cuda_ipc"])
+def test_gpu_backends_need_cuda(prefill: str, decode: str, culprit: str, backend: str) -> None:
     data = with_value(with_value(base(), "prefill.device", prefill), "decode.device", decode)
-    expect_error(with_value(data, "transfer.backend", "nccl"), "transfer.backend",
-                 f"nccl needs device cuda ({culprit})")
+    expect_error(with_value(data, "transfer.backend", backend), "transfer.backend",
+                 f"{backend} needs device cuda ({culprit})")
 
 
 def test_nccl_on_cpu_in_colocated_mode() -> None:
@@ -191,9 +192,10 @@ def test_nccl_on_cpu_in_colocated_mode() -> None:
     expect_error(data, "transfer.backend", "instances.device is cpu")
 
 
-def test_nccl_with_cuda_passes() -> None:
+@pytest.mark.parametrize("backend", ["nccl", "cuda_ipc"])
+def test_gpu_backends_with_cuda_pass(backend: str) -> None:
     data = with_value(with_value(base(), "prefill.device", "cuda"), "decode.device", "cuda")
-    assert parse_spec(with_value(data, "transfer.backend", "nccl")).transfer.backend == "nccl"
+    assert parse_spec(with_value(data, "transfer.backend", backend)).transfer.backend == backend
 
 
 @pytest.mark.parametrize("field,value,fragment", [

@@ -34,7 +34,7 @@ BAD_ENUMS = [
     ("model.dtype", "float16", "auto, float32, bfloat16"),
     ("prefill.device", "gpu", "cpu, cuda"),
     ("decode.device", None, "cpu, cuda"),
-    ("transfer.backend", "foo", "auto, shm, ray, nccl"),
+    ("transfer.backend", "foo", "auto, shm, ray, nccl, cuda_ipc"),
     ("router.prefill_policy", "random", "least_tokens, round_robin"),
     ("router.decode_policy", 3, "most_free_blocks, freeness, round_robin"),
 ]
