@@ -44,6 +44,8 @@ def sample(logits: torch.Tensor | WorkerSampled, seqs: list[Sequence]) -> Sample
     """logits: fp32 ``[B, vocab]`` (or the tokens a worker chose)."""
     if isinstance(logits, WorkerSampled):
         return Sampled(logits.tokens)
+    if logits.device.type != "cpu" and all(s.params.greedy and not s.params.logprobs for s in seqs):
+        return Sampled(logits.argmax(dim=-1).tolist())  # on the GPU: only the ids cross to the host
     logits = logits.cpu()
     tokens = argmax_rows(logits)
     random_rows = [i for i, s in enumerate(seqs) if not s.params.greedy]
