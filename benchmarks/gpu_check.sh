@@ -3,7 +3,7 @@
 # two, each writing its results under $OUT as soon as it ends (so a run cut short still returns
 # what it finished). Ray stages last. Here, first:
 #
-#   ../shared/device/pack-ray.sh .device && echo /.device/ >> .git/info/exclude
+#   ../shared/device/pack-ray.sh .device && mkdir -p .git/info && echo /.device/ >> .git/info/exclude
 #
 # then `run` with carry [".device"] and command `bash benchmarks/gpu_check.sh` (timeout 600 s; the
 # stages are capped at 530 s together and should take about 4 minutes).
