@@ -32,7 +32,7 @@ import asyncio
 import time
 from typing import Callable
 
-from tandem.cluster.rebalance import KINDS, Budget, Move
+from tandem.cluster.rebalance import Budget, Move, move_kind
 from tandem.cluster.requests import Migration, RequestRecord
 from tandem.cluster.spec_types import MigrationSpec
 from tandem.engine.block_manager import blocks_needed
@@ -98,12 +98,12 @@ class MigrationDesk:
         return rec.decode_instance
 
     def _kind(self, rec: RequestRecord, asked: str | None) -> str:
-        if not rec.token_ids:
-            return "redispatch"  # no KV to move: it has not been prefilled (or is being, and refuses)
-        if asked is None:
-            context = len(rec.prompt_ids) + len(rec.token_ids)
-            return "recompute" if context <= self.policy.recompute_max_tokens else "copy"
-        if asked not in KINDS[:2]:
+        """The policy's kind (a request with no token yet has no KV to move: it is re-dispatched,
+        or refuses if it started meanwhile), or the one ``asked`` for a running request."""
+        kind = move_kind(not rec.token_ids, len(rec.prompt_ids) + len(rec.token_ids), self.policy)
+        if asked is None or kind == "redispatch":
+            return kind
+        if asked not in ("copy", "recompute"):
             raise MigrationError(f"request {rec.request_id!r} is running: it moves by 'copy' or "
                                  f"'recompute', not {asked!r}")
         return asked

@@ -82,9 +82,6 @@ class InstanceLoad:
         return self.room >= req.num_blocks + req.growth_blocks
 
 
-KINDS = ("copy", "recompute", "redispatch")  # how a request moves: its KV copied, rebuilt, or none yet
-
-
 @dataclass(frozen=True)
 class Move:
     request_id: str
@@ -100,10 +97,17 @@ class Move:
         return self.num_blocks if self.kind == "copy" else 0
 
 
-def move_kind(req: Running, policy: MigrationSpec) -> str:
-    if req.waiting:
+def move_kind(waiting: bool, num_tokens: int, policy: MigrationSpec) -> str:
+    """How a request moves: ``redispatch`` if it waits for its prefill (no KV yet), ``recompute``
+    if its context is at most ``recompute_max_tokens``, else ``copy`` (its KV)."""
+    if waiting:
         return "redispatch"
-    return "recompute" if req.num_tokens and req.num_tokens <= policy.recompute_max_tokens else "copy"
+    recompute = policy.recompute_max_tokens and num_tokens <= policy.recompute_max_tokens  # 0: never
+    return "recompute" if recompute else "copy"
+
+
+def _kind(req: Running, policy: MigrationSpec) -> str:
+    return move_kind(req.waiting, req.num_tokens, policy)
 
 
 @dataclass
@@ -150,7 +154,7 @@ def _drain(source: str, by_id: dict[str, InstanceLoad], policy: MigrationSpec, b
         dest = max(dests, key=lambda d: (d.freeness, d.instance_id))
         if dest.free_blocks - dest.demand_blocks < req.num_blocks:
             continue  # does not fit anywhere now: a later pass tries again
-        _take(Move(req.request_id, source, dest.instance_id, req.num_blocks, "drain", move_kind(req, policy)),
+        _take(Move(req.request_id, source, dest.instance_id, req.num_blocks, "drain", _kind(req, policy)),
               req, by_id, budget, moves)
 
 
@@ -209,7 +213,7 @@ def _move_from(source: InstanceLoad, dest: InstanceLoad, why: str, policy: Migra
         if not dest.fits(req):
             continue
         move = Move(req.request_id, source.instance_id, dest.instance_id, req.num_blocks, why,
-                    move_kind(req, policy))
+                    _kind(req, policy))
         if _take(move, req, by_id, budget, moves):
             return True
     return False

@@ -40,15 +40,16 @@ class Rebalancer:
                 incoming[dest] = incoming.get(dest, 0) + rec.migration.num_blocks
         loads = []
         for iid, recs in on.items():
-            movable = tuple(self._weigh(r) for r in recs if r.stage == "decode" and r.migration is None)
+            growth = {r.request_id: self._growth(r) for r in recs if r.token_ids}
+            movable = tuple(self._weigh(r, growth.get(r.request_id, 0)) for r in recs
+                            if r.stage == "decode" and r.migration is None)
             preempted = self.preemptions.get(iid, 0) - self._seen.get(iid, 0)
             demand = self.dispatch.reserved_total.get(iid, 0) + incoming.get(iid, 0)
-            growth = sum(self._growth(r) for r in recs if r.token_ids)
             loads.append(InstanceLoad(iid, self.dispatch.free.get(iid, 0), demand, movable, len(recs),
-                                      max(0, preempted), iid in self.dispatch.draining, growth))
+                                      max(0, preempted), iid in self.dispatch.draining, sum(growth.values())))
         return loads
 
-    def _weigh(self, rec: RequestRecord) -> Running:
+    def _weigh(self, rec: RequestRecord, growth: int) -> Running:
         """A request as the policy sees it; one with no token yet waits for its prefill (colocated
         mode: it may have started meanwhile, and then it refuses to leave)."""
         context = len(rec.prompt_ids) + len(rec.token_ids)
@@ -57,7 +58,7 @@ class Rebalancer:
             return Running(rec.request_id, blocks_needed(context + 1, self.dispatch.block_size), 0,
                            context, waiting=True, waited_s=max(0.0, time.time() - since))
         return Running(rec.request_id, blocks_needed(context, self.dispatch.block_size), len(rec.token_ids),
-                       context, self._growth(rec))
+                       context, growth)
 
     def _growth(self, rec: RequestRecord) -> int:
         """Blocks a running request will grow by over the next ``growth_horizon_tokens`` tokens

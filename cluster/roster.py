@@ -13,7 +13,7 @@ from typing import Callable
 
 from tandem.cluster.dispatch import Dispatcher
 from tandem.cluster.health import BENCH, DROP, Verdict, health_verdict
-from tandem.cluster.launcher_config import LaunchConfig
+from tandem.cluster.launcher_config import NAMESPACE, LaunchConfig
 from tandem.transfer.protocol import HealthReport
 
 log = logging.getLogger(__name__)
@@ -110,3 +110,17 @@ class Roster:
         if self.benched.pop(iid, None) is not None:
             self.add(role, iid, handle, stats)
             log.warning("%s instance %s is back in service (it dropped %d stale requests)", role, iid, dropped)
+
+
+def named_instances(names: list[str]) -> dict:
+    """The live actors among ``names`` in tandem's namespace (a restarted router finds its
+    instances so); one that is gone is logged and left out."""
+    import ray
+
+    found = {}
+    for name in names:
+        try:
+            found[name] = ray.get_actor(name, namespace=NAMESPACE)
+        except ValueError:
+            log.error("instance %s is gone (no actor by that name)", name)
+    return found

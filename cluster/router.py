@@ -21,13 +21,13 @@ import ray
 
 from tandem.cluster.dispatch import Dispatcher
 from tandem.cluster.health import lost_verdict
-from tandem.cluster.launcher_config import NAMESPACE, LaunchConfig, instance_names
+from tandem.cluster.launcher_config import LaunchConfig, instance_names
 from tandem.cluster.mailbox import Mailboxes
 from tandem.cluster.migration import MigrationDesk
 from tandem.cluster.rebalancer import Rebalancer
 from tandem.cluster.recovery import LostRequests
 from tandem.cluster.requests import RequestBook, RequestRecord
-from tandem.cluster.roster import CALL_TIMEOUT_S, Roster
+from tandem.cluster.roster import CALL_TIMEOUT_S, Roster, named_instances
 from tandem.engine.config import load_config
 from tandem.engine.engine import context_limit
 from tandem.engine.outputs import Completion
@@ -96,7 +96,7 @@ class Router:
         """After a restart: find the instances by name, have each drop every request (they were
         the previous router's, and nobody can read them now), then serve again. One that does not
         answer is benched: it rejoins once it does."""
-        found = {role: _named_actors(names) for role, names in instance_names(self.config).items()}
+        found = {role: named_instances(names) for role, names in instance_names(self.config).items()}
         handles = [(role, iid, h) for role, pool in found.items() for iid, h in pool.items()]
         results = await asyncio.gather(
             *(asyncio.wait_for(h.abort_all.remote(), CALL_TIMEOUT_S) for _, _, h in handles),
@@ -448,14 +448,3 @@ def process_memory() -> dict[str, int]:
     with open("/proc/self/statm") as statm:
         rss = int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     return {"rss_bytes": rss, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
-
-
-def _named_actors(names: list[str]) -> dict[str, ray.actor.ActorHandle]:
-    """The live actors among ``names`` in tandem's namespace."""
-    found = {}
-    for name in names:
-        try:
-            found[name] = ray.get_actor(name, namespace=NAMESPACE)
-        except ValueError:
-            log.error("instance %s is gone (no actor by that name)", name)
-    return found

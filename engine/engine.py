@@ -91,7 +91,9 @@ class Engine:
         if self._measures_memory() and config.parallelism.world_size > 1:
             raise ValueError("memory_fraction on a GPU sizes one worker's cache from its own memory; "
                              "a tensor/pipeline-parallel instance needs num_blocks")
-        self.blocks = BlockManager(config.num_blocks or self._blocks_for_budget(), config.block_size)
+        # A measured engine learns its block count once its model is loaded (_load_model).
+        self.blocks = None if self._measures_memory() else BlockManager(
+            config.num_blocks or self._blocks_for_budget(), config.block_size)
         if config.parallelism.world_size > 1:
             self.runner = self._start_workers(model_dir, workers)
         else:
