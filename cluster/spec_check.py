@@ -18,6 +18,8 @@ from tandem.engine.parallel import Parallelism, parallelism_error
 # RFC 1123 label: the name becomes part of Ray actor, placement group and job names.
 _DNS_LABEL = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 
+MAX_HTTP_REPLICAS = 64  # ingress processes on one host; more is a typo, not a deployment
+
 
 def check_spec(spec: ClusterSpec) -> None:
     """All checks that need nothing but the spec itself."""
@@ -34,6 +36,7 @@ def check_spec(spec: ClusterSpec) -> None:
     _at_least(spec.router.max_requests, 1, "router.max_requests")
     _at_least(spec.router.health_timeout_s, 0, "router.health_timeout_s", strict=True)
     _check_migration(spec)
+    _check_http(spec)
     if spec.slo is not None:
         _at_least(spec.slo.ttft_ms, 0, "slo.ttft_ms", strict=True)
         _at_least(spec.slo.tpot_ms, 0, "slo.tpot_ms", strict=True)
@@ -81,6 +84,18 @@ def _check_migration(spec: ClusterSpec) -> None:
         _at_least(getattr(m, name), 1, f"migration.{name}")
     for name in ("max_stages", "recompute_max_tokens", "growth_horizon_tokens"):
         _at_least(getattr(m, name), 0, f"migration.{name}")
+
+
+def _check_http(spec: ClusterSpec) -> None:
+    if spec.http is None:
+        return
+    if not 0 < spec.http.port < 65536:
+        raise SpecError("http.port", f"must be a TCP port (1-65535), got {spec.http.port}")
+    if not spec.http.host:
+        raise SpecError("http.host", "must name an interface, e.g. 127.0.0.1")
+    if not 1 <= spec.http.replicas <= MAX_HTTP_REPLICAS:
+        raise SpecError("http.replicas", f"must be 1 to {MAX_HTTP_REPLICAS} ingress processes, "
+                                         f"got {spec.http.replicas}")
 
 
 def _at_least(value: float, low: float, where: str, *, strict: bool = False) -> None:

@@ -111,6 +111,15 @@ class RouterSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     recompute_lost: bool = False
 
 
+class HttpSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The OpenAI-compatible HTTP front end `tandem serve` runs (``--http``/``--http-replicas``
+    override it). The API key is never in the spec: ``--api-key`` or ``$TANDEM_API_KEY``."""
+
+    port: int
+    host: str = "127.0.0.1"
+    replicas: int = 1  # ingress processes sharing the port
+
+
 class MigrationSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """Live migration of decoding requests between decode instances. ``enabled`` turns on the
     periodic rebalancer (cluster/rebalance.py); drains and explicit migrations work either way and
@@ -198,6 +207,7 @@ class ClusterSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     instances: InstanceSpec | None = None
     transfer: TransferSpec = TransferSpec()
     router: RouterSpec = RouterSpec()
+    http: HttpSpec | None = None
     migration: MigrationSpec = MigrationSpec()
     slo: SloSpec | None = None
     planning: PlanningSpec | None = None

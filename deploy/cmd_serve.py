@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import threading
 
 from tandem.deploy.cli import CommandError
@@ -17,7 +18,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help="leave the cluster running (detached actors) and return")
     serve.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS or a local one)")
     serve.add_argument("--http", metavar="[HOST:]PORT",
-                       help="also serve the OpenAI API over HTTP (host default 127.0.0.1)")
+                       help="also serve the OpenAI API over HTTP (host default 127.0.0.1; "
+                            "overrides the spec's http section)")
+    serve.add_argument("--http-replicas", type=int, metavar="N",
+                       help="HTTP ingress processes sharing the port (default: the spec's, else 1)")
     serve.add_argument("--api-key", default=os.environ.get("TANDEM_API_KEY"),
                        help="require this bearer token on HTTP requests (default: $TANDEM_API_KEY)")
     serve.set_defaults(func=_serve)
@@ -74,9 +78,9 @@ def _serve(args: argparse.Namespace) -> int:
     from tandem.deploy.ray_session import connect_ray
 
     spec = load_spec_or_fail(args.spec)  # fails before any actor starts
-    if args.http and args.detach:
-        raise CommandError("--http serves in the foreground: drop --detach")
-    address = _http_address(args.http) if args.http else None
+    address, replicas = _http_choice(args, spec)
+    if address is not None and args.detach:
+        raise CommandError("HTTP (--http or the spec's http section) serves in the foreground: drop --detach")
     connect_ray(args.address, local_ok=not args.detach)
     spec = plan_if_auto(spec)
     try:
@@ -88,9 +92,10 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"connect with tandem.connect({spec.name!r}); stop with `tandem shutdown {spec.name}`")
         return 0
     print("serving; Ctrl-C stops it")
+    _stop_on_sigterm()
     try:
         if address is not None:
-            _serve_http(cluster, spec, address, args.api_key)
+            _serve_http(cluster, spec, address, replicas, args.api_key)
         else:
             threading.Event().wait()
     except KeyboardInterrupt:
@@ -100,26 +105,64 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _http_address(value: str) -> tuple[str, int]:
+def _stop_on_sigterm() -> None:
+    """SIGTERM (a service manager, `kill`) stops the cluster as Ctrl-C does, not mid-air."""
+    def interrupt(*_):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+
+
+def _http_choice(args: argparse.Namespace, spec) -> tuple[tuple[str, int] | None, int]:
+    """Where to serve HTTP and with how many ingress processes: the flags, else the spec's http
+    section; (None, 1) for no HTTP."""
+    from tandem.cluster.spec_check import MAX_HTTP_REPLICAS
     from tandem.deploy.openai_server import parse_address
 
-    try:
-        return parse_address(value)
-    except ValueError as exc:
-        raise CommandError(str(exc)) from exc
+    address = None
+    if args.http:
+        try:
+            address = parse_address(args.http)
+        except ValueError as exc:
+            raise CommandError(str(exc)) from exc
+    elif spec.http is not None:
+        address = (spec.http.host, spec.http.port)
+    replicas = args.http_replicas or (spec.http.replicas if spec.http is not None else 1)
+    if args.http_replicas is not None and not 1 <= args.http_replicas <= MAX_HTTP_REPLICAS:
+        raise CommandError(f"--http-replicas: must be 1 to {MAX_HTTP_REPLICAS}, got {args.http_replicas}")
+    if args.http_replicas is not None and address is None:
+        raise CommandError("--http-replicas needs --http [HOST:]PORT or an http section in the spec")
+    return address, replicas
 
 
-def _serve_http(cluster, spec, address: tuple[str, int], api_key: str | None) -> None:
-    """The OpenAI API in front of ``cluster`` until Ctrl-C; the model answers to the spec's name
-    and, for a prepared model, its name."""
-    from tandem.deploy.openai_server import Served, http_server
-
-    client = cluster.client()
+def _serve_http(cluster, spec, address: tuple[str, int], replicas: int, api_key: str | None) -> None:
+    """The OpenAI API in front of ``cluster`` until Ctrl-C, in this process or in ``replicas``
+    ingress processes; the model answers to the spec's name and, for a prepared model, its name."""
     names = [spec.name] + ([spec.model.name] if spec.model.name else [])
-    served = Served(client, names, client.limits()["max_tokens"], api_key)
     host, port = address
-    print(f"OpenAI API on http://{host}:{port}/v1 (models: {', '.join(names)})", flush=True)
-    http_server(served, host, port).run()
+    where = f"http://{host}:{port}/v1 (models: {', '.join(names)})"
+    if replicas == 1:
+        from tandem.deploy.openai_server import Served, http_server
+
+        client = cluster.client()
+        served = Served(client, names, client.limits()["max_tokens"], api_key)
+        print(f"OpenAI API on {where}", flush=True)
+        http_server(served, host, port).run()
+        return
+    import ray
+
+    from tandem.deploy.ingress import IngressError, IngressReplicas
+
+    ingress = IngressReplicas(spec.name, names, address, replicas, api_key,
+                              ray.get_runtime_context().gcs_address)
+    try:
+        ingress.start()
+        print(f"OpenAI API on {where}, {replicas} ingress processes", flush=True)
+        ingress.watch(threading.Event())
+    except IngressError as exc:
+        raise CommandError(str(exc)) from exc
+    finally:
+        ingress.close()  # before the cluster goes: no replica outlives it
 
 
 def _status(args: argparse.Namespace) -> int:

@@ -5,10 +5,13 @@ metrics): TTFT, time per output token, inter-token latency (each gap), end-to-en
 time, prefill time and KV transfer time histograms; prompt and generation token and KV transfer
 byte counters; finished requests by reason.
 Per instance (read from the router at each scrape): requests running and waiting, KV-cache usage,
-preemptions; migrations by outcome. Each ingress process has its own registry, served at its own
-``/metrics``.
+preemptions; migrations by outcome. A lone ingress process has its own registry. Replicas of the
+ingress (deploy/ingress.py) run in Prometheus' multiprocess mode: each writes its request metrics to
+files in ``$PROMETHEUS_MULTIPROC_DIR``, and any replica's ``/metrics`` sums every replica's.
 """
 from __future__ import annotations
+
+import os
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -39,7 +42,8 @@ class Metrics:
                                 registry=self.registry)
         self.transfer_bytes = Counter("tandem:kv_transfer_bytes", "KV bytes moved from prefill to decode",
                                       registry=self.registry)
-        self.registry.register(_InstanceCollector(stats))
+        self.instances = _InstanceCollector(stats)
+        self.registry.register(self.instances)
 
     def observe(self, metrics: dict[str, float] | None, finish_reason: str | None,
                 token_gaps: list[float] | None = None) -> None:
@@ -59,7 +63,16 @@ class Metrics:
         self.finished.labels(finish_reason or "unknown").inc()
 
     def exposition(self) -> bytes:
-        return generate_latest(self.registry)
+        """The text a scrape gets: this process's metrics, or, as an ingress replica, the sum of
+        every replica's (their files in ``$PROMETHEUS_MULTIPROC_DIR``) and the per-instance ones."""
+        if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            return generate_latest(self.registry)
+        from prometheus_client import multiprocess
+
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        registry.register(self.instances)
+        return generate_latest(registry)
 
 
 class _InstanceCollector:

@@ -322,3 +322,65 @@ def test_tandem_bench_measures_the_server_and_writes_the_table_and_plots(server,
     for name in ("attainment.png", "latency_cdf.png", "timeline.png"):
         image = imread(out / name)
         assert image.shape[0] >= 300 and image.shape[1] >= 500 and image.std() > 0.01  # drawn, not blank
+
+
+@pytest.fixture
+def replicated(server, ray_cluster):
+    """Two ingress processes on one port in front of the served cluster, watched for deaths."""
+    from tandem.deploy.ingress import IngressReplicas
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    ingress = IngressReplicas("http", ["http", "tiny"], ("127.0.0.1", port), 2, KEY,
+                              ray_cluster.get_runtime_context().gcs_address)
+    ingress.start()
+    stop = threading.Event()
+    watcher = threading.Thread(target=ingress.watch, args=(stop, 0.1), daemon=True)
+    watcher.start()
+    yield ingress, f"http://127.0.0.1:{port}"
+    stop.set()
+    watcher.join(10)
+    ingress.close()
+
+
+def test_ingress_replicas_share_a_port_sum_their_metrics_and_a_dead_one_is_restarted(replicated, llm):
+    import os
+    import signal
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    ingress, url = replicated
+    expected = llm.generate([PROMPT], _params(CASES[0]))[0]
+
+    def complete() -> str:  # a fresh connection each time: the kernel hands it to any live replica
+        return _openai((None, url)).completions.create(model="tiny", prompt=PROMPT, **CASES[0]).choices[0].text
+
+    first = ingress.serving
+    assert len(first) == 2
+    assert [complete() for _ in range(3)] == [expected.text] * 3
+    os.kill(first[0], signal.SIGKILL)
+    assert [complete() for _ in range(3)] == [expected.text] * 3  # the other one serves meanwhile
+    restarted = wait_until(lambda: len(ingress.serving) == 2 and first[0] not in ingress.serving
+                           and ingress.serving, timeout_s=60)
+    assert first[1] in restarted
+    with urllib.request.urlopen(f"{url}/metrics", timeout=30) as response:
+        samples = {s.name + str(s.labels): s.value
+                   for family in text_string_to_metric_families(response.read().decode()) for s in family.samples}
+    # Every replica's requests, the killed one's included, whichever replica answers the scrape.
+    assert samples["tandem:request_success_total{'finished_reason': 'length'}"] == 6
+    assert samples["tandem:generation_tokens_total{}"] == 6 * 12
+    processes = [r.process for r in ingress.replicas]
+    ingress.close()
+    assert all(p.returncode is not None for p in processes) and not ingress.state_dir.exists()
+
+
+def test_an_ingress_replica_that_cannot_reach_its_cluster_fails_the_start(ray_cluster):
+    from tandem.deploy.ingress import IngressError, IngressReplicas
+
+    ingress = IngressReplicas("no-such-cluster", ["x"], ("127.0.0.1", 0), 2, None,
+                              ray_cluster.get_runtime_context().gcs_address)
+    with pytest.raises(IngressError, match="HTTP ingress replica [01] exited with code 1 before serving"):
+        ingress.start()
+    assert ingress.pids == [] and not ingress.state_dir.exists()

@@ -55,7 +55,9 @@ def test_chat_messages_keep_role_and_content_for_the_template():
 @pytest.mark.parametrize("argv,fragment", [
     (["--http", "host:port"], "expected [HOST:]PORT, got 'host:port'"),
     (["--http", "70000"], "expected [HOST:]PORT"),
-    (["--http", "8000", "--detach"], "--http serves in the foreground: drop --detach"),
+    (["--http", "8000", "--detach"], "serves in the foreground: drop --detach"),
+    (["--http-replicas", "2"], "--http-replicas needs --http [HOST:]PORT or an http section"),
+    (["--http", "8000", "--http-replicas", "0"], "--http-replicas: must be 1 to 64, got 0"),
 ])
 def test_serve_refuses_a_bad_http_address_before_starting_anything(argv, fragment, capsys):
     from pathlib import Path

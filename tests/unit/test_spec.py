@@ -107,6 +107,12 @@ def test_defaults() -> None:
     assert spec.router.decode_policy == "most_free_blocks"
     assert spec.router.request_timeout_s == 600.0
     assert spec.slo is None and not spec.needs_planning
+    assert spec.http is None
+
+
+def test_http_section_defaults_to_one_local_ingress() -> None:
+    spec = parse_spec(with_value(base(), "http", {"port": 8000}))
+    assert (spec.http.host, spec.http.port, spec.http.replicas) == ("127.0.0.1", 8000, 1)
 
 
 def test_empty_sections_take_defaults() -> None:

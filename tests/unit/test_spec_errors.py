@@ -19,6 +19,7 @@ UNKNOWN_KEYS = [
     ("model.revision", "model.revision", "path, name, dtype"),
     ("transfer.backend_name", "transfer.backend_name", "timeout_s"),
     ("slo.ttft", "slo.ttft", "ttft_ms"),
+    ("http.workers", "http.workers", "port, host, replicas"),
     ("model_check", "model_check", "unknown field"),  # computed, never read from YAML
 ]
 
@@ -72,7 +73,7 @@ def test_wrong_types(field: str, value: Any, fragment: str) -> None:
     expect_error(data, field, fragment)
 
 
-@pytest.mark.parametrize("section", ["model", "prefill", "decode", "transfer", "router", "migration",
+@pytest.mark.parametrize("section", ["model", "prefill", "decode", "transfer", "router", "migration", "http",
                                      "slo"])
 @pytest.mark.parametrize("value", [[1, 2], "yes", 3])
 def test_sections_must_be_mappings(section: str, value: Any) -> None:
@@ -123,6 +124,11 @@ OUT_OF_RANGE = [
     ("name", "", "not DNS-like"),
     ("name", "a" * 64, "not DNS-like"),
     ("model.name", "", "must not be empty"),
+    ("http.port", 0, "must be a TCP port (1-65535), got 0"),
+    ("http.port", 70000, "must be a TCP port"),
+    ("http.host", "", "must name an interface"),
+    ("http.replicas", 0, "must be 1 to 64 ingress processes, got 0"),
+    ("http.replicas", 1000, "must be 1 to 64"),
 ]
 
 
@@ -139,6 +145,8 @@ def test_out_of_range(field: str, value: Any, fragment: str) -> None:
     data = with_value(base(), field, value)
     if field.startswith("slo."):
         data["slo"] = {"ttft_ms": 100, "tpot_ms": 10, **data["slo"]}
+    if field.startswith("http."):
+        data["http"] = {"port": 8000, **data["http"]}
     expect_error(data, field, fragment)
 
 
