@@ -14,7 +14,7 @@ def host_memory_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def _group(section: str, inst: InstanceSpec, dtype: str) -> InstanceGroup:
+def _group(inst: InstanceSpec, dtype: str) -> InstanceGroup:
     """An instance pool; with tp or pp above 1 each instance is tp x pp workers, each with the
     section's num_cpus/num_gpus (and its KV budget)."""
     kv_bytes = EngineConfig().kv_cache_bytes
@@ -63,9 +63,10 @@ def launch_config(spec: ClusterSpec, model_dir: str) -> LaunchConfig:
                   migration=spec.migration,
                   prefill_policy=spec.router.prefill_policy, decode_policy=spec.router.decode_policy)
     if spec.mode == "colocated":
-        return LaunchConfig(mode="colocated", decode=_group("instances", spec.instances, dtype), **common)
-    return LaunchConfig(mode="disaggregated", prefill=_group("prefill", spec.prefill, dtype),
-                        decode=_group("decode", spec.decode, dtype), **common)
+        return LaunchConfig(mode="colocated", decode=_group(spec.instances, dtype), **common)
+    decode = tuple(_group(pool, dtype) for pool in spec.decode_pools)
+    return LaunchConfig(mode="disaggregated", prefill=_group(spec.prefill, dtype), decode=decode[0],
+                        more_decode=decode[1:], **common)
 
 
 def _check_nccl_here() -> None:

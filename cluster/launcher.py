@@ -17,7 +17,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from tandem.cluster.client import Client
 from tandem.cluster.launcher_config import (NAMESPACE, InstanceGroup, LaunchConfig, instance_bundles,
-                                            instance_names, router_name)
+                                            instance_groups, instance_names, router_name)
 from tandem.cluster.preflight import Capacity, shortfall
 from tandem.cluster.router import Router
 from tandem.decode.actor import DecodeActor
@@ -42,6 +42,8 @@ class Cluster:
 
     @classmethod
     def launch(cls, config: LaunchConfig, *, detach: bool = False, timeout_s: float = 300.0) -> "Cluster":
+        if config.more_decode and config.mode != "disaggregated":
+            raise LaunchError("more_decode: several decode pools need disaggregated mode")
         short = shortfall(config, ray_capacity(), _model_shape(config))
         if short is not None:  # before anything starts: nothing to clean up, no wait
             raise LaunchError(f"cluster {config.name!r} cannot start: {short}")
@@ -75,10 +77,9 @@ class Cluster:
         elif config.mode == "disaggregated":
             raise ValueError("disaggregated mode needs a prefill group")
         decode = {}
-        for name in names["decode"]:
-            decode[name] = self._start(DecodeActor, name, config.decode, lifetime, timeout_s,
-                                       config.decode.engine, (config.transfer_backend,),
-                                       transfer_timeout_s=config.transfer_timeout_s)
+        for name, group in instance_groups(config)["decode"].items():
+            decode[name] = self._start(DecodeActor, name, group, lifetime, timeout_s, group.engine,
+                                       (config.transfer_backend,), transfer_timeout_s=config.transfer_timeout_s)
         return prefill, decode
 
     def _start(self, actor_cls, name: str, group: InstanceGroup, lifetime, timeout_s: float,

@@ -27,12 +27,15 @@ class InstanceGroup(msgspec.Struct, frozen=True):
 
 
 class LaunchConfig(msgspec.Struct, frozen=True):
-    """What to start. ``decode`` holds the engine instances in colocated mode."""
+    """What to start. ``decode`` holds the engine instances in colocated mode. ``more_decode``:
+    further decode pools, each of its own shape (tp, pp) and resources, in one decode service
+    (dispatch and live migration span all of them; disaggregated mode only)."""
 
     name: str
     model_dir: str
     decode: InstanceGroup
     prefill: InstanceGroup | None = None
+    more_decode: tuple[InstanceGroup, ...] = ()
     mode: str = "disaggregated"
     transfer_backend: str = "ray"
     transfer_timeout_s: float = 30.0
@@ -60,12 +63,32 @@ def instance_bundles(group: InstanceGroup) -> list[dict[str, float]]:
     return [instance_bundle(group) for _ in range(group.workers)]
 
 
-def instance_names(config: LaunchConfig) -> dict[str, list[str]]:
-    """The Ray actor names of a launch's instances by role: the launcher names them so, and a
-    restarted router finds them again by these names."""
+def decode_groups(config: LaunchConfig) -> tuple[InstanceGroup, ...]:
+    """Every pool of decode instances (the engine instances in colocated mode)."""
+    return (config.decode, *config.more_decode)
+
+
+def instance_groups(config: LaunchConfig) -> dict[str, dict[str, InstanceGroup]]:
+    """Each instance's Ray actor name and pool, by role. The launcher names them so, and a
+    restarted router finds them again by these names; decode instances are numbered across pools."""
     num_prefill = config.prefill.replicas if config.mode == "disaggregated" and config.prefill else 0
-    return {"prefill": [f"{config.name}-prefill-{i}" for i in range(num_prefill)],
-            "decode": [f"{config.name}-decode-{i}" for i in range(config.decode.replicas)]}
+    prefill = {f"{config.name}-prefill-{i}": config.prefill for i in range(num_prefill)}
+    pools = [group for group in decode_groups(config) for _ in range(group.replicas)]
+    decode = {f"{config.name}-decode-{i}": group for i, group in enumerate(pools)}
+    return {"prefill": prefill, "decode": decode}
+
+
+def instance_names(config: LaunchConfig) -> dict[str, list[str]]:
+    """The Ray actor names of a launch's instances by role."""
+    return {role: list(groups) for role, groups in instance_groups(config).items()}
+
+
+def group_of(config: LaunchConfig, instance_id: str) -> InstanceGroup | None:
+    """The pool an instance belongs to (None for a name the launch never gave)."""
+    for groups in instance_groups(config).values():
+        if instance_id in groups:
+            return groups[instance_id]
+    return None
 
 
 def router_name(cluster_name: str) -> str:

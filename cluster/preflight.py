@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import msgspec
 
-from tandem.cluster.launcher_config import InstanceGroup, LaunchConfig
+from tandem.cluster.launcher_config import InstanceGroup, LaunchConfig, decode_groups
 from tandem.engine.parallel import kv_head_range, layer_range
 from tandem.placement.model_spec import ModelSpec, normalize_dtype
 
@@ -27,10 +27,13 @@ class Capacity(msgspec.Struct, frozen=True):
 
 
 def pools(config: LaunchConfig) -> dict[str, InstanceGroup]:
-    """The launch's instance groups by the spec section that describes them."""
-    if config.mode == "colocated" or config.prefill is None:
-        return {"instances" if config.mode == "colocated" else "decode": config.decode}
-    return {"prefill": config.prefill, "decode": config.decode}
+    """The launch's instance groups by the spec section that describes them (``decode.1`` for
+    the second of a list of decode pools)."""
+    if config.mode == "colocated":
+        return {"instances": config.decode}
+    decode = decode_groups(config)
+    named = {"decode": decode[0]} if len(decode) == 1 else {f"decode.{i}": g for i, g in enumerate(decode)}
+    return named if config.prefill is None else {"prefill": config.prefill, **named}
 
 
 def shortfall(config: LaunchConfig, capacity: Capacity, model: ModelSpec) -> str | None:

@@ -13,7 +13,7 @@ from typing import Callable
 
 from tandem.cluster.dispatch import Dispatcher
 from tandem.cluster.health import BENCH, DROP, Verdict, health_verdict
-from tandem.cluster.launcher_config import NAMESPACE, LaunchConfig
+from tandem.cluster.launcher_config import NAMESPACE, LaunchConfig, group_of
 from tandem.transfer.protocol import HealthReport
 
 log = logging.getLogger(__name__)
@@ -34,8 +34,8 @@ class Roster:
     def pools(self) -> tuple[tuple[str, dict], ...]:
         return ("prefill", self.prefill), ("decode", self.decode)
 
-    def restartable(self, role: str) -> bool:
-        group = self.config.prefill if role == "prefill" else self.config.decode
+    def restartable(self, iid: str) -> bool:
+        group = group_of(self.config, iid)
         return group is not None and group.max_restarts > 0
 
     def handle(self, iid: str):
@@ -49,7 +49,7 @@ class Roster:
         if role == "prefill":
             self.dispatch.add_prefill(iid)
         else:
-            self.dispatch.set_free_blocks(iid, stats["free_blocks"], self.config.decode.engine.block_size)
+            self.dispatch.set_free_blocks(iid, stats["free_blocks"], group_of(self.config, iid).engine.block_size)
 
     def bench(self, role: str, iid: str, handle, why: str) -> None:
         self.benched[iid] = (role, handle, why)
@@ -70,7 +70,7 @@ class Roster:
         which it asks for by exiting)."""
         for role, pool in self.pools():
             if iid in pool:
-                action = BENCH if self.restartable(role) else DROP
+                action = BENCH if self.restartable(iid) else DROP
                 self.take_out(role, iid, Verdict(action, f"its step failed ({failure})"))
 
     async def check(self) -> None:
@@ -84,7 +84,7 @@ class Roster:
             *(asyncio.wait_for(h.health.remote(), timeout_s) for _, _, h in entries),
             return_exceptions=True)
         for (role, iid, handle), answer in zip(entries, answers):
-            verdict = health_verdict(answer, restartable=self.restartable(role),
+            verdict = health_verdict(answer, restartable=self.restartable(iid),
                                      known_incarnation=self.incarnations.get(iid), timeout_s=timeout_s)
             if iid not in self.benched:
                 if verdict is not None:

@@ -21,7 +21,7 @@ import ray
 
 from tandem.cluster.dispatch import Dispatcher
 from tandem.cluster.health import lost_verdict
-from tandem.cluster.launcher_config import LaunchConfig, instance_names
+from tandem.cluster.launcher_config import LaunchConfig, decode_groups, instance_names
 from tandem.cluster.mailbox import Mailboxes
 from tandem.cluster.migration import MigrationDesk
 from tandem.cluster.rebalancer import Rebalancer
@@ -55,7 +55,7 @@ class Router:
         self.config = config
         self.tokenizer = Tokenizer.from_model_dir(Path(config.model_dir))
         self.vocab_size = model_config.vocab_size
-        self.max_model_len = context_limit(model_config, config.decode.engine.max_model_len)
+        self.max_model_len = min(context_limit(model_config, g.engine.max_model_len) for g in decode_groups(config))
         self.dispatch = Dispatcher(config.prefill_policy, config.decode_policy)
         self.roster = Roster(config, self.dispatch, on_out=self._fail_requests_on)
         self.prefill, self.decode = self.roster.prefill, self.roster.decode  # in service, by id
@@ -207,7 +207,7 @@ class Router:
                 await pool[iid].submit.remote(rec.request_id, rec.prompt_ids, rec.params)
                 return
             except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as exc:
-                verdict = lost_verdict(exc, restartable=self.roster.restartable(role))
+                verdict = lost_verdict(exc, restartable=self.roster.restartable(iid))
                 if verdict is None:
                     raise  # the instance refused this request: its error goes to the caller
                 self.dispatch.forget(rec)

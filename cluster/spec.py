@@ -55,11 +55,14 @@ def parse_spec(data: dict[str, Any], base_dir: Path | None = None) -> ClusterSpe
     ``base_dir`` (default: the current directory) and is stored absolute."""
     if not isinstance(data, dict):
         raise SpecError("spec", f"expected a mapping at the top level, got {_kind(data)}")
+    data, decode_pools = _split_decode_pools(data)
     cleaned = _check_shape(data, ClusterSpec, "")
     try:
         spec = msgspec.convert(cleaned, type=ClusterSpec, strict=True)
     except msgspec.ValidationError as exc:
         raise _translate(exc, cleaned) from None
+    if decode_pools is not None:
+        spec = msgspec.structs.replace(spec, decode=decode_pools[0], more_decode=decode_pools[1:])
     spec = _resolve_defaults(spec, base_dir)
     check_spec(spec)
     spec = msgspec.structs.replace(spec, model_check=check_model(spec))
@@ -73,6 +76,8 @@ def spec_to_dict(spec: ClusterSpec) -> dict[str, Any]:
     data = msgspec.to_builtins(spec)
     for field in INTERNAL_FIELDS:
         data.pop(field, None)
+    if spec.more_decode:
+        data["decode"] = msgspec.to_builtins(list(spec.decode_pools))
     return _drop_none(data)
 
 
@@ -82,6 +87,28 @@ def dump_spec(spec: ClusterSpec) -> str:
 
 
 # --- pass 1: shape -------------------------------------------------------------------------------
+
+def _split_decode_pools(data: dict[Any, Any]) -> tuple[dict[Any, Any], tuple[InstanceSpec, ...] | None]:
+    """``decode`` as a list of pools (each its own shape and resources): each pool checked with
+    errors named ``decode.<i>.<field>``; the spec goes on with the first as ``decode``."""
+    pools = data.get("decode")
+    if not isinstance(pools, list):
+        return data, None
+    if not pools:
+        raise SpecError("decode", "an empty list: give one pool (a mapping) or a list of pools")
+    converted = []
+    for i, pool in enumerate(pools):
+        where = f"decode.{i}"
+        if not isinstance(pool, dict):
+            raise SpecError(where, f"expected a mapping, got {_kind(pool)}")
+        cleaned = _check_shape(pool, InstanceSpec, where)
+        try:
+            converted.append(msgspec.convert(cleaned, type=InstanceSpec, strict=True))
+        except msgspec.ValidationError as exc:
+            inner = _translate(exc, cleaned)
+            raise SpecError(f"{where}.{inner.field}" if inner.field != "spec" else where, inner.reason) from None
+    return {**data, "decode": pools[0]}, tuple(converted)
+
 
 def _check_shape(data: dict[Any, Any], cls: type[msgspec.Struct], path: str) -> dict[str, Any]:
     """Refuse unknown keys and enum values; drop null sections so they take their defaults (an
@@ -180,9 +207,18 @@ def _resolve_defaults(spec: ClusterSpec, base_dir: Path | None) -> ClusterSpec:
         if section is None and spec.placement == "auto":
             changes[name] = InstanceSpec()
         elif section is not None and spec.placement == "explicit":
-            changes[name] = msgspec.structs.replace(
-                section, **{f: 1 for f in ("replicas", "tp", "pp") if getattr(section, f) is None})
+            changes[name] = _pinned(section)
+    if spec.more_decode:
+        if spec.placement == "auto":
+            raise SpecError("decode", "a list of decode pools is placed by hand: the planner sizes one "
+                                      "decode pool (placement: explicit, or one decode section)")
+        changes["more_decode"] = tuple(_pinned(pool) for pool in spec.more_decode)
     return msgspec.structs.replace(spec, **changes) if changes else spec
+
+
+def _pinned(section: InstanceSpec) -> InstanceSpec:
+    """Omitted replicas/tp/pp mean 1 under explicit placement."""
+    return msgspec.structs.replace(section, **{f: 1 for f in ("replicas", "tp", "pp") if getattr(section, f) is None})
 
 
 def _resolve_planning(planning: PlanningSpec, base_dir: Path | None) -> PlanningSpec:

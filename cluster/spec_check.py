@@ -175,11 +175,12 @@ def _check_planning(spec: ClusterSpec) -> None:
 
 def _check_block_sizes(spec: ClusterSpec) -> None:
     # The transfer layer could re-block KV between pools, but does not yet: refuse until it does.
-    if spec.prefill is None or spec.decode is None:
+    if spec.prefill is None:
         return
-    if spec.decode.block_size != spec.prefill.block_size:
-        raise SpecError("decode.block_size", f"must equal prefill.block_size "
-                                             f"({spec.prefill.block_size}) for now")
+    for where, section in spec.sections.items():
+        if section.block_size != spec.prefill.block_size:
+            raise SpecError(f"{where}.block_size", f"must equal prefill.block_size "
+                                                   f"({spec.prefill.block_size}) for now")
 
 
 def _check_backend(spec: ClusterSpec) -> None:

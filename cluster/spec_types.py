@@ -212,12 +212,26 @@ class ClusterSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     slo: SloSpec | None = None
     planning: PlanningSpec | None = None
     model_check: ModelCheck = ModelCheck()
+    # ``decode`` given as a list of pools: the first is ``decode``, the rest are here.
+    more_decode: tuple[InstanceSpec, ...] = ()
+
+    @property
+    def decode_pools(self) -> tuple[InstanceSpec, ...]:
+        return () if self.decode is None else (self.decode, *self.more_decode)
 
     @property
     def sections(self) -> dict[str, InstanceSpec]:
-        """The instance pools in use, by section name (prefill, decode) or (instances)."""
-        names = ("instances",) if self.mode == "colocated" else ("prefill", "decode")
-        return {n: s for n in names if (s := getattr(self, n)) is not None}
+        """The instance pools in use, by section name: prefill and decode (decode.0, decode.1, ...
+        for a list of decode pools), or instances."""
+        if self.mode == "colocated":
+            return {} if self.instances is None else {"instances": self.instances}
+        named = {"prefill": self.prefill} if self.prefill is not None else {}
+        pools = self.decode_pools
+        if len(pools) == 1:
+            named["decode"] = pools[0]
+        else:
+            named.update({f"decode.{i}": pool for i, pool in enumerate(pools)})
+        return named
 
     @property
     def needs_planning(self) -> bool:
@@ -226,4 +240,4 @@ class ClusterSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
 
 
 # Fields a YAML document may not set: parse_spec computes them.
-INTERNAL_FIELDS = frozenset({"model_check"})
+INTERNAL_FIELDS = frozenset({"model_check", "more_decode"})

@@ -36,7 +36,7 @@ def reference(model_dir, workload):
     return hf_load(model_dir), LLM(model_dir, dtype="float32", num_blocks=256).generate(prompts, params)
 
 
-def _launch(name, model_dir, prefill, decode, backend, decode_replicas=1):
+def _launch(name, model_dir, prefill, decode, backend, decode_replicas=1, more_decode=()):
     from tandem.cluster.launcher import Cluster
     from tandem.cluster.launcher_config import InstanceGroup, LaunchConfig
 
@@ -46,7 +46,7 @@ def _launch(name, model_dir, prefill, decode, backend, decode_replicas=1):
 
     config = LaunchConfig(name=name, model_dir=str(model_dir), prefill=group(1, prefill),
                           decode=group(decode_replicas, decode), transfer_backend=backend,
-                          health_timeout_s=5.0)
+                          health_timeout_s=5.0, more_decode=tuple(group(1, shape) for shape in more_decode))
     return Cluster.launch(config, timeout_s=180)
 
 
@@ -74,6 +74,41 @@ def test_outputs_match_the_references_for_each_pair_of_shapes(ray_cluster, model
     try:
         prompts, params = workload
         _check_outputs(cluster.client(timeout_s=120).generate_batch(prompts, params), workload, reference)
+        assert_all_blocks_free(cluster)
+    finally:
+        cluster.shutdown()
+
+
+def test_requests_migrate_between_decode_pools_of_different_shapes(ray_cluster, model_dir, workload, reference):
+    """Decode pools tp=2 and pp=2 side by side: one request moves tp=2 -> pp=2 -> tp=2 (or the
+    reverse), pre-copied each way through shm (the other transports move the same resharded
+    slices: tests/unit/test_resharding_transfer.py), and its tokens still match transformers; a
+    seeded one moved once matches the single-worker engine; every block is free afterwards."""
+    cluster = _launch("par-mixed", model_dir, (1, 1), (2, 1), "shm", more_decode=[(1, 2)])
+    try:
+        client = cluster.client(timeout_s=120)
+        prompts, _ = workload
+        greedy = SamplingParams(max_tokens=160, temperature=0, ignore_eos=True)
+        seeded = SamplingParams(max_tokens=160, temperature=0.8, top_k=20, seed=11, ignore_eos=True)
+        single = LLM(cluster.config.model_dir, dtype="float32", num_blocks=256)
+        wanted = single.generate(prompts[:1], greedy) + single.generate(prompts[1:2], seeded)
+        there_and_back, once = client.submit(prompts[0], greedy), client.submit(prompts[1], seeded)
+        start = _when_decoding(client, there_and_back)["decode_instance"]
+        middle = client.migrate(there_and_back)
+        assert middle != start
+        wait_until(lambda: len(_describe(client, there_and_back)["migrations"]) == 1)
+        _when_decoding(client, there_and_back, min_tokens=20)
+        assert client.migrate(there_and_back) == start
+        _when_decoding(client, once)
+        client.migrate(once)
+        moves = wait_until(lambda: len(m := _describe(client, there_and_back)["migrations"]) == 2 and m)
+        assert all(m["blocks"] >= 1 for m in moves)  # pre-copied each way, not recomputed
+        wait_until(lambda: len(_describe(client, once)["migrations"]) == 1)
+        results = [client.result(there_and_back), client.result(once)]
+        hf_model, _ = reference
+        assert results[0].error is None and results[1].error is None
+        assert_greedy_close(hf_model, prompts[0], results[0].token_ids, wanted[0].token_ids)
+        assert results[1].token_ids == wanted[1].token_ids
         assert_all_blocks_free(cluster)
     finally:
         cluster.shutdown()

@@ -77,6 +77,9 @@ def test_wrong_types(field: str, value: Any, fragment: str) -> None:
                                      "slo"])
 @pytest.mark.parametrize("value", [[1, 2], "yes", 3])
 def test_sections_must_be_mappings(section: str, value: Any) -> None:
+    if section == "decode" and isinstance(value, list):  # a list of decode pools, each a mapping
+        expect_error({**base(), section: value}, "decode.0", "expected a mapping, got int")
+        return
     expect_error({**base(), section: value}, section, "expected a mapping")
 
 

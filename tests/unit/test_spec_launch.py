@@ -97,3 +97,34 @@ def test_memory_fraction_is_of_the_gpu_share_on_cuda_and_of_host_ram_on_cpu(devi
 def test_memory_fraction_on_a_parallel_cuda_pool_is_refused() -> None:
     data = with_value(with_value(base(), "decode.device", "cuda"), "decode.memory_fraction", 0.5)
     expect_error(with_value(data, "decode.tp", 2), "decode.memory_fraction", "needs num_blocks")
+
+
+def test_a_list_of_decode_pools_launches_each_with_its_own_shape(tmp_path: Path) -> None:
+    """``decode`` as a list: each pool its own (tp, pp), replicas and CPUs; instances numbered
+    across pools; errors and pre-flight name the pool by its index; the spec round-trips."""
+    from tandem.cluster.deployment import launch_config
+    from tandem.cluster.launcher_config import instance_groups
+    from tandem.cluster.preflight import Capacity, shortfall
+    from tandem.cluster.spec import spec_to_dict
+    from tandem.placement.model_spec import load_model
+    from tests.spec_helpers import TINY_CONFIG, write_model_config
+
+    model = write_model_config(tmp_path / "m", {**TINY_CONFIG, "intermediate_size": 128, "vocab_size": 256})
+    data = with_value(base(model), "decode", [{"tp": 2, "num_cpus": 0.5}, {"pp": 2, "replicas": 2}])
+    spec = parse_spec(data)
+    assert list(spec.sections) == ["prefill", "decode.0", "decode.1"]
+    assert parse_spec(spec_to_dict(spec)) == spec
+    config = launch_config(spec, str(model))
+    groups = instance_groups(config)["decode"]
+    assert list(groups) == ["test-decode-0", "test-decode-1", "test-decode-2"]
+    shapes = [(g.engine.parallelism.tp, g.engine.parallelism.pp, g.num_cpus) for g in groups.values()]
+    assert shapes == [(2, 1, 0.5), (1, 2, 1.0), (1, 2, 1.0)]
+    # 1 prefill CPU + 2 x 0.5 + 2 instances x 2 workers x 1 = 6 CPUs.
+    small = Capacity(cpus=5, largest_node_cpus=5, gpus=0, largest_node_gpus=0, memory_bytes=1e12,
+                     largest_node_memory_bytes=1e12)
+    assert "decode.1: 2 x (tp=1 x pp=2 workers) x 1 CPU = 6 CPU" in shortfall(config, small, load_model(str(model)))
+    expect_error(with_value(base(model), "decode", [{}, {"tp": 3}]), "decode.1.tp", "does not divide")
+    expect_error(with_value(base(model), "decode", [{}, {"replicas": "two"}]), "decode.1.replicas", "expected int")
+    expect_error(with_value(base(model), "decode", []), "decode", "an empty list")
+    expect_error(with_value(base(model), "decode", [{}, {"block_size": 32}]), "decode.1.block_size",
+                 "must equal prefill.block_size")
