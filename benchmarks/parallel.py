@@ -8,6 +8,10 @@ A random-weight 155M Llama (8 layers, 16 heads, 4 KV heads of 64, fp32) througho
 - engine: one prefill step (4 prompts x 256 tokens) and the median decode step (batch 8, context
   ~300; batch 64, context ~100) of ``LLM`` at tp=1 in process (1 and 2 torch threads) and at tp=2
   and pp=2 on two local worker processes of cores/2 threads each (gloo);
+- pipeline: decode tokens/s (32 new tokens per request, batch 8 at context ~300 and batch 64 at
+  ~100) of pp=2 on two local worker processes (1 thread each), its decode steps one at a time or
+  pipelined (two batches with a step of each in flight, engine/pipeline.py), next to tp=1 in
+  process on every core;
 - allreduce: one gloo all-reduce between two processes of the shapes a step reduces (decode
   [8, 1024], prefill [1024, 1024]); and, inside each worker of a tp=2 pair running the model
   (1 thread each), the step time and the time spent in its all-reduces (waiting for the slower
@@ -107,6 +111,50 @@ def run_engine(path: Path, repeats: int) -> list[str]:
         per_worker = threads or max(1, cores // (tp * pp))
         lines.append(f"| tp={tp} pp={pp} | {tp * pp} x {per_worker} | {spread(prefill)} | {spread(decode8)} "
                      f"| {spread(decode64)} |")
+    return lines
+
+
+# -- pipelined decoding ----------------------------------------------------------------------------
+
+def _decode_rate(engine, prompts: list[list[int]], new_tokens: int) -> float:
+    """Decode tokens/s of ``prompts`` decoding together, their prefills not counted."""
+    from tandem.engine import SamplingParams
+
+    for prompt in prompts:
+        engine.add_request(prompt, SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True))
+    while any(s.num_output_tokens == 0 for s in engine.scheduler.running) or engine.scheduler.waiting:
+        engine.step()
+    start, tokens = time.perf_counter(), 0
+    while engine.has_unfinished():
+        tokens += sum(len(d.token_ids) for d in engine.step())
+    return tokens / (time.perf_counter() - start)
+
+
+def pipeline_rates(path: Path, pp: int, threads: int, pipelined: bool, repeats: int) -> tuple[list, list]:
+    from tandem.engine.engine import Engine, EngineConfig
+    from tandem.engine.parallel import Parallelism
+
+    torch.set_num_threads(threads)
+    gen = torch.Generator().manual_seed(0)
+    small = torch.randint(10, 32000, (8, 300), generator=gen).tolist()
+    large = torch.randint(10, 32000, (64, 100), generator=gen).tolist()
+    engine = Engine(path, EngineConfig(dtype="float32", num_blocks=1024, parallelism=Parallelism(1, pp),
+                                       pipeline_decode=pipelined))
+    try:
+        rates = [(_decode_rate(engine, small, 32), _decode_rate(engine, large, 32)) for _ in range(repeats)]
+    finally:
+        engine.close()
+    return [r[0] for r in rates], [r[1] for r in rates]
+
+
+def run_pipeline(path: Path, repeats: int) -> list[str]:
+    lines = ["| shape | decode steps | decode tok/s, batch 8, context 300 | decode tok/s, batch 64, context 100 |",
+             "|---|---|---|---|"]
+    cores = os.cpu_count() or 1
+    for pp, threads, pipelined in [(1, cores, False), (2, 1, False), (2, 1, True)]:
+        small, large = pipeline_rates(path, pp, threads, pipelined, repeats)
+        how = "2 batches in flight" if pipelined else ("one at a time" if pp > 1 else f"in process, {threads} threads")
+        lines.append(f"| pp={pp} | {how} | {spread(small, 1)} | {spread(large, 1)} |")
     return lines
 
 
@@ -314,13 +362,14 @@ def run_cluster(path: Path, repeats: int) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--parts", nargs="+", default=["engine", "allreduce", "transfer", "cluster"])
+    parser.add_argument("--parts", nargs="+", default=["engine", "pipeline", "allreduce", "transfer", "cluster"])
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        path = model_dir(Path(tmp)) if {"engine", "allreduce", "cluster"} & set(args.parts) else None
+        path = model_dir(Path(tmp)) if {"engine", "pipeline", "allreduce", "cluster"} & set(args.parts) else None
         for part in args.parts:
             runner = {"engine": lambda: run_engine(path, args.repeats),
+                      "pipeline": lambda: run_pipeline(path, args.repeats),
                       "allreduce": lambda: run_allreduce(path, args.repeats),
                       "transfer": lambda: run_transfer(args.repeats),
                       "cluster": lambda: run_cluster(path, args.repeats)}[part]

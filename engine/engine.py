@@ -34,6 +34,7 @@ from tandem.engine.sequence import Sequence, Status, make_generator, sequence_fr
 from tandem.engine.stopping import append_text, finish_reason
 from tandem.engine.tokenizer import DetokenizerState, Tokenizer, detokenize_step
 from tandem.engine.validation import prompt_token_ids, validate_request
+from tandem.engine.pipeline import DecodePipeline
 from tandem.engine.worker import WorkerConfig, WorkerGroupFactory
 
 DEFAULT_KV_CACHE_BYTES = 1 << 30
@@ -55,6 +56,8 @@ class EngineConfig(msgspec.Struct, frozen=True, kw_only=True):
     # profiled largest step leave (engine/memory.py). None: ``kv_cache_bytes``.
     memory_fraction: float | None = None
     device_share: float = 1.0  # the fraction of a GPU Ray gave this engine
+    # With pp > 1: decode as pp batches with a step of each in flight (engine/pipeline.py).
+    pipeline_decode: bool = True
 
 
 def context_limit(model: ModelConfig, requested: int | None) -> int:
@@ -101,11 +104,22 @@ class Engine:
         pace = config.step_pace
         self._step_runner = self.runner if pace is None else PacedRunner(self.runner, pace)
         self.scheduler = Scheduler(config.scheduler, self.blocks)
+        self.pipeline = self._decode_pipeline()
+        self._drained: list[TokenDelta] = []  # outputs of pipelined steps collected early
         self._exports: dict[str, Sequence] = {}  # exported: off the schedule, blocks kept
         self._reserved: set[str] = set()  # blocks reserved for a request being imported
         self.num_preemptions = 0  # requests preempted since the engine started
         self._ids = itertools.count()
         self._seeds = random.Random()
+
+    def _decode_pipeline(self) -> DecodePipeline | None:
+        """Pipelined decoding where it applies: pp > 1 stages, decode steps (not chunked ones)
+        and no step pace (which times whole steps)."""
+        config = self.config
+        if (config.parallelism.pp < 2 or not config.pipeline_decode or config.step_pace is not None
+                or config.scheduler.chunked_prefill or not config.scheduler.enable_decode):
+            return None
+        return DecodePipeline(self.runner, self.scheduler, config.parallelism.pp)
 
     def _measures_memory(self) -> bool:
         """Whether the KV capacity comes from the device's memory, measured after loading."""
@@ -201,6 +215,7 @@ class Engine:
 
     def abort(self, request_id: str) -> TokenDelta | None:
         """Stop a request wherever it is and free its blocks; None if it is unknown/finished."""
+        self._settle(request_id)
         seq = self.scheduler.find(request_id)
         if seq is None:
             return None
@@ -209,7 +224,7 @@ class Engine:
         return TokenDelta(request_id, [], "", seq.num_output_tokens, finish_reason="abort")
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_work()
+        return self.scheduler.has_work() or bool(self._drained)
 
     def request_ids(self) -> list[str]:
         """Every request this engine holds: scheduled (waiting or running), exported or reserved."""
@@ -243,20 +258,37 @@ class Engine:
         return self.run_step()[1]
 
     def run_step(self) -> tuple[StepPlan | None, list[TokenDelta]]:
-        """One scheduled model step; returns the plan too, for callers that act on its requests."""
+        """One scheduled model step; returns the plan too, for callers that act on its requests.
+        (With pipelined decoding: the oldest step in flight, after filling the pipeline.)"""
+        if self._drained:  # outputs of steps collected before a hand-over or an abort
+            deltas, self._drained = self._drained, []
+            return None, deltas
+        if self.pipeline is not None and self.pipeline.applies():
+            plan, deltas, preempted = self.pipeline.step(self._outputs)
+            self.num_preemptions += preempted
+            return plan, deltas
         plan = self.scheduler.schedule()
         if plan is None:
             return None, []
         self.num_preemptions += len(plan.preempted)
         if not plan.seqs:  # every request was preempted (blocks held elsewhere): nothing to run
             return plan, []
-        logits = self._step_runner.run(plan)
+        return plan, self._outputs(plan, self._step_runner.run(plan))
+
+    def _settle(self, request_id: str) -> None:
+        """Collect the pipelined steps in flight if ``request_id`` is in one (its outputs are
+        returned by the next step), so it can be handed over or aborted between its tokens."""
+        if self.pipeline is not None and request_id in self.pipeline.busy:
+            self._drained += self.pipeline.drain(self._outputs)
+
+    def _outputs(self, plan: StepPlan, logits) -> list[TokenDelta]:
+        """A step's sampled tokens, appended to their requests."""
         rows = plan.sampling_rows()
         if not rows:  # only mid-prompt chunks: nothing to sample yet
-            return plan, []
+            return []
         seqs = [plan.seqs[i] for i in rows]
         sampled = sample(select_rows(logits, rows, len(plan.seqs)), seqs)
-        return plan, [
+        return [
             self._append_or_fail(seq, tok, None if sampled.logprobs is None else sampled.logprobs[i],
                                  None if sampled.top is None else sampled.top[i])
             for i, (seq, tok) in enumerate(zip(seqs, sampled.tokens))
@@ -306,6 +338,7 @@ class Engine:
 
     def export(self, request_id: str) -> Export:
         """Stop scheduling a running request and keep its blocks until ``release`` (or ``resume``)."""
+        self._settle(request_id)
         seq = self.scheduler.find(request_id)
         if seq is None or seq.status is not Status.RUNNING:
             raise ValueError(f"request {request_id!r} is not running here: only a running request "

@@ -85,20 +85,39 @@ class ProcessWorkerGroup:
             self.close()
             raise
         self.encoder = msgspec.msgpack.Encoder()
+        self.submitted = self.collected = 0  # steps sent, steps answered
 
     def run(self, inputs: StepInputs) -> torch.Tensor:
+        return self.collect(self.submit(inputs))
+
+    def submit(self, inputs: StepInputs) -> int:
+        """Send a step to every worker without waiting; each worker runs its steps in the order
+        sent. The ticket is for ``collect``, which must take steps in the same order."""
         if self.failed:
             raise WorkerFailed(f"the worker group failed earlier and cannot step: {self.failed}")
         payload = self.encoder.encode(inputs)
         try:
             for rank, conn in enumerate(self.conns):
                 self._send(rank, conn, payload)
+        except WorkerFailed as exc:
+            self.failed = str(exc)
+            raise
+        self.submitted += 1
+        return self.submitted
+
+    def collect(self, ticket: int) -> torch.Tensor:
+        """The oldest submitted step's result (``ticket`` must be that step's)."""
+        if ticket != self.collected + 1:
+            raise RuntimeError(f"steps are collected in the order submitted: expected {self.collected + 1}, "
+                               f"got {ticket}")
+        try:
             # Every worker answers, so an error anywhere surfaces and the group stays in lockstep.
             answers = [self._answer(rank, self.config.timeout_s + 5.0, "stepping")
                        for rank in range(len(self.conns))]
         except WorkerFailed as exc:
             self.failed = str(exc)
             raise
+        self.collected = ticket
         return unpack_result(answers[self.output_rank])
 
     def _send(self, rank: int, conn: Connection, payload: bytes) -> None:

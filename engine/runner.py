@@ -95,8 +95,16 @@ class GroupRunner:
     def run(self, plan: StepPlan) -> torch.Tensor | WorkerSampled:
         """The step's logits, or, when every request samples greedily without logprobs, the
         tokens the output worker chose (only those cross to the controller)."""
+        return self.collect(self.submit(plan))
+
+    def submit(self, plan: StepPlan) -> tuple:
+        """Send the step to the workers without waiting for it; ``collect`` its result (in order)."""
         greedy = all(s.params.greedy and not s.params.logprobs for s in plan.seqs)
-        result = self.group.run(step_inputs(plan, self.tables, greedy))
+        return self.group.submit(step_inputs(plan, self.tables, greedy)), greedy
+
+    def collect(self, submitted: tuple) -> torch.Tensor | WorkerSampled:
+        ticket, greedy = submitted
+        result = self.group.collect(ticket)
         return WorkerSampled(result.tolist()) if greedy else result
 
     @property

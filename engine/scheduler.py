@@ -130,13 +130,22 @@ class Scheduler:
         self.running.extend(batch)
         return StepPlan("prefill", tuple(batch))
 
-    def _schedule_decode(self) -> StepPlan:
+    def _schedule_decode(self) -> StepPlan | None:
+        return self.schedule_decode_part(set(), self.config.max_num_seqs)
+
+    def schedule_decode_part(self, busy: set[str], limit: int) -> StepPlan | None:
+        """A decode step of at most ``limit`` running requests, oldest first, none of them in
+        ``busy`` (in a step still in flight: pipelined decoding). A request that finds no room for
+        its next token preempts the newest one outside ``busy`` (itself if none is left). None if
+        there is nothing to run."""
+        free = [seq for seq in self.running if seq.request_id not in busy]
         scheduled: list[Sequence] = []
         preempted: list[Sequence] = []
-        while self.running and len(scheduled) < self.config.max_num_seqs:
-            seq = self.running.popleft()
+        while free and len(scheduled) < limit:
+            seq = free.pop(0)
             while not self.blocks.can_append(seq.request_id, seq.num_tokens):
-                victim = self.running.pop() if self.running else seq
+                victim = free.pop() if free else seq
+                self.running.remove(victim)
                 self._preempt(victim)
                 preempted.append(victim)
                 if victim is seq:
@@ -144,7 +153,8 @@ class Scheduler:
             else:
                 self.blocks.append_slot(seq.request_id, seq.num_tokens)
                 scheduled.append(seq)
-        self.running.extendleft(reversed(scheduled))
+        if not scheduled and not preempted:
+            return None
         return StepPlan("decode", tuple(scheduled), tuple(preempted))
 
     # -- chunked prefill: one token budget per step, decodes first ------------------------------

@@ -8,7 +8,7 @@ worker needs, resolved by the controller so that every worker builds the same sh
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Any, Callable, Protocol
 
 import msgspec
 import torch
@@ -45,9 +45,15 @@ class WorkerFailed(RuntimeError):
 
 
 class WorkerGroup(Protocol):
-    """The controller's side of its workers: run a step on all of them, get the logits."""
+    """The controller's side of its workers: run a step on all of them, get the logits. ``submit``
+    sends a step without waiting (workers run steps in the order sent, so pipeline stages can work
+    on different steps at once) and ``collect`` takes the oldest one's result."""
 
     def run(self, inputs: StepInputs) -> torch.Tensor: ...
+
+    def submit(self, inputs: StepInputs) -> Any: ...
+
+    def collect(self, ticket: Any) -> torch.Tensor: ...
 
     def close(self) -> None: ...
 

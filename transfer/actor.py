@@ -11,6 +11,7 @@ bounded; a worker that dies or fails fails the step (and so the instance) with a
 from __future__ import annotations
 
 import socket
+import threading
 import time
 from pathlib import Path
 
@@ -33,7 +34,7 @@ STARTUP_TIMEOUT_S = 300.0  # a worker loads its shard before it answers
 CALL_MARGIN_S = 5.0  # on top of a worker's own bound (collectives, transfers)
 
 
-@ray.remote(max_restarts=0, max_concurrency=4)
+@ray.remote(max_restarts=0, max_concurrency=8)
 class ShardWorkerActor:
     """One worker: its shard, its KV cache (allocated by its first transport that allocates), and
     its transports. Threaded: a KV fetch runs beside the steps, into blocks no step touches."""
@@ -46,6 +47,8 @@ class ShardWorkerActor:
             self.transports[transport.name] = transport
         self.worker = None
         self.comm = None
+        self.turn = threading.Condition()  # orders the steps a controller keeps in flight
+        self.last_ticket = 0
 
     def rendezvous(self) -> str:
         """An address for the group's ``torch.distributed`` rendezvous, on this worker's node."""
@@ -65,8 +68,21 @@ class ShardWorkerActor:
         allocator = cache_allocator(list(self.transports.values()), config.device)
         self.worker = ShardWorker(config, rank, self.comm, allocator)
 
-    def run(self, inputs: StepInputs) -> tuple | None:
-        return pack_result(self.worker.run(inputs))
+    def run(self, inputs: StepInputs, ticket: int = 0) -> tuple | None:
+        """Step ``ticket`` (1, 2, ...; 0: unordered, the controller waits for each step): steps
+        in flight together run one at a time in ticket order, as the controller sent them, though
+        the actor's threads may pick their calls up in any order."""
+        if ticket == 0:
+            return pack_result(self.worker.run(inputs))
+        with self.turn:
+            if not self.turn.wait_for(lambda: self.last_ticket == ticket - 1, timeout=self.worker.config.timeout_s):
+                raise TimeoutError(f"step {ticket} waited {self.worker.config.timeout_s:.0f} s for step "
+                                   f"{ticket - 1}, which never came")
+            try:
+                return pack_result(self.worker.run(inputs))
+            finally:
+                self.last_ticket = ticket
+                self.turn.notify_all()
 
     def export(self, transport: str, request_id: str, block_ids: list[int], num_tokens: int) -> KVHandle:
         return self.transports[transport].export(self.worker.kv_cache, request_id, block_ids, num_tokens)
@@ -130,11 +146,20 @@ class RayWorkerGroup:
         self.kv_cache = ShardedCache(KVLayout(model.num_layers, config.block_size, model.num_kv_heads,
                                               model.head_dim, config.dtype))
         self.failed: str | None = None
+        self.tickets = 0  # steps submitted
 
     def run(self, inputs: StepInputs) -> torch.Tensor:
+        return self.collect(self.submit(inputs))
+
+    def submit(self, inputs: StepInputs) -> list:
+        """Send a step to every worker without waiting (each runs its steps in ticket order)."""
         if self.failed:
             raise WorkerFailed(f"the worker group failed earlier and cannot step: {self.failed}")
-        refs = [w.run.remote(inputs) for w in self.workers]
+        self.tickets += 1
+        return [w.run.remote(inputs, self.tickets) for w in self.workers]
+
+    def collect(self, refs: list) -> torch.Tensor:
+        """A submitted step's result (steps are collected in the order submitted)."""
         try:
             answers = self._wait(refs, self.config.timeout_s + CALL_MARGIN_S, "stepping")
         except WorkerFailed as exc:

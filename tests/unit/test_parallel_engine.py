@@ -121,3 +121,73 @@ def test_a_mixed_step_splits_into_micro_batches_with_its_chunk_lengths():
     first, second = split_inputs(step, 2, 128)
     assert first.query_lens == [1, 1, 150] and first.seq_lens == [7, 9, 160] and len(first.token_ids) == 152
     assert second.query_lens == [140] and second.seq_lens == [140] and second.token_ids == list(range(152, 292))
+
+
+def test_pp2_decodes_two_batches_in_flight_with_the_references_outputs(models, references):
+    """Requests of different lengths on a pp=2 engine: decode steps of two batches overlap in the
+    stages (counted), requests finish at different steps and new ones join; greedy outputs match
+    transformers, seeded ones a single worker, and every block comes back."""
+    reference, _ = references["llama"]
+    prompts = [[(11 * i + j) % 240 + 5 for j in range(4 + 3 * i)] for i in range(6)]
+    lengths = [12, 5, 20, 9, 16, 7]
+    params = [SamplingParams(max_tokens=n, ignore_eos=True, temperature=0) if i % 2 == 0 else
+              SamplingParams(max_tokens=n, ignore_eos=True, temperature=0.9, top_k=40, seed=i)
+              for i, n in enumerate(lengths)]
+    single = LLM(models["llama"], dtype="float32").generate(prompts, params)
+    with LLM(models["llama"], pp=2, dtype="float32", num_blocks=64) as llm:
+        engine = llm.engine
+        for prompt, p in zip(prompts[:4], params[:4]):
+            engine.add_request(prompt, p)
+        outputs: dict[str, list[int]] = {}
+        steps = 0
+        while engine.has_unfinished():
+            for delta in engine.step():
+                outputs.setdefault(delta.request_id, []).extend(delta.token_ids)
+            steps += 1
+            if steps == 6:  # late arrivals join while both batches are in flight
+                for prompt, p in zip(prompts[4:], params[4:]):
+                    engine.add_request(prompt, p)
+        assert engine.pipeline.num_overlapped >= 10 and engine.num_free_blocks == 64
+    got = [outputs[rid] for rid in sorted(outputs, key=lambda r: int(r.split("-")[-1]))]
+    for i, (prompt, tokens) in enumerate(zip(prompts, got)):
+        assert len(tokens) == lengths[i]
+        if i % 2 == 0:
+            assert_greedy_close(reference, prompt, tokens, hf_greedy(reference, [prompt], lengths[i])[0])
+        else:
+            assert tokens == single[i].token_ids
+
+
+def test_a_request_aborted_or_exported_mid_flight_leaves_the_others_exact(models, references):
+    """Abort one request and export another while their steps are in flight on a pp=2 engine: the
+    steps are collected first (their tokens still reported, in order), the export carries every
+    token reported, and the rest decode on to transformers' tokens with every block back."""
+    reference, _ = references["llama"]
+    params = SamplingParams(max_tokens=14, ignore_eos=True, temperature=0)
+    with LLM(models["llama"], pp=2, dtype="float32", num_blocks=64) as llm:
+        engine = llm.engine
+        rids = [engine.add_request(prompt, params) for prompt in PROMPTS + [[9, 8, 7, 6]]]
+        outputs: dict[str, list[int]] = {rid: [] for rid in rids}
+
+        def step():
+            for delta in engine.step():
+                outputs[delta.request_id].extend(delta.token_ids)
+        for _ in range(10):  # until every request has a token and one batch's step is in flight
+            step()
+            if all(outputs[r] for r in rids) and engine.pipeline.in_flight:
+                break
+        ((plan, _),) = engine.pipeline.in_flight  # a step returns with the other batch's in flight
+        aborted, exported = [s.request_id for s in plan.seqs]
+        assert engine.abort(aborted).finish_reason == "abort"
+        state = engine.export(exported).state
+        assert not engine.pipeline.in_flight
+        step()  # the tokens the abort and the export collected early
+        assert state.token_ids[state.num_prompt_tokens:] == outputs[exported]
+        engine.release(exported)
+        while engine.has_unfinished():
+            step()
+        assert engine.num_free_blocks == 64
+    for rid, prompt in zip(rids, PROMPTS + [[9, 8, 7, 6]]):
+        if rid in (aborted, exported):
+            continue
+        assert len(outputs[rid]) == 14
+        assert_greedy_close(reference, prompt, outputs[rid], hf_greedy(reference, [prompt], 14)[0])
