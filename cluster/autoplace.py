@@ -125,14 +125,22 @@ def check_plannable(spec: ClusterSpec) -> None:
 
 
 def fill_spec(spec: ClusterSpec, plan: Plan) -> ClusterSpec:
-    """The explicit spec that launches ``plan``: replicas/tp/pp filled, everything else as given;
-    ``planning`` dropped (explicit specs may not carry it)."""
+    """The explicit spec that launches ``plan``: replicas/tp/pp filled (and ``one_node`` where
+    the plan puts each instance on one node), everything else as given; ``planning`` dropped
+    (explicit specs may not carry it)."""
     changes = {name: msgspec.structs.replace(getattr(spec, name), replicas=phase.replicas,
-                                             tp=phase.tp, pp=phase.pp)
+                                             tp=phase.tp, pp=phase.pp, one_node=_on_one_node(phase))
                for name, phase in (("prefill", plan.prefill), ("decode", plan.decode))}
     filled = msgspec.structs.replace(spec, placement="explicit", planning=None, **changes)
     check_spec(filled)
     return msgspec.structs.replace(filled, model_check=check_model(filled))
+
+
+def _on_one_node(phase) -> bool:
+    """Whether the plan puts each of a phase's multi-worker instances on one node (then the
+    launch insists on it: STRICT_PACK)."""
+    return phase.tp * phase.pp > 1 and bool(phase.instances) and all(
+        len(instance.nodes) == 1 for instance in phase.instances)
 
 
 def fill_colocated_spec(spec: ClusterSpec, chosen: ColocatedBaseline) -> ClusterSpec:

@@ -34,7 +34,7 @@ def _group(inst: InstanceSpec, dtype: str) -> InstanceGroup:
     )
     return InstanceGroup(replicas=inst.replicas or 1, engine=engine, num_cpus=inst.num_cpus,
                          num_gpus=num_gpus, num_threads=max(1, int(inst.num_cpus)),
-                         max_restarts=inst.max_restarts)
+                         max_restarts=inst.max_restarts, one_node=inst.one_node)
 
 
 def model_directory(spec: ClusterSpec):

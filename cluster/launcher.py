@@ -85,7 +85,7 @@ class Cluster:
     def _start(self, actor_cls, name: str, group: InstanceGroup, lifetime, timeout_s: float,
                engine: EngineConfig, transport, **kwargs):
         bundles = instance_bundles(group)
-        pg = placement_group(bundles, strategy="PACK", name=name, lifetime=lifetime)
+        pg = placement_group(bundles, strategy=group.strategy, name=name, lifetime=lifetime)
         self.groups.append(pg)
         if not _wait_placed(pg, timeout_s):
             free = ray.available_resources()

@@ -19,6 +19,12 @@ class InstanceGroup(msgspec.Struct, frozen=True):
     num_gpus: float = 0.0  # GPUs (or a share of one) Ray reserves for each instance (worker)
     num_threads: int = 1
     max_restarts: int = 0  # times Ray restarts an instance whose process died or whose step failed
+    one_node: bool = False  # every worker of an instance on one node (STRICT_PACK), else PACK
+
+    @property
+    def strategy(self) -> str:
+        """The Ray placement-group strategy of each instance's bundles."""
+        return "STRICT_PACK" if self.one_node else "PACK"
 
     @property
     def workers(self) -> int:

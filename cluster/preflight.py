@@ -62,6 +62,10 @@ def resource_shortfall(config: LaunchConfig, resource: str, total: float, larges
             who = "instance" if group.workers == 1 else "worker (of tp x pp per instance)"
             return (f"{section}.{field}: each {who} needs {getattr(group, field):g} {resource}, but the "
                     f"largest node of the Ray cluster has {largest_node:g}")
+        if group.one_node and group.workers * getattr(group, field) > largest_node + 1e-9:
+            return (f"{section}.one_node: each instance needs {group.workers} workers x "
+                    f"{getattr(group, field):g} {resource} = {group.workers * getattr(group, field):g} "
+                    f"{resource} on one node, but the largest node of the Ray cluster has {largest_node:g}")
     need = sum(g.replicas * g.workers * getattr(g, field) for g in groups.values())
     if need > total + 1e-9:
         asked = " + ".join(f"{s}: {g.replicas} x {_workers(g)}{getattr(g, field):g} {resource}"
@@ -80,9 +84,10 @@ def memory_shortfall(config: LaunchConfig, capacity: Capacity, model: ModelSpec)
     engine's activations and packed weights come on top)."""
     cpu_pools = {s: g for s, g in pools(config).items() if g.engine.device == "cpu"}
     for section, group in cpu_pools.items():
-        weights, kv = (part / group.workers for part in instance_memory_bytes(group, model))
+        per_node = 1 if group.one_node else group.workers  # workers whose memory one node holds
+        weights, kv = (part / per_node for part in instance_memory_bytes(group, model))
         if weights + kv > capacity.largest_node_memory_bytes:
-            who = "instance" if group.workers == 1 else "worker"
+            who = "instance" if per_node == 1 else "worker"
             return (f"{section}: each {who} needs at least {_gib(weights + kv)} of host memory "
                     f"(weights {_gib(weights)} + KV cache {_gib(kv)}, {_kv_source(group)}), but the "
                     f"largest node of the Ray cluster has {_gib(capacity.largest_node_memory_bytes)}")

@@ -64,7 +64,10 @@ class InstanceSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     loaded weights and a profiled largest step leave), at most one of the two; neither gives the
     engine's default, 1 GiB of KV.
     A ``device: cuda`` instance reserves ``num_gpus`` of a GPU from Ray (default 1; a fraction lets
-    small instances share one) and sees only the GPU Ray assigns it."""
+    small instances share one) and sees only the GPU Ray assigns it. ``one_node``: each instance's
+    tp x pp workers all on one node (Ray's STRICT_PACK; the launch fails if no node can hold
+    them); otherwise PACK, which may spread a large instance over nodes. The planner sets it when
+    its plan puts every instance on one node."""
 
     replicas: int | None = None
     tp: int | None = None
@@ -80,6 +83,7 @@ class InstanceSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     num_cpus: float = 1.0  # Ray CPUs reserved for each instance (one actor today)
     num_gpus: float | None = None  # GPUs reserved for each cuda instance: 1, or a share of one
     max_restarts: int = 3  # Ray restarts an instance whose process dies or whose step fails
+    one_node: bool = False
 
     @property
     def is_planned(self) -> bool:

@@ -238,6 +238,16 @@ def test_search_limits_let_the_planner_choose_parallel_instances_that_launch(mod
     for group, phase in ((config.prefill, plan.prefill), (config.decode, plan.decode)):
         par = group.engine.parallelism
         assert (par.tp, par.pp) == (phase.tp, phase.pp) and group.workers == phase.tp * phase.pp
+        # The plan put each instance on the one node: the launch insists on it.
+        assert group.one_node and group.strategy == "STRICT_PACK"
+    # A plan whose decode instance spans two nodes (one stage on each) launches with PACK.
+    from tandem.placement.plan import InstancePlacement, StagePlacement
+
+    across = InstancePlacement((StagePlacement(0, (0,)), StagePlacement(1, (0,))))
+    two_nodes = msgspec.structs.replace(plan, decode=msgspec.structs.replace(plan.decode, tp=1, pp=2,
+                                                                             instances=(across,)))
+    filled = fill_spec(parse_spec(data), two_nodes)
+    assert filled.prefill.one_node and not filled.decode.one_node
 
 
 def test_plan_is_not_hard_coded(model_dir: Path) -> None:

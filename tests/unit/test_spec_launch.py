@@ -128,3 +128,18 @@ def test_a_list_of_decode_pools_launches_each_with_its_own_shape(tmp_path: Path)
     expect_error(with_value(base(model), "decode", []), "decode", "an empty list")
     expect_error(with_value(base(model), "decode", [{}, {"block_size": 32}]), "decode.1.block_size",
                  "must equal prefill.block_size")
+
+
+def test_one_node_pools_launch_strict_packed_and_preflight_checks_one_node_holds_them() -> None:
+    from tandem.cluster.deployment import launch_config
+    from tandem.cluster.preflight import resource_shortfall
+
+    data = with_value(with_value(base(), "decode.tp", 2), "decode.one_node", True)
+    config = launch_config(parse_spec(data), "/m")
+    assert config.decode.strategy == "STRICT_PACK" and config.prefill.strategy == "PACK"
+    # Four nodes of one CPU: the tp=2 instance's two 1-CPU workers fit only spread over two.
+    assert resource_shortfall(config, "CPU", 4, 1) == (
+        "decode.one_node: each instance needs 2 workers x 1 CPU = 2 CPU on one node, but the largest "
+        "node of the Ray cluster has 1")
+    spread = launch_config(parse_spec(with_value(base(), "decode.tp", 2)), "/m")
+    assert resource_shortfall(spread, "CPU", 4, 1) is None
