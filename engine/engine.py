@@ -27,6 +27,7 @@ from tandem.engine.outputs import TokenDelta, TopLogprob
 from tandem.engine.pacing import PacedRunner, StepPace
 from tandem.engine.params import SamplingParams
 from tandem.engine.parallel import Parallelism, check_parallelism, kv_head_range, layer_range
+from tandem.engine.pipeline import DecodePipeline
 from tandem.engine.runner import DTYPES, GroupRunner, ModelRunner, build_model, kv_cache_shape, resolve_dtype
 from tandem.engine.sampler import sample, select_rows
 from tandem.engine.scheduler import Scheduler, SchedulerConfig, StepPlan
@@ -34,7 +35,6 @@ from tandem.engine.sequence import Sequence, Status, make_generator, sequence_fr
 from tandem.engine.stopping import append_text, finish_reason
 from tandem.engine.tokenizer import DetokenizerState, Tokenizer, detokenize_step
 from tandem.engine.validation import prompt_token_ids, validate_request
-from tandem.engine.pipeline import DecodePipeline
 from tandem.engine.worker import WorkerConfig, WorkerGroupFactory
 
 DEFAULT_KV_CACHE_BYTES = 1 << 30

@@ -56,8 +56,9 @@ class DecodePipeline:
     def _fill(self) -> int:
         preempted = 0
         while len(self.in_flight) < self.depth and not self.scheduler.waiting:
-            limit = math.ceil(len(self.scheduler.running) / self.depth)
-            plan = self.scheduler.schedule_decode_part(self.busy, max(1, limit))
+            share = math.ceil(len(self.scheduler.running) / self.depth)  # each batch its share
+            limit = max(1, min(share, self.scheduler.config.max_num_seqs))
+            plan = self.scheduler.schedule_decode_part(self.busy, limit)
             if plan is None:
                 break
             preempted += len(plan.preempted)
