@@ -89,12 +89,9 @@ def instance_names(config: LaunchConfig) -> dict[str, list[str]]:
     return {role: list(groups) for role, groups in instance_groups(config).items()}
 
 
-def group_of(config: LaunchConfig, instance_id: str) -> InstanceGroup | None:
-    """The pool an instance belongs to (None for a name the launch never gave)."""
-    for groups in instance_groups(config).values():
-        if instance_id in groups:
-            return groups[instance_id]
-    return None
+def pool_of_instance(config: LaunchConfig) -> dict[str, InstanceGroup]:
+    """Every instance's pool, by its name (prefill and decode together)."""
+    return {name: group for groups in instance_groups(config).values() for name, group in groups.items()}
 
 
 def router_name(cluster_name: str) -> str:

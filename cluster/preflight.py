@@ -9,6 +9,7 @@ from __future__ import annotations
 import msgspec
 
 from tandem.cluster.launcher_config import InstanceGroup, LaunchConfig, decode_groups
+from tandem.cluster.spec_types import decode_section_names
 from tandem.engine.parallel import kv_head_range, layer_range
 from tandem.placement.model_spec import ModelSpec, normalize_dtype
 
@@ -32,7 +33,7 @@ def pools(config: LaunchConfig) -> dict[str, InstanceGroup]:
     if config.mode == "colocated":
         return {"instances": config.decode}
     decode = decode_groups(config)
-    named = {"decode": decode[0]} if len(decode) == 1 else {f"decode.{i}": g for i, g in enumerate(decode)}
+    named = dict(zip(decode_section_names(len(decode)), decode))
     return named if config.prefill is None else {"prefill": config.prefill, **named}
 
 

@@ -13,7 +13,7 @@ from typing import Callable
 
 from tandem.cluster.dispatch import Dispatcher
 from tandem.cluster.health import BENCH, DROP, Verdict, health_verdict
-from tandem.cluster.launcher_config import NAMESPACE, LaunchConfig, group_of
+from tandem.cluster.launcher_config import NAMESPACE, LaunchConfig, pool_of_instance
 from tandem.transfer.protocol import HealthReport
 
 log = logging.getLogger(__name__)
@@ -25,6 +25,7 @@ class Roster:
     def __init__(self, config: LaunchConfig, dispatch: Dispatcher,
                  on_out: Callable[[str, str, str], None]) -> None:
         self.config, self.dispatch, self.on_out = config, dispatch, on_out
+        self.group_of = pool_of_instance(config)  # each instance's pool, by id
         self.prefill: dict = {}  # in service, by id
         self.decode: dict = {}
         self.benched: dict[str, tuple[str, object, str]] = {}  # id -> (role, handle, why)
@@ -35,7 +36,7 @@ class Roster:
         return ("prefill", self.prefill), ("decode", self.decode)
 
     def restartable(self, iid: str) -> bool:
-        group = group_of(self.config, iid)
+        group = self.group_of.get(iid)
         return group is not None and group.max_restarts > 0
 
     def handle(self, iid: str):
@@ -49,7 +50,7 @@ class Roster:
         if role == "prefill":
             self.dispatch.add_prefill(iid)
         else:
-            self.dispatch.set_free_blocks(iid, stats["free_blocks"], group_of(self.config, iid).engine.block_size)
+            self.dispatch.set_free_blocks(iid, stats["free_blocks"], self.group_of[iid].engine.block_size)
 
     def bench(self, role: str, iid: str, handle, why: str) -> None:
         self.benched[iid] = (role, handle, why)

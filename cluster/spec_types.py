@@ -231,16 +231,18 @@ class ClusterSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
             return {} if self.instances is None else {"instances": self.instances}
         named = {"prefill": self.prefill} if self.prefill is not None else {}
         pools = self.decode_pools
-        if len(pools) == 1:
-            named["decode"] = pools[0]
-        else:
-            named.update({f"decode.{i}": pool for i, pool in enumerate(pools)})
-        return named
+        return named | dict(zip(decode_section_names(len(pools)), pools))
 
     @property
     def needs_planning(self) -> bool:
         """True while some pool's replicas/tp/pp are left for the placement planner."""
         return any(not s.is_planned for s in self.sections.values())
+
+
+def decode_section_names(count: int) -> list[str]:
+    """How specs, their errors and pre-flight name decode pools: ``decode`` for one, ``decode.0``,
+    ``decode.1``, ... for a list (the YAML path of each)."""
+    return ["decode"] if count == 1 else [f"decode.{i}" for i in range(count)]
 
 
 # Fields a YAML document may not set: parse_spec computes them.

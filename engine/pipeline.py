@@ -39,19 +39,20 @@ class DecodePipeline:
         preempted = self._fill()
         if not self.in_flight:
             return None, [], preempted
-        plan, ticket = self.in_flight.popleft()
-        self.busy.difference_update(s.request_id for s in plan.seqs)
-        return plan, on_result(plan, self.runner.collect(ticket)), preempted
+        return *self._collect_oldest(on_result), preempted
 
     def drain(self, on_result: Collected) -> list:
         """Collect every step in flight (before a request in one of them is handed over or
         aborted); their deltas, oldest first."""
         deltas: list = []
         while self.in_flight:
-            plan, ticket = self.in_flight.popleft()
-            self.busy.difference_update(s.request_id for s in plan.seqs)
-            deltas += on_result(plan, self.runner.collect(ticket))
+            deltas += self._collect_oldest(on_result)[1]
         return deltas
+
+    def _collect_oldest(self, on_result: Collected) -> tuple[StepPlan, list]:
+        plan, ticket = self.in_flight.popleft()
+        self.busy.difference_update(s.request_id for s in plan.seqs)
+        return plan, on_result(plan, self.runner.collect(ticket))
 
     def _fill(self) -> int:
         preempted = 0

@@ -68,12 +68,10 @@ class ShardWorkerActor:
         allocator = cache_allocator(list(self.transports.values()), config.device)
         self.worker = ShardWorker(config, rank, self.comm, allocator)
 
-    def run(self, inputs: StepInputs, ticket: int = 0) -> tuple | None:
-        """Step ``ticket`` (1, 2, ...; 0: unordered, the controller waits for each step): steps
-        in flight together run one at a time in ticket order, as the controller sent them, though
-        the actor's threads may pick their calls up in any order."""
-        if ticket == 0:
-            return pack_result(self.worker.run(inputs))
+    def run(self, inputs: StepInputs, ticket: int) -> tuple | None:
+        """Step ``ticket`` (1, 2, ...): steps in flight together run one at a time in ticket
+        order, as the controller sent them, though the actor's threads may pick their calls up in
+        any order."""
         with self.turn:
             if not self.turn.wait_for(lambda: self.last_ticket == ticket - 1, timeout=self.worker.config.timeout_s):
                 raise TimeoutError(f"step {ticket} waited {self.worker.config.timeout_s:.0f} s for step "
